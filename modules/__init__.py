@@ -1,0 +1,1 @@
+"""Model code of the streaming SSL recipes: encoders, context sampler, masker, quantizer."""

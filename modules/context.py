@@ -1,0 +1,201 @@
+"""Streaming contexts: parsing, the per-batch context sampler, and chunked attention masks.
+
+A context is a pair ``(left, right)`` counted in encoder frames (NeMo's ``att_context_size``):
+frames are grouped in chunks of ``right + 1`` frames, and a frame sees its whole chunk plus
+``left`` frames before the chunk start. ``left = -1`` means all the past; ``right = -1`` means
+the whole utterance is one chunk (offline, ``[-1, -1]``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch
+from speechbrain.utils.checkpoints import (
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
+
+logger = logging.getLogger(__name__)
+
+Context = tuple[int, int]
+ContextSpec = Union[str, Sequence[int]]
+
+
+def validate_context(context: Sequence[int], name: str = "context") -> Context:
+    """Checks and returns a ``(left, right)`` pair of ints."""
+    if (isinstance(context, str) or len(context) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in context)):
+        raise ValueError(f"{name} must be a [left, right] pair of ints, got {context!r}")
+    left, right = context
+    if left < -1 or right < -1:
+        raise ValueError(f"{name} {list(context)}: values must be >= -1 (-1 = unlimited)")
+    if right == -1 and left != -1:
+        raise ValueError(f"{name} {list(context)}: right = -1 (whole utterance) needs left = -1")
+    return int(left), int(right)
+
+
+def parse_context(spec: ContextSpec, presets: Mapping[str, Sequence[int]] | None = None) -> Context:
+    """Turns a preset name, an ``"L,R"`` string or an ``[L, R]`` pair into a context.
+
+    Example
+    -------
+    >>> parse_context("medium", {"medium": [32, 3]})
+    (32, 3)
+    >>> parse_context("16,0")
+    (16, 0)
+    """
+    presets = presets or {}
+    if isinstance(spec, str):
+        if spec in presets:
+            return validate_context(list(presets[spec]), f"preset {spec!r}")
+        try:
+            left, right = (int(v) for v in spec.replace("[", "").replace("]", "").split(","))
+        except ValueError:
+            names = ", ".join(presets) or "none defined"
+            raise ValueError(
+                f"context {spec!r} is neither a preset ({names}) nor a 'left,right' pair"
+            ) from None
+        return validate_context((left, right))
+    return validate_context(list(spec))
+
+
+def describe_context(context: Context, frame_seconds: float) -> str:
+    """Human-readable context in frames and seconds, e.g. ``[16, 0] (left 0.64 s, chunk 0.04 s)``."""
+    left, right = context
+    if right == -1:
+        return f"[{left}, {right}] (full utterance, offline)"
+    left_s = "all past" if left == -1 else f"{left * frame_seconds:.2f} s"
+    return f"[{left}, {right}] (left {left_s}, chunk {(right + 1) * frame_seconds:.2f} s)"
+
+
+def chunk_windows(num_frames: int, context: Context, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last frame each frame may attend to (inclusive), before length clipping.
+
+    Returns
+    -------
+    (first, last): two (T,) long tensors. ``first`` is 0 when the past is unlimited,
+    ``last`` is ``T - 1`` for the offline context.
+    """
+    frames = torch.arange(num_frames, device=device)
+    left, right = context
+    if right == -1:
+        return torch.zeros_like(frames), torch.full_like(frames, num_frames - 1)
+    chunk_start = frames - frames % (right + 1)
+    last = chunk_start + right
+    first = torch.zeros_like(frames) if left == -1 else (chunk_start - left).clamp(min=0)
+    return first, last
+
+
+def chunk_attention_mask(num_frames: int, context: Context, device=None) -> torch.Tensor:
+    """(T, T) bool mask, True where query frame t may attend to key frame k."""
+    first, last = chunk_windows(num_frames, context, device)
+    keys = torch.arange(num_frames, device=device)
+    return (keys[None, :] >= first[:, None]) & (keys[None, :] <= last[:, None])
+
+
+@register_checkpoint_hooks
+class ContextSampler:
+    """Draws one streaming context per training batch, seeded and reproducible.
+
+    The same draw is handed to the encoder's attention and to the masker (see
+    ``recipes/train.py``), so they never disagree.
+
+    Arguments
+    ---------
+    att_context_size : a ``[left, right]`` pair, a preset name, or a list of them.
+    att_context_probs : probability of each context (default: uniform). Must sum to 1
+        within 1e-6 (``[0.1] * 10`` is accepted).
+    presets : preset name -> ``[left, right]`` in encoder frames.
+    frame_seconds : duration of one encoder frame, for log lines.
+    seed : seed of the sampler's own random generator (saved in checkpoints).
+
+    Example
+    -------
+    >>> sampler = ContextSampler([[16, 0], [32, 1]], [0.5, 0.5], seed=1)
+    >>> sampler.sample() in [(16, 0), (32, 1)]
+    True
+    """
+
+    def __init__(
+        self,
+        att_context_size: ContextSpec | Sequence[ContextSpec],
+        att_context_probs: Sequence[float] | None = None,
+        presets: Mapping[str, Sequence[int]] | None = None,
+        frame_seconds: float = 0.04,
+        seed: int = 0,
+    ):
+        specs = att_context_size
+        if isinstance(specs, str) or (len(specs) == 2 and all(isinstance(v, int) for v in specs)):
+            specs = [specs]
+        self.contexts = [parse_context(s, presets) for s in specs]
+        if not self.contexts:
+            raise ValueError("att_context_size is empty: give at least one [left, right] pair")
+        if att_context_probs is None:
+            att_context_probs = [1.0 / len(self.contexts)] * len(self.contexts)
+        probs = [float(p) for p in att_context_probs]
+        if len(probs) != len(self.contexts):
+            raise ValueError(
+                f"att_context_probs has {len(probs)} values for {len(self.contexts)} contexts"
+            )
+        if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+            raise ValueError(f"att_context_probs {probs} must be >= 0 and sum to 1 (sum {sum(probs)})")
+        self.probs = torch.tensor(probs, dtype=torch.float64)
+        self.frame_seconds = frame_seconds
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts = [0] * len(self.contexts)
+        logger.info("Context sampler: %s", self.describe())
+
+    def sample(self) -> Context:
+        """One context for the next batch."""
+        index = int(torch.multinomial(self.probs, 1, generator=self.generator))
+        self.counts[index] += 1
+        return self.contexts[index]
+
+    def describe(self, counts: Iterable[int] | None = None) -> str:
+        """Every context in frames and seconds, with its probability (or draw count)."""
+        values = counts if counts is not None else [f"p={p:.3g}" for p in self.probs.tolist()]
+        return "; ".join(f"{describe_context(c, self.frame_seconds)}: {v}"
+                         for c, v in zip(self.contexts, values))
+
+    def pop_counts(self) -> str:
+        """Draw counts since the last call, for the epoch's log line; resets them."""
+        text = self.describe(self.counts)
+        self.counts = [0] * len(self.contexts)
+        return text
+
+    @mark_as_saver
+    def _save(self, path):
+        torch.save({"generator": self.generator.get_state(), "counts": self.counts}, path)
+
+    @mark_as_loader
+    def _load(self, path, end_of_epoch=False):
+        state = torch.load(path)
+        self.generator.set_state(state["generator"])
+        self.counts = state["counts"]
+
+
+def set_dynamic_context(model: torch.nn.Module | Mapping, preset_or_pair: ContextSpec,
+                        presets: Mapping[str, Sequence[int]] | None = None) -> Context:
+    """Fixes the context of every context-aware part of ``model`` (encoder and masker together).
+
+    Any submodule with a ``set_context(context)`` method is switched. ``model`` may be an
+    ``nn.Module`` or a dict of them (a Brain's ``modules``).
+
+    Returns
+    -------
+    The context that was set.
+    """
+    context = parse_context(preset_or_pair, presets)
+    roots = model.values() if isinstance(model, Mapping) else [model]
+    switched = 0
+    for root in roots:
+        for module in root.modules():
+            if hasattr(module, "set_context"):
+                module.set_context(context)
+                switched += 1
+    if switched == 0:
+        raise ValueError("set_dynamic_context: the model has no module with set_context()")
+    return context

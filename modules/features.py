@@ -1,0 +1,54 @@
+"""Streaming-safe log-mel filterbank features.
+
+SpeechBrain's ``Fbank`` centers its STFT frames (reflect/constant padding at both ends) and
+clips each utterance at ``max - 80 dB``; both make a frame depend on audio far away from it,
+so chunked audio would not give the offline features. This module keeps SpeechBrain's STFT
+and mel filterbank but uses uncentered frames and a plain log, so frame ``i`` depends only on
+samples ``[i * hop, i * hop + win)``.
+"""
+import torch
+from speechbrain.processing.features import STFT, Filterbank, spectral_magnitude
+
+
+class StreamingFbank(torch.nn.Module):
+    """80-dim log-mel filterbank, 25 ms window, 10 ms hop, no centering.
+
+    Arguments
+    ---------
+    n_mels : number of mel channels.
+    sample_rate : audio sample rate in Hz.
+    win_length_ms, hop_length_ms : STFT window and hop.
+
+    Example
+    -------
+    >>> fbank = StreamingFbank()
+    >>> fbank(torch.randn(2, 16000)).shape
+    torch.Size([2, 98, 80])
+    """
+
+    def __init__(self, n_mels: int = 80, sample_rate: int = 16000,
+                 win_length_ms: float = 25.0, hop_length_ms: float = 10.0):
+        super().__init__()
+        self.sample_rate = sample_rate
+        self.win_samples = int(round(sample_rate * win_length_ms / 1000))
+        self.hop_samples = int(round(sample_rate * hop_length_ms / 1000))
+        n_fft = self.win_samples  # torch.stft frames span n_fft samples: keep it = window
+        self.stft = STFT(sample_rate=sample_rate, n_fft=n_fft, win_length=win_length_ms,
+                         hop_length=hop_length_ms, center=False)
+        self.filterbank = Filterbank(sample_rate=sample_rate, n_fft=n_fft, n_mels=n_mels,
+                                     log_mel=False)
+
+    def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
+        """Number of complete frames in ``num_samples`` samples (0 when shorter than a window)."""
+        frames = torch.div(num_samples - self.win_samples, self.hop_samples, rounding_mode="floor") + 1
+        return frames.clamp(min=0)
+
+    def min_samples(self, frames: int) -> int:
+        """Fewest samples that give ``frames`` feature frames."""
+        return self.win_samples + (frames - 1) * self.hop_samples
+
+    @torch.autocast("cuda", enabled=False)
+    def forward(self, wavs: torch.Tensor) -> torch.Tensor:
+        """(B, samples) -> (B, frames, n_mels) log-mel energies (natural log)."""
+        power = spectral_magnitude(self.stft(wavs.float()), power=1)
+        return torch.log(self.filterbank(power).clamp(min=1e-10))

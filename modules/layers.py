@@ -1,0 +1,51 @@
+"""Feed-forward and causal convolution modules shared by the Conformer and ConMamba blocks."""
+import torch
+
+
+class FeedForward(torch.nn.Module):
+    """Pre-LayerNorm feed-forward: LN -> Linear -> SiLU -> dropout -> Linear -> dropout."""
+
+    def __init__(self, d_model: int, d_ffn: int, dropout: float = 0.1):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.LayerNorm(d_model), torch.nn.Linear(d_model, d_ffn), torch.nn.SiLU(),
+            torch.nn.Dropout(dropout), torch.nn.Linear(d_ffn, d_model), torch.nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        return self.net(x)
+
+
+class CausalConvolutionModule(torch.nn.Module):
+    """Conformer convolution module with a causal depthwise convolution and LayerNorm.
+
+    LN -> pointwise (2D) -> GLU -> depthwise conv (left padding ``kernel_size - 1``) -> LN ->
+    SiLU -> pointwise -> dropout. LayerNorm instead of BatchNorm keeps a frame's output
+    independent of the rest of the batch (design.md, guarantee 5).
+
+    Arguments
+    ---------
+    d_model : model dimension.
+    kernel_size : depthwise kernel size; the module sees ``kernel_size - 1`` past frames.
+    dropout : output dropout.
+    """
+
+    def __init__(self, d_model: int, kernel_size: int = 15, dropout: float = 0.1):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.norm_in = torch.nn.LayerNorm(d_model)
+        self.pointwise_in = torch.nn.Linear(d_model, 2 * d_model)
+        self.depthwise = torch.nn.Conv1d(d_model, d_model, kernel_size, groups=d_model)
+        self.norm_mid = torch.nn.LayerNorm(d_model)
+        self.pointwise_out = torch.nn.Linear(d_model, d_model)
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); ``valid`` (B, T) bool zeroes padding before the convolution."""
+        x = torch.nn.functional.glu(self.pointwise_in(self.norm_in(x)), dim=-1)
+        if valid is not None:
+            x = x.masked_fill(~valid[..., None], 0.0)
+        x = torch.nn.functional.pad(x.transpose(1, 2), (self.kernel_size - 1, 0))
+        x = self.depthwise(x).transpose(1, 2)
+        x = self.pointwise_out(torch.nn.functional.silu(self.norm_mid(x)))
+        return self.dropout(x)
