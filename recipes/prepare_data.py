@@ -67,13 +67,14 @@ def prepare_librispeech(data_folder: str | Path, save_folder: str | Path,
 
 
 def prepare_noise(data_folder: str | Path, csv_path: str | Path) -> Path:
-    """Noise manifest (``ID,duration,wav``) for SpeechBrain's ``AddNoise`` from a folder of audio."""
+    """Noise manifest for SpeechBrain's ``AddNoise`` (``ID,duration,wav,wav_format,wav_opts``)."""
     data_folder, csv_path = Path(data_folder), Path(csv_path)
     files = sorted(p for p in data_folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
     if not files:
         raise ValueError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {data_folder}")
-    rows = [[f"{p.stem}_{i}", f"{sf.info(p).duration:.3f}", str(p.resolve())] for i, p in enumerate(files)]
-    _write_csv(csv_path, ["ID", "duration", "wav"], rows)
+    rows = [[f"{p.stem}_{i}", f"{sf.info(p).duration:.3f}", str(p.resolve()), p.suffix[1:], ""]
+            for i, p in enumerate(files)]
+    _write_csv(csv_path, ["ID", "duration", "wav", "wav_format", "wav_opts"], rows)
     return csv_path
 
 

@@ -10,7 +10,7 @@ Output (deterministic for a given ``--seed``)::
 
     <out>/audio/<split>/<spk>/<id>.flac   16 kHz mono FLAC
     <out>/{train,valid,test}.csv          ID,duration,wav,spk_id,wrd  (wav = $data_root/...)
-    <out>/noise/*.flac, <out>/noise.csv   noise set for the denoising option
+    <out>/noise/*.flac, <out>/noise.csv   noise set for the denoising option (AddNoise's CSV)
 
 Needs ``apt-get install espeak-ng dict-devil`` (only to regenerate; the result is committed).
 
@@ -149,9 +149,9 @@ def synthesize_noise(out: Path, seed: int, seconds: float = 3.0) -> None:
         audio = 0.5 * audio / np.abs(audio).max()
         rel = f"noise/{name}.flac"
         sf.write(out / rel, audio.astype(np.float32), SAMPLE_RATE, subtype="PCM_16", format="FLAC")
-        rows.append([name, f"{seconds:.3f}", f"$data_root/{rel}"])
+        rows.append([name, f"{seconds:.3f}", f"$data_root/{rel}", "flac", ""])
     with open(out / "noise.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["ID", "duration", "wav"], *rows])
+        csv.writer(f).writerows([["ID", "duration", "wav", "wav_format", "wav_opts"], *rows])
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from dataio import AudioFileError, check_manifest, dataset_from_manifest, load_audio  # noqa: E402
 from modules.context import describe_context, set_dynamic_context  # noqa: E402
+from modules.heads import masked_token_loss  # noqa: E402
 from modules.masker import encoder_frame_mask  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -95,12 +96,10 @@ class SSLBrain(sb.Brain):
             # Utterances too short to mask anything: contribute nothing, but stay finite.
             self.empty_batches += 1
             return logits.sum() * 0.0
-        masked_logits = logits[frame_mask].float()  # (N, books, classes)
-        masked_targets = targets[frame_mask]  # (N, books)
-        loss = torch.nn.functional.cross_entropy(
-            masked_logits.flatten(0, 1), masked_targets.flatten())
+        loss = masked_token_loss(logits, targets, frame_mask)
         with torch.no_grad():
-            self.correct += (masked_logits.argmax(-1) == masked_targets).sum(0).cpu()
+            masked_targets = targets[frame_mask]  # (N, books)
+            self.correct += (logits[frame_mask].argmax(-1) == masked_targets).sum(0).cpu()
             self.masked_frames += masked_targets.shape[0]
             for book in range(self.num_books):
                 self.code_counts[book] += torch.bincount(

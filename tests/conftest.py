@@ -1,0 +1,25 @@
+"""Test set-up: the repository root and recipes/ are importable, and small shared fixtures."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+def tiny_encoder(subsampling_factor: int = 4, num_layers: int = 2, kernel_size: int = 5):
+    """A small causal Conformer in eval mode (no dropout)."""
+    from modules.conformer import CausalConformerEncoder
+
+    return CausalConformerEncoder(n_mels=80, d_model=32, nhead=4, num_encoder_layers=num_layers,
+                                  d_ffn=64, kernel_size=kernel_size,
+                                  subsampling_factor=subsampling_factor,
+                                  subsampling_conv_channels=8, dropout=0.0).eval()

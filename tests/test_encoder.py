@@ -1,0 +1,89 @@
+"""Causal Conformer: guarantees 1 (no future leak), 2 (bounded attention), 5 (batch independence)."""
+import pytest
+import torch
+
+from conftest import tiny_encoder
+from modules.context import chunk_attention_mask
+
+CONTEXTS = [(0, 0), (3, 0), (2, 1), (4, 3), (-1, 0), (-1, 2)]
+
+
+def input_dependence(encoder, feats, context, t):
+    """Input frames (indices) that encoder frame t depends on, by gradient."""
+    feats = feats.clone().requires_grad_(True)
+    out = encoder(feats, context=context)
+    weights = torch.randn(out.shape[-1], generator=torch.Generator().manual_seed(t))
+    (grad,) = torch.autograd.grad((out[0, t] * weights).sum(), feats)
+    return grad[0].abs().sum(-1).nonzero().flatten()
+
+
+@pytest.mark.parametrize("s", [4, 8])
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_no_future_leak_whole_encoder(s, context):
+    encoder = tiny_encoder(subsampling_factor=s, num_layers=3)
+    feats = torch.randn(1, 30 * s + 3, 80)
+    frames = -(-feats.shape[1] // s)
+    right = context[1]
+    for t in range(frames):
+        chunk_end = (t // (right + 1)) * (right + 1) + right
+        last_input = min((chunk_end + 1) * s, feats.shape[1]) - 1
+        dependence = input_dependence(encoder, feats, context, t)
+        assert dependence.max() == last_input, (t, dependence.max(), last_input)
+
+
+@pytest.mark.parametrize("context", [(2, 1), (4, 3)])
+def test_no_future_leak_by_perturbation(context):
+    encoder, s = tiny_encoder(), 4
+    feats = torch.randn(1, 120, 80)
+    reference = encoder(feats, context=context)
+    for t in (0, 5, 13, 22):
+        chunk_end = (t // (context[1] + 1)) * (context[1] + 1) + context[1]
+        changed = feats.clone()
+        changed[:, (chunk_end + 1) * s:] = torch.randn_like(changed[:, (chunk_end + 1) * s:]) * 10
+        out = encoder(changed, context=context)
+        assert torch.allclose(out[:, : chunk_end + 1], reference[:, : chunk_end + 1], atol=1e-5)
+        assert not torch.allclose(out[:, chunk_end + 1:], reference[:, chunk_end + 1:], atol=1e-3)
+
+
+def test_attention_layer_sees_only_its_window():
+    """Guarantee 2 for one attention layer: weights outside the window are exactly zero."""
+    encoder = tiny_encoder(num_layers=1)
+    attention = encoder.layers[0].attention
+    x = torch.randn(1, 37, 32, requires_grad=True)
+    context = (5, 2)
+    allowed = chunk_attention_mask(37, context)
+    mask = allowed[None, None]
+    out = attention(x, mask)
+    for t in range(37):
+        (grad,) = torch.autograd.grad(out[0, t].sum() * 1.0 + (out[0, t] ** 2).sum(), x,
+                                      retain_graph=True)
+        depends = grad[0].abs().sum(-1) > 0
+        assert torch.equal(depends, allowed[t]), t
+
+
+@pytest.mark.parametrize("context", [(4, 1), (-1, 0), (-1, -1), (0, 0)])
+def test_output_does_not_depend_on_rest_of_batch(context):
+    encoder = tiny_encoder()
+    short, long = torch.randn(1, 90, 80), torch.randn(1, 163, 80)
+    batch = torch.zeros(3, 163, 80)
+    batch[0, :90], batch[1] = short[0], long[0]
+    batch[2, :50] = torch.randn(50, 80) * 5
+    lengths = torch.tensor([90, 163, 50]) / 163
+    together = encoder(batch, lengths, context)
+    alone = encoder(short, context=context)
+    assert torch.allclose(together[0, : alone.shape[1]], alone[0], atol=1e-5)
+    assert torch.allclose(together[1], encoder(long, context=context)[0], atol=1e-5)
+    assert torch.isfinite(together).all()
+
+
+def test_output_shape_and_lengths():
+    for s in (4, 8):
+        encoder = tiny_encoder(subsampling_factor=s)
+        assert encoder(torch.randn(2, 101, 80)).shape == (2, -(-101 // s), 32)
+    with pytest.raises(ValueError, match="context"):
+        tiny_encoder()(torch.randn(1, 40, 80), context=(3, -1))
+
+
+def test_no_batchnorm_anywhere():
+    encoder = tiny_encoder()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in encoder.modules())
