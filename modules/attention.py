@@ -1,5 +1,17 @@
-"""Multi-head self-attention with rotary positions and a chunked, limited-context mask."""
+"""Multi-head self-attention with rotary positions under a chunked, limited context.
+
+Three computations of the same function:
+- dense (``left = -1``): one SDPA call with a T x T mask (no mask at all when offline),
+- banded (finite ``left``): queries in blocks of whole chunks, each block attending only to the
+  ``left + block`` keys its window can reach, so time and memory grow linearly with T,
+- streaming: one chunk at a time against a cache of the last ``left`` rotated keys and values.
+"""
+from __future__ import annotations
+
 import torch
+import torch.nn.functional as F
+
+from .context import Context, chunk_attention_mask, chunk_windows
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -27,16 +39,17 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 class RotarySelfAttention(torch.nn.Module):
-    """Self-attention over (B, T, D) with rotary positions and a boolean attention mask.
+    """Self-attention over (B, T, D) with rotary positions and a ``[left, right]`` context.
 
     Arguments
     ---------
     d_model : model dimension.
     nhead : number of heads.
     dropout : attention dropout.
+    query_block : banded path: queries per block (rounded up to whole chunks).
     """
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, query_block: int = 32):
         super().__init__()
         if d_model % nhead:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
@@ -45,13 +58,96 @@ class RotarySelfAttention(torch.nn.Module):
         self.out = torch.nn.Linear(d_model, d_model)
         self.rotary = RotaryEmbedding(d_model // nhead)
         self.dropout = dropout
+        self.query_block = query_block
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D); ``attn_mask`` (B, 1, T, T) bool, True = may attend, or None."""
-        batch, frames, dim = x.shape
+    def _project(self, x: torch.Tensor, first_position: int = 0):
+        """(B, T, D) -> rotated q, k and v, each (B, H, T, head_dim)."""
+        batch, frames, _ = x.shape
         q, k, v = self.qkv(x).view(batch, frames, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
-        positions = torch.arange(frames, device=x.device)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
-        y = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(batch, frames, dim))
+        positions = torch.arange(first_position, first_position + frames, device=x.device)
+        return self.rotary(q, positions), self.rotary(k, positions), v
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, head_dim) -> (B, T, D) through the output projection."""
+        batch, _, frames, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(batch, frames, -1))
+
+    def forward(self, x: torch.Tensor, context: Context, valid: torch.Tensor | None = None,
+                banded: bool = True) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D).
+
+        Arguments
+        ---------
+        x : input frames.
+        context : ``[left, right]`` in frames.
+        valid : (B, T) bool, False on padding (never attended to); None = no padding.
+        banded : use the linear-cost computation when ``left`` is finite (False: dense mask,
+            the reference the banded path is tested against).
+        """
+        q, k, v = self._project(x)
+        dropout = self.dropout if self.training else 0.0
+        if banded and context[0] >= 0:
+            return self._merge(self._banded(q, k, v, context, valid, dropout))
+        return self._merge(F.scaled_dot_product_attention(
+            q, k, v, attn_mask=dense_mask(x.shape[1], context, valid, x.device), dropout_p=dropout))
+
+    def _banded(self, q, k, v, context: Context, valid, dropout: float) -> torch.Tensor:
+        """Blocks of whole chunks of queries, each against the keys its window can reach."""
+        left, right = context
+        batch, heads, frames, head_dim = q.shape
+        chunk = right + 1
+        block = chunk * max(1, -(-self.query_block // chunk))
+        num_blocks = -(-frames // block)
+        padded = num_blocks * block
+        width = left + block
+        q = F.pad(q, (0, 0, 0, padded - frames)).view(batch, heads, num_blocks, block, head_dim)
+        # Keys of block n: padded positions [n * block, n * block + width) = frames
+        # [n * block - left, (n + 1) * block), gathered by a strided view (unfold).
+        k, v = (F.pad(t, (0, 0, left, padded - frames)).unfold(2, width, block).transpose(-1, -2)
+                for t in (k, v))
+        query_pos = torch.arange(padded, device=q.device).view(num_blocks, block)
+        key_pos = (query_pos[:, :1] - left) + torch.arange(width, device=q.device)
+        first, last = chunk_windows(padded, context, q.device)
+        first, last = first.view(num_blocks, block, 1), last.view(num_blocks, block, 1)
+        key_pos = key_pos[:, None, :]
+        in_window = (key_pos >= first) & (key_pos <= last)
+        key_ok = (key_pos >= 0) & (key_pos < frames)
+        if valid is not None:
+            valid_padded = F.pad(valid, (left, padded - frames))
+            key_ok = key_ok & valid_padded.unfold(1, width, block)[:, :, None, :]  # (B, n, 1, W)
+        # A padded query keeps itself, so no row is empty (finite outputs and gradients).
+        mask = (in_window & key_ok) | (key_pos == query_pos[:, :, None])  # (B or 1, n, Q, W)
+        mask = mask.expand(batch, num_blocks, block, width).reshape(-1, 1, block, width)
+        # (B, H, n, ., Dh) -> (B * n, H, ., Dh): 4-D inputs keep SDPA's fused CPU/GPU kernels.
+        q, k, v = (t.transpose(1, 2).reshape(batch * num_blocks, heads, -1, head_dim)
+                   for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.view(batch, num_blocks, heads, block, head_dim).transpose(1, 2)
+        return y.reshape(batch, heads, padded, head_dim)[:, :, :frames]
+
+    def forward_streaming(self, x: torch.Tensor, cache: dict, left: int) -> torch.Tensor:
+        """One chunk (B, C, D) -> (B, C, D); ``cache`` holds the last ``left`` keys and values.
+
+        ``cache`` (updated in place): ``position`` (frames seen), ``k`` and ``v`` (B, H, <= left,
+        head_dim) or None. Every key in the cache and the chunk is inside the chunk's window.
+        """
+        q, k, v = self._project(x, cache["position"])
+        if cache["k"] is not None:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v)
+        if left > 0:
+            cache["k"], cache["v"] = k[:, :, -left:], v[:, :, -left:]
+        cache["position"] += x.shape[1]
+        return self._merge(y)
+
+
+def dense_mask(frames: int, context: Context, valid: torch.Tensor | None,
+               device) -> torch.Tensor | None:
+    """(B or 1, 1, T, T) bool mask: the chunk window minus padded keys (a frame keeps itself)."""
+    if context == (-1, -1) and (valid is None or bool(valid.all())):
+        return None  # full attention: PyTorch's fused kernel, no mask
+    mask = chunk_attention_mask(frames, context, device)[None]
+    if valid is not None:
+        itself = torch.eye(frames, dtype=torch.bool, device=device)
+        mask = mask & (valid[:, None, :] | itself)
+    return mask[:, None]

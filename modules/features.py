@@ -52,3 +52,33 @@ class StreamingFbank(torch.nn.Module):
         """(B, samples) -> (B, frames, n_mels) log-mel energies (natural log)."""
         power = spectral_magnitude(self.stft(wavs.float()), power=1)
         return torch.log(self.filterbank(power).clamp(min=1e-10))
+
+
+class FbankStream:
+    """Turns audio arriving in pieces of any size into the frames the offline path computes.
+
+    Frame ``i`` covers samples ``[i * hop, i * hop + win)``; samples that no complete frame
+    covers yet wait for the next piece (at most ``win - hop`` of them once a frame is out).
+
+    Example
+    -------
+    >>> fbank = StreamingFbank()
+    >>> stream = FbankStream(fbank)
+    >>> audio = torch.randn(1, 16000)
+    >>> frames = torch.cat([stream.push(audio[:, :5000]), stream.push(audio[:, 5000:])], dim=1)
+    >>> torch.allclose(frames, fbank(audio), atol=1e-5)
+    True
+    """
+
+    def __init__(self, fbank: StreamingFbank):
+        self.fbank = fbank
+        self.pending: torch.Tensor | None = None
+
+    def push(self, samples: torch.Tensor) -> torch.Tensor:
+        """(B, n) new samples -> (B, frames, n_mels) newly completed frames (possibly none)."""
+        audio = samples if self.pending is None else torch.cat([self.pending, samples], dim=1)
+        frames = int(self.fbank.num_frames(torch.tensor(audio.shape[1])))
+        self.pending = audio[:, frames * self.fbank.hop_samples:]
+        if frames == 0:
+            return audio.new_zeros(audio.shape[0], 0, self.fbank.filterbank.n_mels)
+        return self.fbank(audio[:, : self.fbank.min_samples(frames)])

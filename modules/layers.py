@@ -40,12 +40,22 @@ class CausalConvolutionModule(torch.nn.Module):
         self.pointwise_out = torch.nn.Linear(d_model, d_model)
         self.dropout = torch.nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D); ``valid`` (B, T) bool zeroes padding before the convolution."""
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
+                cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> (B, T, D) and the new cache.
+
+        ``valid`` (B, T) bool zeroes padding before the convolution. ``cache`` (B, D,
+        kernel_size - 1) holds the previous frames of the depthwise input (None: zeros, the
+        start of the utterance); the returned cache continues a stream.
+        """
         x = torch.nn.functional.glu(self.pointwise_in(self.norm_in(x)), dim=-1)
         if valid is not None:
             x = x.masked_fill(~valid[..., None], 0.0)
-        x = torch.nn.functional.pad(x.transpose(1, 2), (self.kernel_size - 1, 0))
+        x = x.transpose(1, 2)
+        if cache is None:
+            cache = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size - 1)
+        x = torch.cat([cache, x], dim=2)
+        new_cache = x[:, :, x.shape[2] - (self.kernel_size - 1):]
         x = self.depthwise(x).transpose(1, 2)
         x = self.pointwise_out(torch.nn.functional.silu(self.norm_mid(x)))
-        return self.dropout(x)
+        return self.dropout(x), new_cache

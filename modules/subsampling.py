@@ -22,7 +22,7 @@ class CausalConvSubsampling(torch.nn.Module):
     Example
     -------
     >>> sub = CausalConvSubsampling(n_mels=80, d_model=64, subsampling_factor=4, conv_channels=8)
-    >>> sub(torch.randn(2, 101, 80)).shape
+    >>> sub(torch.randn(2, 101, 80))[0].shape
     torch.Size([2, 26, 64])
     """
 
@@ -32,21 +32,29 @@ class CausalConvSubsampling(torch.nn.Module):
         if subsampling_factor not in (2, 4, 8):
             raise ValueError(f"subsampling_factor must be 2, 4 or 8, got {subsampling_factor}")
         self.subsampling_factor = subsampling_factor
-        layers, channels, freq = [], 1, n_mels
+        layers, channels, freq = [], 1, n_mels  # each layer: Conv2d + ReLU
         for _ in range(int(math.log2(subsampling_factor))):
-            layers += [torch.nn.Conv2d(channels, conv_channels, kernel_size=3, stride=2,
-                                       padding=(0, 1)), torch.nn.ReLU()]
+            layers.append(torch.nn.Conv2d(channels, conv_channels, kernel_size=3, stride=2,
+                                          padding=(0, 1)))
             channels, freq = conv_channels, (freq - 1) // 2 + 1
-        self.conv = torch.nn.Sequential(*layers)
+        self.conv = torch.nn.ModuleList(layers)
         self.out = torch.nn.Linear(conv_channels * freq, d_model)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, T, n_mels) -> (B, ceil(T / s), d_model)."""
+    def forward(self, feats: torch.Tensor, cache: list | None = None
+                ) -> tuple[torch.Tensor, list]:
+        """(B, T, n_mels) -> (B, ceil(T / s), d_model) and the new cache.
+
+        ``cache`` holds, per conv layer, its last input frame (B, C, 1, F) from the previous
+        chunk (None: zeros, the start of the utterance). ``T`` of a chunk that continues a
+        stream must be a multiple of ``s``.
+        """
         s = self.subsampling_factor
         x = torch.nn.functional.pad(feats, (0, 0, 0, -feats.shape[1] % s)).unsqueeze(1)
-        for layer in self.conv:
-            if isinstance(layer, torch.nn.Conv2d):
-                x = torch.nn.functional.pad(x, (0, 0, 1, 0))  # one past frame, no future
-            x = layer(x)
+        new_cache = []
+        for index, conv in enumerate(self.conv):
+            past = x.new_zeros(x[:, :, :1].shape) if cache is None else cache[index]
+            x = torch.cat([past, x], dim=2)  # one past frame, no future
+            new_cache.append(x[:, :, -1:])
+            x = torch.relu(conv(x))
         batch, channels, frames, freq = x.shape
-        return self.out(x.transpose(1, 2).reshape(batch, frames, channels * freq))
+        return self.out(x.transpose(1, 2).reshape(batch, frames, channels * freq)), new_cache

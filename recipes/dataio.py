@@ -96,10 +96,12 @@ def nemo_manifest_to_csv(manifest: str | Path, csv_path: str | Path) -> Path:
             rows.append([utt_id, f"{duration:.3f}", str(audio), entry.get("speaker", "unknown"),
                          entry.get("text", "")])
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
+    partial = csv_path.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks may convert at once
+    with open(partial, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["ID", "duration", "wav", "spk_id", "wrd"])
         writer.writerows(rows)
+    os.replace(partial, csv_path)
     return csv_path
 
 

@@ -79,12 +79,15 @@ class SSLBrain(sb.Brain):
         inputs = feats
         if stage == sb.Stage.TRAIN and self.hparams.denoising:
             inputs, _ = self.compute_features(self.hparams.add_noise(wavs, wav_lens), wav_lens)
+        encoder = self.modules.encoder
         if stage == sb.Stage.TRAIN:
             context, generator = self.hparams.context_sampler.sample(), None
         else:  # fixed context and fixed masks: validation losses compare across epochs
-            context, generator = None, self.valid_generator
-        input_mask = self.modules.masker(inputs, frame_lengths, context, generator=generator)
-        encoded = self.modules.encoder(
+            context, generator = encoder.context, self.valid_generator
+        # Same draw for both; with per-layer caps the masker respects the narrowest layer.
+        input_mask = self.modules.masker(inputs, frame_lengths, encoder.narrowest_context(context),
+                                         generator=generator)
+        encoded = encoder(
             self.modules.masker.apply(inputs, input_mask), frame_lengths / feats.shape[1], context)
         logits = self.modules.heads(encoded)
         frame_mask = encoder_frame_mask(input_mask, self.hparams.subsampling_factor)
