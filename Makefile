@@ -12,9 +12,10 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-# SSL pretraining of the causal Conformer on the shipped corpus; last line is a JSON summary.
+# SSL pretraining on the shipped corpus (ENCODER=conformer or conmamba); last line: JSON summary.
+ENCODER ?= conformer
 demo: install
-	$(PY) recipes/train.py hparams/SSL/conformer.yaml
+	$(PY) recipes/train.py hparams/SSL/$(ENCODER).yaml
 
 test: install
 	$(PY) -m pytest -q tests
