@@ -13,81 +13,57 @@ Usage::
     python benchmarks/attention_cost.py [--seconds 40 160] [--layers 6] [--d_model 144]
 """
 import argparse
-import multiprocessing
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from isolated import time_and_peak_memory
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(kind: str, args):
-    """The layer stack to time, and a function running it once (forward + backward)."""
+def build(kind: str, seconds: float, args):
+    """Model and input; returns one forward + backward run of the layer stack."""
     sys.path.insert(0, str(ROOT))
     from modules.conformer import ConformerBlock
 
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(1, int(seconds * 100) // 4, args.d_model, requires_grad=True)
     context = (args.left, args.right)
     if kind.startswith("ours"):
         banded = kind == "ours"
-        layers = torch.nn.ModuleList(
+        model = torch.nn.ModuleList(
             ConformerBlock(args.d_model, args.nhead, args.d_ffn, args.kernel_size, 0.0)
             for _ in range(args.layers))
 
-        def run(x):
-            for layer in layers:
-                x = layer(x, context, None, banded)
-            return x
-        return layers, run
+        def forward(h):
+            for layer in model:
+                h = layer(h, context, None, banded)
+            return h
+    else:
+        from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder
+        from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_mask
+        from speechbrain.nnet.attention import RelPosEncXL
+        from speechbrain.utils.dynamic_chunk_training import DynChunkTrainConfig
 
-    from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder
-    from speechbrain.lobes.models.transformer.TransformerASR import make_transformer_src_mask
-    from speechbrain.nnet.attention import RelPosEncXL
-    from speechbrain.utils.dynamic_chunk_training import DynChunkTrainConfig
+        model = ConformerEncoder(num_layers=args.layers, d_model=args.d_model, d_ffn=args.d_ffn,
+                                 nhead=args.nhead, kernel_size=args.kernel_size, dropout=0.0,
+                                 causal=True, attention_type="RelPosMHAXL")
+        positions = RelPosEncXL(args.d_model)
+        chunk = args.right + 1
+        config = DynChunkTrainConfig(chunk_size=chunk, left_context_size=args.left // chunk)
 
-    encoder = ConformerEncoder(num_layers=args.layers, d_model=args.d_model, d_ffn=args.d_ffn,
-                               nhead=args.nhead, kernel_size=args.kernel_size, dropout=0.0,
-                               causal=True, attention_type="RelPosMHAXL")
-    positions = RelPosEncXL(args.d_model)
-    chunk = args.right + 1
-    config = DynChunkTrainConfig(chunk_size=chunk, left_context_size=args.left // chunk)
+        def forward(h):
+            mask = make_transformer_src_mask(h, dynchunktrain_config=config)
+            return model(h, src_mask=mask, pos_embs=positions(h))[0]
 
-    def run(x):
-        mask = make_transformer_src_mask(x, dynchunktrain_config=config)
-        return encoder(x, src_mask=mask, pos_embs=positions(x))[0]
-    return encoder, run
-
-
-def measure(kind: str, seconds: float, args, queue) -> None:
-    """Runs in a child process: median time of fwd+bwd and peak RSS above the start."""
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model, run = build(kind, args)
-    frames = int(seconds * 100) // 4
-    x = torch.randn(1, frames, args.d_model, requires_grad=True)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(args.repeats + 1):  # the first run warms up
-        start = time.perf_counter()
-        run(x).pow(2).mean().backward()
-        times.append(time.perf_counter() - start)
+    def run():
+        forward(x).pow(2).mean().backward()
         model.zero_grad(set_to_none=True)
         x.grad = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-    queue.put((statistics.median(times[1:]), peak / 1024))
-
-
-def in_child(kind: str, seconds: float, args) -> tuple[float, float]:
-    spawn = multiprocessing.get_context("spawn")
-    queue = spawn.Queue()
-    child = spawn.Process(target=measure, args=(kind, seconds, args, queue))
-    child.start()
-    result = queue.get()
-    child.join()
-    return result
+    return run
 
 
 def main() -> None:
@@ -109,7 +85,8 @@ def main() -> None:
     print(f"{args.layers} layers, d_model {args.d_model}, {args.nhead} heads, context "
           f"[{args.left}, {args.right}] = {args.left * 0.04:.2f} s left, "
           f"{(args.right + 1) * 0.04:.2f} s chunks; {args.threads} threads; fwd + bwd, batch 1")
-    results = {(k, s): in_child(k, s, args) for s in args.seconds for k in kinds}
+    results = {(k, s): time_and_peak_memory(build, (k, s, args), args.repeats)
+               for s in args.seconds for k in kinds}
     print("\n| audio | " + " | ".join(f"{v}: s / MiB" for v in kinds.values()) +
           " | speed-up vs SpeechBrain | memory ratio |")
     print("|---" * (len(kinds) + 3) + "|")

@@ -23,12 +23,12 @@ def slice_csv(name, rows, out):
     return str(out)
 
 
-def train(tmp_path, *extra):
+def train(tmp_path, *extra, hparams="conformer.yaml", tiny=TINY):
     command = [sys.executable, str(ROOT / "recipes" / "train.py"),
-               str(ROOT / "hparams" / "SSL" / "conformer.yaml"),
+               str(ROOT / "hparams" / "SSL" / hparams),
                "--data_folder", str(CORPUS), "--output_folder", str(tmp_path / "out"),
                "--train_csv", slice_csv("train", 8, tmp_path / "train.csv"),
-               "--valid_csv", slice_csv("valid", 4, tmp_path / "valid.csv"), *TINY, *extra]
+               "--valid_csv", slice_csv("valid", 4, tmp_path / "valid.csv"), *tiny, *extra]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
@@ -82,3 +82,13 @@ def test_bad_hparams_value_is_reported(tmp_path):
     run = train(tmp_path, "--debug", "--att_context_probs", "[0.5, 0.6]",
                 "--att_context_size", "[[4, 0], [8, 1]]")
     assert run.returncode != 0 and "sum to 1" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_ssl_recipe_trains_conmamba_unchanged(tmp_path):
+    at = TINY.index("--nhead")
+    tiny = TINY[:at] + TINY[at + 2:] + ["--d_state", "4"]
+    run = train(tmp_path, "--debug", hparams="conmamba.yaml", tiny=tiny)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 2 and np.isfinite(summary["ssl_valid_loss_last"])
+    assert "Mamba scan backend: pure PyTorch chunked scan" in run.stdout + run.stderr

@@ -1,0 +1,184 @@
+"""Selective scan, Mamba layer (mamba-ssm layout and reference), ConMamba guarantees 1-3 and 5."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modules.conmamba import ConMambaEncoder
+from modules.mamba import Mamba
+from modules.selective_scan import selective_scan, selective_scan_sequential
+
+
+def scan_inputs(batch=2, frames=75, dim=6, state=4, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(batch, frames, dim, generator=g, dtype=dtype)
+    delta = F.softplus(torch.randn(batch, frames, dim, generator=g, dtype=dtype) - 1)
+    A = -torch.rand(dim, state, generator=g, dtype=dtype) * 3 - 0.1
+    B = torch.randn(batch, frames, state, generator=g, dtype=dtype)
+    C = torch.randn(batch, frames, state, generator=g, dtype=dtype)
+    h0 = torch.randn(batch, dim, state, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (u, delta, A, B, C, h0)]
+
+
+def test_scan_equals_sequential_values_and_gradients():
+    inputs = scan_inputs()
+    y, last, _ = selective_scan(*inputs)
+    y_ref, last_ref = selective_scan_sequential(*inputs)
+    assert (y - y_ref).abs().max() < 1e-10 and (last - last_ref).abs().max() < 1e-10
+    weights = torch.randn_like(y)
+    grads = torch.autograd.grad((y * weights).sum() + last.pow(2).sum(), inputs)
+    grads_ref = torch.autograd.grad((y_ref * weights).sum() + last_ref.pow(2).sum(), inputs)
+    for name, g, g_ref in zip("u delta A B C h0".split(), grads, grads_ref):
+        assert (g - g_ref).abs().max() < 1e-9, name
+
+
+def test_scan_gradcheck_with_returned_states():
+    u, delta, A, B, C, h0 = scan_inputs(batch=1, frames=11, dim=2, state=2)
+
+    def run(*args):
+        y, last, states = selective_scan(*args, state_stride=3, state_offset=1)
+        return y, last, states
+    assert torch.autograd.gradcheck(run, (u, delta, A, B, C, h0))
+
+
+def test_initial_and_final_states_split_a_sequence():
+    u, delta, A, B, C, _ = scan_inputs(frames=90)
+    y, last, states = selective_scan(u, delta, A, B, C, state_stride=10, state_offset=9)
+    first, middle, _ = selective_scan(u[:, :37], delta[:, :37], A, B[:, :37], C[:, :37])
+    second, end, _ = selective_scan(u[:, 37:], delta[:, 37:], A, B[:, 37:], C[:, 37:],
+                                    initial_state=middle)
+    assert (torch.cat([first, second], 1) - y).abs().max() < 1e-10
+    assert (end - last).abs().max() < 1e-10
+    assert states.shape[1] == 9 and (states[:, -1] - last).abs().max() < 1e-10
+
+
+def reference_selective_scan(u, delta, A, B, C, D, z, delta_bias):
+    """mamba-ssm's selective_scan_ref semantics, (B, D, L) layout, written out per frame."""
+    delta = F.softplus(delta + delta_bias[:, None])
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for i in range(u.shape[2]):
+        h = torch.exp(delta[:, :, i, None] * A) * h + (delta[:, :, i] * u[:, :, i])[..., None] * B[:, None, :, i]
+        ys.append((h * C[:, None, :, i]).sum(-1))
+    return (torch.stack(ys, 2) + u * D[:, None]) * F.silu(z)
+
+
+def reference_mamba(layer, x):
+    """mamba_simple.Mamba's slow path (conv1d with padding d_conv - 1, then [..., :L])."""
+    length = x.shape[1]
+    xz = layer.in_proj(x).transpose(1, 2)
+    u, z = xz.chunk(2, dim=1)
+    u = F.silu(layer.conv1d(u)[..., :length])
+    dt, B, C = layer.x_proj(u.transpose(1, 2)).split(
+        [layer.dt_rank, layer.d_state, layer.d_state], dim=-1)
+    dt = (dt @ layer.dt_proj.weight.T).transpose(1, 2)
+    y = reference_selective_scan(u, dt, -torch.exp(layer.A_log), B.transpose(1, 2),
+                                 C.transpose(1, 2), layer.D, z, layer.dt_proj.bias)
+    return layer.out_proj(y.transpose(1, 2))
+
+
+def test_mamba_matches_mamba_ssm_reference_unlimited_context():
+    layer = Mamba(d_model=16, d_state=8, d_conv=4, expand=2)
+    x = torch.randn(2, 57, 16)
+    assert (layer(x, (-1, -1)) - reference_mamba(layer, x)).abs().max() < 1e-5
+    assert (layer(x, (-1, 0)) - reference_mamba(layer, x)).abs().max() < 1e-5
+
+
+def test_mamba_ssm_parameter_layout_and_round_trip():
+    d_model, d_state, d_conv, expand = 32, 16, 4, 2
+    layer = Mamba(d_model, d_state, d_conv, expand)
+    d_inner, dt_rank = expand * d_model, math.ceil(d_model / 16)
+    expected = {  # mamba_ssm.modules.mamba_simple.Mamba with bias=False, conv_bias=True
+        "in_proj.weight": (2 * d_inner, d_model), "conv1d.weight": (d_inner, 1, d_conv),
+        "conv1d.bias": (d_inner,), "x_proj.weight": (dt_rank + 2 * d_state, d_inner),
+        "dt_proj.weight": (d_inner, dt_rank), "dt_proj.bias": (d_inner,),
+        "A_log": (d_inner, d_state), "D": (d_inner,), "out_proj.weight": (d_model, d_inner)}
+    assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == expected
+    assert torch.allclose(layer.A_log.exp(), torch.arange(1, 17.0).repeat(d_inner, 1))
+    dt = F.softplus(layer.dt_proj.bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+    other = Mamba(d_model, d_state, d_conv, expand)
+    other.load_state_dict(layer.state_dict(), strict=True)
+    x = torch.randn(1, 20, d_model)
+    assert torch.equal(layer(x, (8, 1)), other(x, (8, 1)))
+
+
+def tiny_conmamba(**kwargs):
+    return ConMambaEncoder(d_model=32, num_encoder_layers=2, d_ffn=64, kernel_size=5,
+                           subsampling_conv_channels=8, dropout=0.0, d_state=8, **kwargs).eval()
+
+
+@pytest.mark.parametrize("context", [(-1, 0), (0, 0), (3, 0), (4, 2), (-1, 3)])
+def test_conmamba_no_future_leak(context):
+    encoder, s = tiny_conmamba(), 4
+    feats = torch.randn(1, 22 * s + 2, 80, requires_grad=True)
+    out = encoder(feats, context=context)
+    weights = torch.randn(out.shape[-1])
+    for t in range(out.shape[1]):
+        (grad,) = torch.autograd.grad((out[0, t] * weights).sum(), feats, retain_graph=True)
+        last = grad[0].abs().sum(-1).nonzero().max()
+        assert last == min((t + 1) * s, feats.shape[1]) - 1, t  # own group of s frames, no more
+
+
+@pytest.mark.parametrize("context", [(0, 0), (3, 0), (5, 2), (2, 3)])
+def test_mamba_layer_bounded_past(context):
+    """Output t reads SSM inputs [chunk_start - left, t], i.e. layer inputs from d_conv - 1 before.
+
+    Offline, the window is one full scan minus the state carried in from before the window, so
+    older inputs cancel to rounding (float64: < 1e-12 of the gradient); streaming rescans the
+    window itself and never holds them.
+    """
+    layer = Mamba(d_model=8, d_state=4, d_conv=4).double()
+    x = torch.randn(1, 40, 8, requires_grad=True, dtype=torch.float64)
+    out = layer(x, context)
+    left, right = context
+    for t in range(40):
+        (grad,) = torch.autograd.grad(out[0, t].pow(2).sum(), x, retain_graph=True)
+        size = grad[0].abs().sum(-1)
+        depends = (size > 1e-12 * size.max()).nonzero().flatten()
+        chunk_start = t - t % (right + 1)
+        assert depends.min() == max(0, chunk_start - left - 3) and depends.max() == t, t
+
+
+@pytest.mark.parametrize("context", [(-1, 0), (-1, 3), (0, 0), (6, 0), (4, 2), (8, 3)])
+@pytest.mark.parametrize("s", [4, 8])
+def test_conmamba_streaming_equals_offline(context, s):
+    encoder = tiny_conmamba(subsampling_factor=s).double()
+    feats = torch.randn(2, 29 * s + 3, 80, dtype=torch.float64)
+    offline = encoder(feats, context=context)
+    state = encoder.make_streaming_context(context)
+    size = encoder.chunk_frames(state)
+    streamed = torch.cat([encoder.forward_streaming(feats[:, i:i + size], state)
+                          for i in range(0, feats.shape[1], size)], dim=1)
+    assert (streamed - offline).abs().max() < 1e-6
+    for layer in state.layers:  # bounded: a window of `left` frames, or one fixed-size state
+        if context[0] == -1:
+            assert layer.mamba["state"].shape == (2, 64, 8)
+        elif context[0] > 0:
+            assert layer.mamba["window"].shape[1] == context[0]
+
+
+def test_conmamba_batch_independence():
+    encoder = tiny_conmamba(bidirectional=False)
+    short, long = torch.randn(1, 70, 80), torch.randn(1, 123, 80)
+    batch = torch.zeros(2, 123, 80)
+    batch[0, :70], batch[1] = short[0], long[0]
+    out = encoder(batch, torch.tensor([70 / 123, 1.0]), (6, 1))
+    alone = encoder(short, context=(6, 1))
+    assert (out[0, : alone.shape[1]] - alone[0]).abs().max() < 1e-5
+
+
+def test_bidirectional_variant_is_offline_only():
+    encoder = tiny_conmamba(bidirectional=True)
+    short = torch.randn(1, 70, 80)
+    batch = torch.cat([short, torch.zeros(1, 30, 80)], dim=1)
+    assert (encoder(batch, torch.tensor([0.7]))[:, :18] - encoder(short)).abs().max() < 1e-5
+    feats = torch.randn(1, 80, 80, requires_grad=True)
+    (grad,) = torch.autograd.grad(encoder(feats)[0, 0].pow(2).sum(), feats)
+    assert grad[0, -1].abs().sum() > 0  # the backward direction sees the future
+    with pytest.raises(ValueError, match="cannot stream"):
+        encoder.make_streaming_context()
+    with pytest.raises(ValueError, match="offline only"):
+        encoder(feats, context=(8, 1))
+    assert tiny_conmamba().narrowest_context((16, 3)) == (16, 0)
