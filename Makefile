@@ -18,7 +18,7 @@ demo: install
 	$(PY) recipes/train.py hparams/SSL/$(ENCODER).yaml
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --doctest-modules modules
 
 # Regenerates data/espeak_corpus (needs: apt-get install espeak-ng dict-devil).
 corpus: install

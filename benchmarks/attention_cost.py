@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(kind: str, seconds: float, args):
     """Model and input; returns one forward + backward run of the layer stack."""
     sys.path.insert(0, str(ROOT))
-    from modules.conformer import ConformerBlock
+    from modules.attention import RotarySelfAttention
+    from modules.encoder import MacaronBlock
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -35,12 +36,13 @@ def build(kind: str, seconds: float, args):
     if kind.startswith("ours"):
         banded = kind == "ours"
         model = torch.nn.ModuleList(
-            ConformerBlock(args.d_model, args.nhead, args.d_ffn, args.kernel_size, 0.0)
+            MacaronBlock(args.d_model, args.d_ffn, args.kernel_size, 0.0,
+                         RotarySelfAttention(args.d_model, args.nhead))
             for _ in range(args.layers))
 
         def forward(h):
             for layer in model:
-                h = layer(h, context, None, banded)
+                h = layer(h, context, banded=banded)
             return h
     else:
         from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder

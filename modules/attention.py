@@ -73,7 +73,7 @@ class RotarySelfAttention(torch.nn.Module):
         return self.out(y.transpose(1, 2).reshape(batch, frames, -1))
 
     def forward(self, x: torch.Tensor, context: Context, valid: torch.Tensor | None = None,
-                banded: bool = True) -> torch.Tensor:
+                lengths: torch.Tensor | None = None, banded: bool = True) -> torch.Tensor:
         """(B, T, D) -> (B, T, D).
 
         Arguments
@@ -81,6 +81,7 @@ class RotarySelfAttention(torch.nn.Module):
         x : input frames.
         context : ``[left, right]`` in frames.
         valid : (B, T) bool, False on padding (never attended to); None = no padding.
+        lengths : unused (``valid`` carries the same information).
         banded : use the linear-cost computation when ``left`` is finite (False: dense mask,
             the reference the banded path is tested against).
         """
@@ -125,19 +126,20 @@ class RotarySelfAttention(torch.nn.Module):
         y = y.view(batch, num_blocks, heads, block, head_dim).transpose(1, 2)
         return y.reshape(batch, heads, padded, head_dim)[:, :, :frames]
 
-    def forward_streaming(self, x: torch.Tensor, cache: dict, left: int) -> torch.Tensor:
+    def forward_streaming(self, x: torch.Tensor, cache: dict, context: Context) -> torch.Tensor:
         """One chunk (B, C, D) -> (B, C, D); ``cache`` holds the last ``left`` keys and values.
 
-        ``cache`` (updated in place): ``position`` (frames seen), ``k`` and ``v`` (B, H, <= left,
-        head_dim) or None. Every key in the cache and the chunk is inside the chunk's window.
+        ``cache`` (filled in place): ``position`` (frames seen), ``k`` and ``v`` (B, H, <= left,
+        head_dim). Every key in the cache and the chunk is inside the chunk's window.
         """
-        q, k, v = self._project(x, cache["position"])
-        if cache["k"] is not None:
+        left = context[0]
+        q, k, v = self._project(x, cache.get("position", 0))
+        if "k" in cache:
             k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v)
         if left > 0:
             cache["k"], cache["v"] = k[:, :, -left:], v[:, :, -left:]
-        cache["position"] += x.shape[1]
+        cache["position"] = cache.get("position", 0) + x.shape[1]
         return self._merge(y)
 
 

@@ -110,8 +110,13 @@ class Mamba(torch.nn.Module):
         _log_backend_once("pure PyTorch chunked scan")
         return selective_scan(u, delta, A, B, C, initial_state)[:2]
 
-    def forward(self, x: torch.Tensor, context: Context = (-1, -1)) -> torch.Tensor:
-        """(B, T, d_model) -> (B, T, d_model) under ``context`` (see the module docstring)."""
+    def forward(self, x: torch.Tensor, context: Context = (-1, -1), valid=None,
+                lengths=None) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model) under ``context`` (see the module docstring).
+
+        ``valid`` and ``lengths`` are not needed: padding comes after the frames and the layer
+        is causal.
+        """
         left, right = context
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u = self._conv(u, None)[0]

@@ -49,7 +49,7 @@ def test_no_future_leak_by_perturbation(context):
 @pytest.mark.parametrize("context", [(5, 2), (0, 0), (3, 0), (-1, 1)])
 def test_attention_layer_sees_only_its_window(context, banded):
     """Guarantee 2 for one attention layer: nothing outside the window reaches a frame."""
-    attention = tiny_encoder(num_layers=1).layers[0].attention
+    attention = tiny_encoder(num_layers=1).layers[0].mixer
     x = torch.randn(1, 37, 32, requires_grad=True)
     allowed = chunk_attention_mask(37, context)
     out = attention(x, context, banded=banded)

@@ -154,9 +154,9 @@ def test_conmamba_streaming_equals_offline(context, s):
     assert (streamed - offline).abs().max() < 1e-6
     for layer in state.layers:  # bounded: a window of `left` frames, or one fixed-size state
         if context[0] == -1:
-            assert layer.mamba["state"].shape == (2, 64, 8)
+            assert layer.mixer["state"].shape == (2, 64, 8)
         elif context[0] > 0:
-            assert layer.mamba["window"].shape[1] == context[0]
+            assert layer.mixer["window"].shape[1] == context[0]
 
 
 def test_conmamba_batch_independence():

@@ -66,18 +66,19 @@ def test_caches_stay_bounded_over_a_long_stream():
     for step in range(300):  # 300 chunks = 24 s of features
         encoder.forward_streaming(torch.randn(1, size, 80), state)
         for layer in state.layers:
-            assert layer.attention["k"].shape[2] <= 12 and layer.attention["v"].shape[2] <= 12
+            assert layer.mixer["k"].shape[2] <= 12 and layer.mixer["v"].shape[2] <= 12
             assert layer.conv.shape[2] == 4
         assert all(cache.shape[2] == 1 for cache in state.subsampling)
-    assert state.layers[0].attention["k"].shape[2] == 12
-    assert state.layers[0].attention["position"] == 600
+    assert state.layers[0].mixer["k"].shape[2] == 12
+    assert state.layers[0].mixer["position"] == 600
 
 
 def test_unbounded_or_offline_contexts_are_refused():
     encoder = tiny_encoder()
-    for context in [(-1, 0), (-1, -1)]:
-        with pytest.raises(ValueError, match="bounded cache"):
-            encoder.make_streaming_context(context)
+    with pytest.raises(ValueError, match="bounded cache"):
+        encoder.make_streaming_context((-1, 0))
+    with pytest.raises(ValueError, match="offline"):
+        encoder.make_streaming_context((-1, -1))
     capped = tiny_encoder(num_layers=2)
     capped.layer_left_contexts = [4, 8]
     assert capped.make_streaming_context((-1, 0)).layer_contexts == [(4, 0), (8, 0)]

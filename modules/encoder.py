@@ -1,0 +1,176 @@
+"""What the streaming encoders share: the macaron block, causal subsampling, lengths, streaming.
+
+A block's *mixer* (self-attention for the Conformer, Mamba for ConMamba) is the only part that
+looks across frames besides the causal convolution; it implements
+``forward(x, context, valid, lengths, **options)`` and ``forward_streaming(x, cache, context)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .context import Context, validate_context
+from .layers import CausalConvolutionModule, FeedForward
+from .subsampling import CausalConvSubsampling
+
+
+class MacaronBlock(torch.nn.Module):
+    """FFN/2, mixer, causal convolution module, FFN/2, LayerNorm (pre-LN residuals)."""
+
+    def __init__(self, d_model: int, d_ffn: int, kernel_size: int, dropout: float,
+                 mixer: torch.nn.Module):
+        super().__init__()
+        self.ffn_in = FeedForward(d_model, d_ffn, dropout)
+        self.mixer_norm = torch.nn.LayerNorm(d_model)
+        self.mixer = mixer
+        self.mixer_dropout = torch.nn.Dropout(dropout)
+        self.conv = CausalConvolutionModule(d_model, kernel_size, dropout)
+        self.ffn_out = FeedForward(d_model, d_ffn, dropout)
+        self.norm_out = torch.nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, context: Context, valid: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None, **options) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); ``valid`` (B, T) marks real frames, ``lengths`` (B,) counts them."""
+        x = x + 0.5 * self.ffn_in(x)
+        x = x + self.mixer_dropout(self.mixer(self.mixer_norm(x), context, valid, lengths, **options))
+        x = x + self.conv(x, valid)[0]
+        x = x + 0.5 * self.ffn_out(x)
+        return self.norm_out(x)
+
+    def forward_streaming(self, x: torch.Tensor, state: "LayerState", context: Context) -> torch.Tensor:
+        """One chunk (B, C, D) -> (B, C, D), continuing the stream held in ``state``."""
+        x = x + 0.5 * self.ffn_in(x)
+        x = x + self.mixer.forward_streaming(self.mixer_norm(x), state.mixer, context)
+        conv_out, state.conv = self.conv(x, cache=state.conv)
+        x = x + conv_out
+        x = x + 0.5 * self.ffn_out(x)
+        return self.norm_out(x)
+
+
+@dataclass
+class LayerState:
+    """Streaming caches of one block: the mixer's (a dict it fills) and the convolution's frames."""
+
+    mixer: dict = field(default_factory=dict)
+    conv: torch.Tensor | None = None
+
+
+@dataclass
+class StreamingState:
+    """Everything ``forward_streaming`` carries from one chunk to the next (bounded in size)."""
+
+    context: Context
+    layer_contexts: list[Context]
+    layers: list[LayerState]
+    subsampling: list | None = None
+    finished: bool = False
+
+
+class StreamingEncoder(torch.nn.Module):
+    """Causal subsampling + macaron blocks, offline and chunk by chunk.
+
+    Subclasses fill ``self.layers`` and may refine ``check_context``, ``layer_contexts``,
+    ``narrowest_context`` and ``check_streamable``.
+    """
+
+    def __init__(self, n_mels: int, d_model: int, subsampling_factor: int,
+                 subsampling_conv_channels: int, dropout: float):
+        super().__init__()
+        self.subsampling_factor = subsampling_factor
+        self.d_model = d_model
+        self.subsampling = CausalConvSubsampling(n_mels, d_model, subsampling_factor,
+                                                 subsampling_conv_channels)
+        self.input_dropout = torch.nn.Dropout(dropout)
+        self.layers = torch.nn.ModuleList()
+        self.context: Context = (-1, -1)
+
+    @property
+    def frame_seconds(self) -> float:
+        """Duration of one encoder frame (10 ms feature hop)."""
+        return 0.01 * self.subsampling_factor
+
+    def check_context(self, context: Context) -> Context:
+        """Validates a ``[left, right]`` pair for this encoder."""
+        return validate_context(context)
+
+    def set_context(self, context: Context) -> None:
+        """Fixes the context used when ``forward`` is called without one."""
+        self.context = self.check_context(context)
+
+    def layer_contexts(self, context: Context) -> list[Context]:
+        """The context each layer applies under ``context``."""
+        return [self.check_context(context)] * len(self.layers)
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None,
+                context: Context | None = None, **options) -> torch.Tensor:
+        """Encodes features.
+
+        Arguments
+        ---------
+        feats : (B, T, n_mels) normalized features.
+        lengths : (B,) relative lengths in (0, 1] (SpeechBrain convention); None = all full.
+        context : ``[left, right]`` in encoder frames; None = the fixed context.
+        options : passed to every block's mixer (e.g. ``banded=False`` for the Conformer).
+
+        Returns
+        -------
+        (B, ceil(T / s), d_model) encoder frames. Frames past an utterance's end are padding.
+        """
+        context = self.context if context is None else self.check_context(context)
+        valid = enc_lengths = None
+        if lengths is not None:
+            abs_lengths = torch.round(lengths * feats.shape[1]).long()
+            valid_in = torch.arange(feats.shape[1], device=feats.device)[None] < abs_lengths[:, None]
+            feats = feats.masked_fill(~valid_in[..., None], 0.0)
+        x = self.input_dropout(self.subsampling(feats)[0])
+        if lengths is not None:
+            enc_lengths = -(-abs_lengths // self.subsampling_factor)
+            valid = torch.arange(x.shape[1], device=x.device)[None] < enc_lengths[:, None]
+        for layer, layer_context in zip(self.layers, self.layer_contexts(context)):
+            x = layer(x, layer_context, valid, enc_lengths, **options)
+        return x
+
+    def check_streamable(self, context: Context, layer_contexts: list[Context]) -> None:
+        """Raises a clear error when ``context`` cannot be streamed with bounded caches."""
+        if context[1] == -1:
+            raise ValueError(f"context {list(context)} is offline (right = -1): it has no chunks "
+                             "to stream; use a finite pair such as [32, 3]")
+
+    def make_streaming_context(self, context: Context | None = None) -> StreamingState:
+        """A fresh stream for ``forward_streaming`` under ``context`` (None: the fixed one)."""
+        context = self.context if context is None else self.check_context(context)
+        layer_contexts = self.layer_contexts(context)
+        self.check_streamable(context, layer_contexts)
+        return StreamingState(context, layer_contexts, [LayerState() for _ in self.layers])
+
+    def chunk_frames(self, state: StreamingState) -> int:
+        """Input feature frames per chunk: ``(right + 1) * s``."""
+        return (state.context[1] + 1) * self.subsampling_factor
+
+    def forward_streaming(self, feats: torch.Tensor, state: StreamingState) -> torch.Tensor:
+        """Encodes the next chunk of a stream.
+
+        Arguments
+        ---------
+        feats : (B, chunk_frames, n_mels) normalized features; the last chunk of a stream may
+            be shorter (it is padded like the offline input, and ends the stream).
+        state : from ``make_streaming_context``; updated in place.
+
+        Returns
+        -------
+        (B, right + 1, d_model) encoder frames (fewer for a short last chunk): the frames that
+        this chunk completes, equal to the offline output under the same context.
+        """
+        expected = self.chunk_frames(state)
+        if state.finished:
+            raise ValueError("this stream has ended (its last chunk was shorter): "
+                             "start a new one with make_streaming_context()")
+        if not 0 < feats.shape[1] <= expected:
+            raise ValueError(f"a chunk has {expected} feature frames ((right + 1) x s for context "
+                             f"{list(state.context)}), got {feats.shape[1]}")
+        state.finished = feats.shape[1] < expected
+        x, state.subsampling = self.subsampling(feats, state.subsampling)
+        for layer, layer_state, context in zip(self.layers, state.layers, state.layer_contexts):
+            x = layer.forward_streaming(x, layer_state, context)
+        return x
