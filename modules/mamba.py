@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 try:  # optional fused CUDA kernels
     from causal_conv1d import causal_conv1d_fn
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-except ImportError:  # pragma: no cover - depends on the environment
+except (ImportError, OSError):  # not installed, or built for another CUDA / torch
     causal_conv1d_fn = selective_scan_fn = None
 
 _backend_logged = set()
@@ -83,7 +83,8 @@ class Mamba(torch.nn.Module):
         """Causal depthwise conv + SiLU over (B, T, d_inner); cache: previous d_conv - 1 frames."""
         x = x.transpose(1, 2)
         if cache is None and self._fused_ok(x):
-            out = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+            out = causal_conv1d_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                   activation="silu")
             return out.transpose(1, 2), x[:, :, x.shape[2] - (self.d_conv - 1):]
         if cache is None:
             cache = x.new_zeros(x.shape[0], x.shape[1], self.d_conv - 1)
