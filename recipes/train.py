@@ -30,14 +30,15 @@ sys.path.insert(0, str(ROOT))
 
 from dataio import AudioFileError, check_manifest, dataset_from_manifest, load_audio  # noqa: E402
 from modules.context import describe_context, set_dynamic_context  # noqa: E402
+from modules.ctc import BeamTranscriber, greedy_transcripts  # noqa: E402
 from modules.heads import masked_token_loss  # noqa: E402
 from modules.masker import encoder_frame_mask  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
-class SSLBrain(sb.Brain):
-    """Masked-token prediction on a streaming encoder, one sampled context per batch."""
+class StreamingBrain(sb.Brain):
+    """Shared by the tasks: frozen global feature statistics, features, per-epoch history."""
 
     def on_fit_start(self):
         super().on_fit_start()  # restores the latest checkpoint, if any
@@ -71,6 +72,37 @@ class SSLBrain(sb.Brain):
         feats = self.modules.normalize(feats, frame_lengths / feats.shape[1], epoch=epoch)
         return feats, frame_lengths
 
+    def training_context(self, stage):
+        """One sampled context per training batch; the encoder's fixed one otherwise."""
+        if stage == sb.Stage.TRAIN:
+            return self.hparams.context_sampler.sample()
+        return self.modules.encoder.context
+
+    def log_epoch(self, epoch, stats, extra_meta=None):
+        """Train log line (contexts drawn, in seconds) and ``history.json`` record."""
+        meta = {"epoch": epoch, "lr": self.optimizer_lrs(),
+                "contexts_drawn": self.hparams.context_sampler.pop_counts(),
+                "valid_context": describe_context(self.modules.encoder.context,
+                                                  self.modules.encoder.frame_seconds)}
+        self.hparams.train_logger.log_stats(stats_meta={**meta, **(extra_meta or {})},
+                                            train_stats=self.train_stats, valid_stats=stats)
+        self._append_history({"epoch": epoch, "train": self.train_stats, "valid": stats})
+
+    def optimizer_lrs(self):
+        lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers_dict.values()]
+        return lrs[0] if len(lrs) == 1 else lrs
+
+    def _append_history(self, record):
+        """Per-epoch statistics in ``history.json`` (survives restarts; read for the summary)."""
+        path = Path(self.hparams.output_folder) / "history.json"
+        history = json.loads(path.read_text()) if path.exists() else []
+        history = [h for h in history if h["epoch"] < record["epoch"]] + [record]
+        path.write_text(json.dumps(history, indent=1))
+
+
+class SSLBrain(StreamingBrain):
+    """Masked-token prediction on a streaming encoder, one sampled context per batch."""
+
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
@@ -80,10 +112,9 @@ class SSLBrain(sb.Brain):
         if stage == sb.Stage.TRAIN and self.hparams.denoising:
             inputs, _ = self.compute_features(self.hparams.add_noise(wavs, wav_lens), wav_lens)
         encoder = self.modules.encoder
-        if stage == sb.Stage.TRAIN:
-            context, generator = self.hparams.context_sampler.sample(), None
-        else:  # fixed context and fixed masks: validation losses compare across epochs
-            context, generator = encoder.context, self.valid_generator
+        context = self.training_context(stage)
+        # Validation: fixed context and fixed masks, so losses compare across epochs.
+        generator = None if stage == sb.Stage.TRAIN else self.valid_generator
         # Same draw for both; with per-layer caps the masker respects the narrowest layer.
         input_mask = self.modules.masker(inputs, frame_lengths, encoder.narrowest_context(context),
                                          generator=generator)
@@ -145,54 +176,162 @@ class SSLBrain(sb.Brain):
             self.train_stats = stats
             return
         if stage == sb.Stage.VALID:
-            sampler = self.hparams.context_sampler
-            meta = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                    "contexts_drawn": sampler.pop_counts(),
-                    "valid_context": describe_context(self.modules.encoder.context,
-                                                      self.modules.encoder.frame_seconds)}
-            self.hparams.train_logger.log_stats(stats_meta=meta, train_stats=self.train_stats,
-                                                valid_stats=stats)
-            self._append_history({"epoch": epoch, "train": self.train_stats, "valid": stats})
+            self.log_epoch(epoch, stats)
             self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"],
                                                  num_to_keep=self.hparams.checkpoints_to_keep)
 
-    def _append_history(self, record):
-        """Per-epoch statistics in ``history.json`` (survives restarts; read for the summary)."""
-        path = Path(self.hparams.output_folder) / "history.json"
-        history = json.loads(path.read_text()) if path.exists() else []
-        history = [h for h in history if h["epoch"] < record["epoch"]] + [record]
-        path.write_text(json.dumps(history, indent=1))
+
+class CTCBrain(StreamingBrain):
+    """CTC on a streaming encoder (fine-tuned from SSL or from scratch), multi-context training.
+
+    Token ids are the tokenizer's ids + 1: index 0 is the CTC blank. The encoder and the head
+    have their own optimizer and schedule (``freeze_encoder``: the head alone, for probing).
+    """
+
+    def init_optimizers(self):
+        self.optimizers_dict = {"head": self.hparams.head_optimizer(self.modules.ctc_head.parameters())}
+        if self.hparams.freeze_encoder:
+            self.modules.encoder.requires_grad_(False)
+        else:
+            self.optimizers_dict["encoder"] = self.hparams.encoder_optimizer(
+                self.modules.encoder.parameters())
+        for name, optimizer in self.optimizers_dict.items():
+            self.checkpointer.add_recoverable(f"{name}_optimizer", optimizer)
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        feats, frame_lengths = self.compute_features(*batch.sig)
+        encoder = self.modules.encoder
+        encoded = encoder(feats, frame_lengths / feats.shape[1], self.training_context(stage))
+        log_probs = self.modules.ctc_head(encoded).log_softmax(-1)
+        enc_lengths = -(-frame_lengths // self.hparams.subsampling_factor) / encoded.shape[1]
+        return log_probs, enc_lengths
+
+    def compute_objectives(self, predictions, batch, stage):
+        log_probs, enc_lengths = predictions
+        tokens, token_lengths = batch.tokens
+        loss = sb.nnet.losses.ctc_loss(log_probs, tokens, enc_lengths, token_lengths, blank_index=0)
+        if stage != sb.Stage.TRAIN:
+            words = [text.split() for text in self.decode(log_probs, enc_lengths, stage)]
+            targets = [text.split() for text in batch.wrd]
+            self.wer_metric.append(batch.id, words, targets)
+            self.cer_metric.append(batch.id, words, targets)
+        return loss
+
+    def decode(self, log_probs, enc_lengths, stage) -> list[str]:
+        """Greedy decoding while validating; SpeechBrain's CTC beam search on the test set."""
+        sp = self.hparams.tokenizer.sp
+        if stage == sb.Stage.TEST and self.hparams.beam_size > 1:
+            if not hasattr(self, "beam_transcriber"):
+                self.beam_transcriber = BeamTranscriber(sp, self.hparams.beam_size)
+            return self.beam_transcriber(log_probs, enc_lengths)
+        return greedy_transcripts(log_probs, enc_lengths, sp)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        if should_step:
+            for name, optimizer in self.optimizers_dict.items():
+                self.hparams.lr_annealing[name](optimizer)
+
+    def on_stage_start(self, stage, epoch=None):
+        if stage == sb.Stage.TRAIN and self.hparams.freeze_encoder:
+            self.modules.encoder.eval()  # probing: no dropout in the frozen encoder
+        if stage != sb.Stage.TRAIN:
+            set_dynamic_context(self.modules, self.hparams.valid_context,
+                                self.hparams.context_presets)
+            self.wer_metric = self.hparams.error_rate_computer()
+            self.cer_metric = self.hparams.cer_computer()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = {"loss": stage_loss}
+            return
+        stats = {"loss": stage_loss, "WER": self.wer_metric.summarize("error_rate"),
+                 "CER": self.cer_metric.summarize("error_rate")}
+        if stage == sb.Stage.VALID:
+            self.log_epoch(epoch, stats)
+            self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"]}, min_keys=["WER"],
+                                                 num_to_keep=self.hparams.checkpoints_to_keep)
+        else:
+            self.test_stats = stats
+            self.hparams.train_logger.log_stats(
+                stats_meta={"test with averaged checkpoints": self.hparams.average_checkpoints},
+                test_stats=stats)
+            with open(Path(self.hparams.output_folder) / "test_wer.txt", "w") as f:
+                self.wer_metric.write_stats(f)
+
+    def on_evaluate_start(self, max_key=None, min_key=None):
+        """Test with the average of the best ``average_checkpoints`` checkpoints (by WER)."""
+        super().on_evaluate_start(max_key=max_key, min_key=min_key)
+        checkpoints = self.checkpointer.find_checkpoints(
+            min_key="WER", max_num_checkpoints=self.hparams.average_checkpoints)
+        if len(checkpoints) > 1:
+            for name in ("encoder", "ctc_head"):
+                averaged = sb.utils.checkpoints.average_checkpoints(checkpoints, name)
+                getattr(self.modules, name).load_state_dict(averaged)
 
 
-BRAINS = {"ssl": SSLBrain}
+BRAINS = {"ssl": SSLBrain, "ctc": CTCBrain}
 
 
-def dataio_prepare(hparams: dict) -> tuple:
-    """Train / valid ``DynamicItemDataset``s reading validated audio as ``sig``."""
+def dataio_prepare(hparams: dict) -> dict:
+    """``DynamicItemDataset``s (train, valid, and test for CTC) reading validated audio as ``sig``.
+
+    For CTC, items also carry ``wrd`` and ``tokens`` (tokenizer ids + 1; 0 is the blank).
+    """
     compute_features = hparams["compute_features"]
     # Shortest usable audio: enough samples for one encoder frame of features.
     min_samples = compute_features.min_samples(hparams["subsampling_factor"])
-    datasets = []
-    for name in ("train_csv", "valid_csv"):
-        dataset = dataset_from_manifest(hparams[name], hparams["data_folder"], hparams["output_folder"])
+    names = ["train", "valid"] + (["test"] if hparams["task"] == "ctc" else [])
+    datasets = {}
+    for name in names:
+        manifest = hparams[f"{name}_csv"]
+        dataset = dataset_from_manifest(manifest, hparams["data_folder"], hparams["output_folder"])
         if hparams["check_audio"]:
-            check_manifest(dataset, hparams[name], hparams["sample_rate"], min_samples)
-        datasets.append(dataset)
-    train, valid = datasets
+            check_manifest(dataset, manifest, hparams["sample_rate"], min_samples)
+        datasets[name] = dataset
     if hparams["sorting"] in ("ascending", "descending"):
-        train = train.filtered_sorted(sort_key="duration",
-                                      reverse=hparams["sorting"] == "descending")
+        datasets["train"] = datasets["train"].filtered_sorted(
+            sort_key="duration", reverse=hparams["sorting"] == "descending")
         hparams["train_dataloader_opts"]["shuffle"] = False
-    valid = valid.filtered_sorted(sort_key="duration")
+    for name in names[1:]:
+        datasets[name] = datasets[name].filtered_sorted(sort_key="duration")
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
         return load_audio(wav, hparams["sample_rate"], min_samples)
 
-    sb.dataio.dataset.add_dynamic_item([train, valid], audio_pipeline)
-    sb.dataio.dataset.set_output_keys([train, valid], ["id", "sig"])
-    return train, valid
+    sb.dataio.dataset.add_dynamic_item(list(datasets.values()), audio_pipeline)
+    keys = ["id", "sig"]
+    if hparams["task"] == "ctc":
+        sp = hparams["tokenizer"].sp
+
+        @sb.utils.data_pipeline.takes("wrd")
+        @sb.utils.data_pipeline.provides("wrd", "tokens")
+        def text_pipeline(wrd):
+            yield wrd
+            yield torch.LongTensor(sp.encode_as_ids(wrd)) + 1
+
+        sb.dataio.dataset.add_dynamic_item(list(datasets.values()), text_pipeline)
+        keys += ["wrd", "tokens"]
+    sb.dataio.dataset.set_output_keys(list(datasets.values()), keys)
+    return datasets
+
+
+def load_pretrained_ssl(hparams: dict, ssl_folder: str) -> None:
+    """Loads the encoder and the feature statistics of the best SSL checkpoint (Pretrainer)."""
+    checkpoint = sb.utils.checkpoints.Checkpointer(Path(ssl_folder) / "save").find_checkpoint(
+        min_key="loss")
+    if checkpoint is None:
+        raise FileNotFoundError(f"--pretrained_ssl {ssl_folder}: no checkpoint under "
+                                f"{Path(ssl_folder) / 'save'}; give an SSL output folder")
+    pretrainer = sb.utils.parameter_transfer.Pretrainer(
+        collect_in=Path(hparams["save_folder"]) / "pretrained_ssl",
+        loadables={"encoder": hparams["encoder"], "normalize": hparams["normalize"]},
+        paths={name: str(checkpoint.path / f"{name}.ckpt") for name in ("encoder", "normalize")})
+    pretrainer.collect_files()
+    pretrainer.load_collected()
+    logger.info("Encoder and feature statistics loaded from %s", checkpoint.path)
 
 
 def load_hparams(argv: list[str]) -> tuple[str, object, dict]:
@@ -226,32 +365,52 @@ def main(argv: list[str]) -> dict:
         raise SystemExit(f"error: task {hparams['task']!r} in {hparams_file}; known: {list(BRAINS)}")
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=hparams_file)
-    train_set, valid_set = dataio_prepare(hparams)
-    brain = BRAINS[hparams["task"]](modules=hparams["modules"], opt_class=hparams["optimizer"],
+    if hparams["task"] == "ctc":
+        pieces = hparams["tokenizer"].sp.get_piece_size()
+        if pieces != hparams["vocab_size"]:
+            raise SystemExit(f"error: the {hparams['token_type']} tokenizer of {hparams_file} has "
+                             f"{pieces} tokens but vocab_size is {hparams['vocab_size']}; "
+                             f"pass --vocab_size {pieces}")
+    datasets = dataio_prepare(hparams)
+    if hparams.get("pretrained_ssl"):
+        load_pretrained_ssl(hparams, hparams["pretrained_ssl"])
+    brain = BRAINS[hparams["task"]](modules=hparams["modules"], opt_class=hparams.get("optimizer"),
                                     hparams=hparams, run_opts=run_opts,
                                     checkpointer=hparams["checkpointer"])
-    brain.train_set = train_set
+    brain.train_set = datasets["train"]
     train_opts = hparams["train_dataloader_opts"]
     if hparams["dynamic_batching"]:
         train_opts = {"num_workers": hparams["num_workers"],
                       "batch_sampler": DynamicBatchSampler(
-                          train_set, max_batch_length=hparams["max_batch_length"], num_buckets=20,
-                          length_func=lambda item: float(item["duration"]), shuffle=True)}
+                          datasets["train"], max_batch_length=hparams["max_batch_length"],
+                          num_buckets=20, length_func=lambda item: float(item["duration"]),
+                          shuffle=True)}
     start = time.time()
-    brain.fit(brain.hparams.epoch_counter, train_set, valid_set, train_loader_kwargs=train_opts,
-              valid_loader_kwargs=hparams["valid_dataloader_opts"])
+    brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["valid"],
+              train_loader_kwargs=train_opts, valid_loader_kwargs=hparams["valid_dataloader_opts"])
+    train_seconds = round(time.time() - start, 1)
     history = json.loads((Path(hparams["output_folder"]) / "history.json").read_text())
-    summary = {
-        "ssl_valid_loss_first": history[0]["valid"]["loss"],
-        "ssl_valid_loss_last": history[-1]["valid"]["loss"],
-        "ssl_masked_acc": history[-1]["valid"]["masked_acc"],
-        "ssl_chance_acc": 1.0 / hparams["num_classes"],
-        "ssl_code_usage": history[-1]["valid"]["code_usage"],
-        "epochs": len(history),
-        "train_seconds": round(time.time() - start, 1),
-        "output_folder": str(Path(hparams["output_folder"]).resolve()),
+    output_folder = str(Path(hparams["output_folder"]).resolve())
+    if hparams["task"] == "ssl":
+        return {
+            "ssl_valid_loss_first": history[0]["valid"]["loss"],
+            "ssl_valid_loss_last": history[-1]["valid"]["loss"],
+            "ssl_masked_acc": history[-1]["valid"]["masked_acc"],
+            "ssl_chance_acc": 1.0 / hparams["num_classes"],
+            "ssl_code_usage": history[-1]["valid"]["code_usage"],
+            "epochs": len(history),
+            "train_seconds": train_seconds,
+            "output_folder": output_folder,
+        }
+    brain.evaluate(datasets["test"], min_key="WER",
+                   test_loader_kwargs=hparams["valid_dataloader_opts"])
+    return {
+        "ctc_wer": brain.test_stats["WER"], "ctc_cer": brain.test_stats["CER"],
+        "ctc_valid_wer_first": history[0]["valid"]["WER"],
+        "ctc_valid_wer_last": history[-1]["valid"]["WER"],
+        "epochs": len(history), "train_seconds": train_seconds,
+        "ctc_hparams": str(Path(hparams_file).resolve()), "ctc_output_folder": output_folder,
     }
-    return summary
 
 
 if __name__ == "__main__":
