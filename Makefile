@@ -12,10 +12,11 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-# SSL pretraining on the shipped corpus (ENCODER=conformer or conmamba); last line: JSON summary.
+# SSL pretraining, CTC fine-tuning and evaluation on the shipped corpus (ENCODER=conformer or
+# conmamba); the last line is a JSON summary.
 ENCODER ?= conformer
 demo: install
-	$(PY) recipes/train.py hparams/SSL/$(ENCODER).yaml
+	$(PY) recipes/demo.py --encoder $(ENCODER)
 
 test: install
 	$(PY) -m pytest -q tests --doctest-modules modules

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataio import AudioFileError, check_manifest, dataset_from_manifest, load_audio  # noqa: E402
+from inference import load_averaged_best  # noqa: E402
 from modules.context import describe_context, set_dynamic_context  # noqa: E402
 from modules.ctc import BeamTranscriber, greedy_transcripts  # noqa: E402
 from modules.heads import masked_token_loss  # noqa: E402
@@ -262,12 +263,9 @@ class CTCBrain(StreamingBrain):
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Test with the average of the best ``average_checkpoints`` checkpoints (by WER)."""
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
-        checkpoints = self.checkpointer.find_checkpoints(
-            min_key="WER", max_num_checkpoints=self.hparams.average_checkpoints)
-        if len(checkpoints) > 1:
-            for name in ("encoder", "ctc_head"):
-                averaged = sb.utils.checkpoints.average_checkpoints(checkpoints, name)
-                getattr(self.modules, name).load_state_dict(averaged)
+        load_averaged_best(self.checkpointer, {"encoder": self.modules.encoder,
+                                               "ctc_head": self.modules.ctc_head},
+                           self.hparams.average_checkpoints)
 
 
 BRAINS = {"ssl": SSLBrain, "ctc": CTCBrain}
@@ -334,7 +332,7 @@ def load_pretrained_ssl(hparams: dict, ssl_folder: str) -> None:
     logger.info("Encoder and feature statistics loaded from %s", checkpoint.path)
 
 
-def load_hparams(argv: list[str]) -> tuple[str, object, dict]:
+def load_hparams(argv: list[str]) -> tuple[str, object, dict, dict]:
     """Parses the command line: hparams < ``hparams/devices/<preset>.yaml`` < command line."""
     preset = "auto"
     if "--device_preset" in argv:
@@ -356,15 +354,17 @@ def load_hparams(argv: list[str]) -> tuple[str, object, dict]:
     except (KeyError, ValueError, TypeError) as error:
         raise SystemExit(f"error in {hparams_file} (or its overrides): {error}") from None
     logger.info("Device preset %s: %s", preset, preset_file)
-    return hparams_file, run_opts, hparams
+    return hparams_file, run_opts, hparams, merged
 
 
 def main(argv: list[str]) -> dict:
-    hparams_file, run_opts, hparams = load_hparams(argv)
+    hparams_file, run_opts, hparams, overrides = load_hparams(argv)
     if hparams["task"] not in BRAINS:
         raise SystemExit(f"error: task {hparams['task']!r} in {hparams_file}; known: {list(BRAINS)}")
+    # <output_folder>/hyperparams.yaml: the experiment as run (overrides applied), which
+    # evaluate.py and transcribe.py take as their hparams file.
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
-                                   hyperparams_to_save=hparams_file)
+                                   hyperparams_to_save=hparams_file, overrides=overrides)
     if hparams["task"] == "ctc":
         pieces = hparams["tokenizer"].sp.get_piece_size()
         if pieces != hparams["vocab_size"]:
@@ -409,7 +409,8 @@ def main(argv: list[str]) -> dict:
         "ctc_valid_wer_first": history[0]["valid"]["WER"],
         "ctc_valid_wer_last": history[-1]["valid"]["WER"],
         "epochs": len(history), "train_seconds": train_seconds,
-        "ctc_hparams": str(Path(hparams_file).resolve()), "ctc_output_folder": output_folder,
+        "ctc_hparams": str(Path(output_folder) / "hyperparams.yaml"),
+        "ctc_output_folder": output_folder,
     }
 
 

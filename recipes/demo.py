@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""``make demo``: SSL pretraining, CTC fine-tuning from it, then evaluation at every preset.
+
+Runs, on the shipped corpus::
+
+    recipes/train.py hparams/SSL/<encoder>.yaml
+    recipes/train.py hparams/CTC/<encoder>_small.yaml --pretrained_ssl <SSL output> (SSL sizes)
+    recipes/evaluate.py <CTC output>/hyperparams.yaml --test_csv <test split> --context all --streaming
+
+and prints, as its last stdout line, one JSON object: the SSL summary plus ``ctc_wer``,
+``ctc_cer``, ``ctc_hparams``, ``ctc_output_folder`` and the per-context table and plot.
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hyperpyyaml import load_hyperpyyaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# The CTC encoder must have the SSL encoder's sizes (the CTC yamls default to larger models).
+SSL_SIZES = {"conformer": ["d_model", "nhead", "num_encoder_layers", "d_ffn", "kernel_size",
+                           "subsampling_conv_channels"],
+             "conmamba": ["d_model", "num_encoder_layers", "d_ffn", "kernel_size",
+                          "subsampling_conv_channels", "d_state", "d_conv", "expand"]}
+
+
+def run(script: str, *args: str) -> dict:
+    """Runs a recipe script, echoing its output; returns its last stdout line as JSON."""
+    command = [sys.executable, str(ROOT / "recipes" / script), *args]
+    print("$", " ".join(command), flush=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    last = ""
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        last = line.strip() or last
+    if process.wait() != 0:
+        raise SystemExit(f"error: {script} failed (exit {process.returncode}); see above")
+    return json.loads(last)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--encoder", choices=list(SSL_SIZES), default="conformer")
+    parser.add_argument("--ctc_epochs", type=int, default=25)
+    args = parser.parse_args()
+    ssl = run("train.py", f"hparams/SSL/{args.encoder}.yaml")
+    with open(Path(ssl["output_folder"]) / "hyperparams.yaml") as f:  # the SSL run as it ran
+        ssl_hparams = load_hyperpyyaml(f)
+    sizes = [arg for key in SSL_SIZES[args.encoder] for arg in (f"--{key}", str(ssl_hparams[key]))]
+    ctc = run("train.py", f"hparams/CTC/{args.encoder}_small.yaml",
+              "--pretrained_ssl", ssl["output_folder"], "--number_of_epochs", str(args.ctc_epochs),
+              "--output_folder", f"results/ctc_{args.encoder}_demo", *sizes)
+    evaluation = run("evaluate.py", ctc["ctc_hparams"], "--output_folder", ctc["ctc_output_folder"],
+                     "--test_csv", "data/espeak_corpus/test.csv", "--context", "all", "--streaming")
+    print(json.dumps({**ssl, **ctc, "ctc_table": evaluation["table_md"],
+                      "ctc_plot": evaluation["plot"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Decodes a test set with a trained CTC model at one or several contexts (latencies).
+
+Usage::
+
+    python recipes/evaluate.py hparams/CTC/conformer_small.yaml --output_folder <trained folder> \\
+        --test_csv data/espeak_corpus/test.csv --context medium [--context low ... | all] \\
+        [--streaming] [--data_folder <$data_root>] [--any_training_override value ...]
+
+The last stdout line is one JSON object: ``wer``, ``cer`` (percent, SpeechBrain's
+ErrorRateStats), ``context``, ``audio_seconds``, ``rtf`` for one context; with several, a list
+of those under ``results`` and the paths of the written table (markdown + CSV) and plot of WER
+against latency.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from speechbrain.utils.metric_stats import ErrorRateStats
+
+from dataio import AudioFileError, dataset_from_manifest, load_audio
+from inference import Recognizer
+from modules.context import describe_context
+
+
+def decode_set(recognizer: Recognizer, dataset, context, streaming: bool) -> dict:
+    """WER / CER (percent), audio duration and real-time factor of one pass over ``dataset``."""
+    wer, cer = ErrorRateStats(), ErrorRateStats(split_tokens=True)
+    audio_seconds = compute_seconds = 0.0
+    sample_rate = recognizer.hparams["sample_rate"]
+    with dataset.output_keys_as(["id", "wav", "wrd"]):
+        for item in dataset:
+            samples = load_audio(item["wav"], sample_rate)
+            start = time.perf_counter()
+            if streaming:
+                stream = recognizer.stream(context)
+                stream.push(samples)
+                text = stream.finish()
+            else:
+                text = recognizer.transcribe(samples, context)
+            compute_seconds += time.perf_counter() - start
+            audio_seconds += len(samples) / sample_rate
+            wer.append([item["id"]], [text.split()], [item["wrd"].split()])
+            cer.append([item["id"]], [text.split()], [item["wrd"].split()])
+    frame = recognizer.encoder.frame_seconds
+    return {"wer": wer.summarize("error_rate"), "cer": cer.summarize("error_rate"),
+            "context": list(context), "context_seconds": describe_context(context, frame),
+            "chunk_seconds": None if context[1] == -1 else round((context[1] + 1) * frame, 3),
+            "streaming": streaming, "audio_seconds": round(audio_seconds, 2),
+            "rtf": round(compute_seconds / audio_seconds, 4)}
+
+
+def write_table_and_plot(results: list[dict], stem: Path) -> dict:
+    """Markdown + CSV table and a WER-vs-latency plot next to each other."""
+    columns = ["context", "context_seconds", "chunk_seconds", "streaming", "wer", "cer", "rtf",
+               "audio_seconds"]
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+    lines = ["| context | frames and seconds | decoding | WER % | CER % | RTF |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['context']} | {r['context_seconds']} | "
+              f"{'streaming' if r['streaming'] else 'offline'} | {r['wer']:.2f} | {r['cer']:.2f} | "
+              f"{r['rtf']:.3f} |" for r in results]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    streamed = sorted((r for r in results if r["chunk_seconds"]), key=lambda r: r["chunk_seconds"])
+    axis.plot([r["chunk_seconds"] for r in streamed], [r["wer"] for r in streamed], "o-",
+              label="streaming contexts")
+    for r in streamed:
+        axis.annotate(str(r["context"]), (r["chunk_seconds"], r["wer"]), fontsize=8)
+    for r in results:
+        if not r["chunk_seconds"]:
+            axis.axhline(r["wer"], linestyle="--", color="gray", label="offline [-1, -1]")
+    axis.set_xlabel("chunk duration (algorithmic latency), s")
+    axis.set_ylabel("WER, %")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(stem.with_suffix(".png"), dpi=120)
+    return {"table_md": str(stem.with_suffix(".md")), "table_csv": str(stem.with_suffix(".csv")),
+            "plot": str(stem.with_suffix(".png"))}
+
+
+def training_overrides(args: list[str]) -> dict:
+    """``--key value`` pairs (values in YAML) that the model was trained with, e.g. its sizes."""
+    if len(args) % 2 or not all(k.startswith("--") for k in args[::2]):
+        raise ValueError(f"expected --key value pairs of training overrides, got {args}")
+    return {k[2:]: yaml.safe_load(v) for k, v in zip(args[::2], args[1::2])}
+
+
+def streamable(recognizer: Recognizer, context) -> bool:
+    try:
+        recognizer.encoder.make_streaming_context(context)
+    except ValueError:
+        return False
+    return True
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("hparams")
+    parser.add_argument("--output_folder", required=True, help="the CTC run's output folder")
+    parser.add_argument("--test_csv", required=True, help="SpeechBrain CSV or NeMo JSON manifest")
+    parser.add_argument("--data_folder", help="replaces $data_root (default: the training one)")
+    parser.add_argument("--context", action="append", default=None,
+                        help="preset, 'L,R', or 'all' (every preset); repeat for several")
+    parser.add_argument("--streaming", action="store_true", help="decode chunk by chunk")
+    args, rest = parser.parse_known_args(argv)
+    recognizer = Recognizer(args.hparams, args.output_folder, training_overrides(rest))
+    specs = args.context or [recognizer.hparams["valid_context"]]
+    if "all" in specs:
+        specs = list(recognizer.hparams["context_presets"])
+    contexts = [recognizer.context(spec) for spec in specs]
+    data_folder = args.data_folder or recognizer.hparams["data_folder"]
+    dataset = dataset_from_manifest(args.test_csv, data_folder, args.output_folder)
+    results = []
+    for context in contexts:
+        # A context that cannot be streamed (offline; all-past attention) is decoded offline.
+        streaming = args.streaming and streamable(recognizer, context)
+        results.append(decode_set(recognizer, dataset, context, streaming))
+        print(json.dumps(results[-1]), file=sys.stderr)
+    if len(results) == 1:
+        return results[0]
+    stem = Path(args.output_folder) / f"eval_{Path(args.test_csv).stem}"
+    return {"results": results, **write_table_and_plot(results, stem)}
+
+
+if __name__ == "__main__":
+    try:
+        summary = main(sys.argv[1:])
+    except (AudioFileError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+    print(json.dumps(summary))

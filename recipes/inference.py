@@ -1,0 +1,119 @@
+"""A trained CTC model for decoding: offline, or streamed from raw audio chunk by chunk."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modules.context import Context, parse_context  # noqa: E402
+from modules.ctc import greedy_transcripts  # noqa: E402
+from modules.features import FbankStream  # noqa: E402
+
+
+def load_averaged_best(checkpointer, modules: dict, count: int) -> None:
+    """Loads the average of the ``count`` best checkpoints (lowest valid WER) into ``modules``."""
+    checkpoints = checkpointer.find_checkpoints(min_key="WER", max_num_checkpoints=count)
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoint with a WER under {checkpointer.checkpoints_dir}")
+    for name, module in modules.items():
+        module.load_state_dict(sb.utils.checkpoints.average_checkpoints(checkpoints, name))
+
+
+class Recognizer:
+    """Encoder + CTC head + tokenizer + feature statistics of a CTC run, in eval mode.
+
+    Arguments
+    ---------
+    hparams_file : the CTC hparams file the model was trained with.
+    output_folder : the run's output folder (holds ``save/``).
+    overrides : other hparams overrides used in training (e.g. model sizes).
+    """
+
+    def __init__(self, hparams_file: str, output_folder: str, overrides: dict | None = None):
+        if not (Path(output_folder) / "save").is_dir():
+            raise FileNotFoundError(f"{output_folder}: no save/ folder; give the output folder of "
+                                    "a CTC training run")
+        with open(hparams_file) as f:
+            self.hparams = load_hyperpyyaml(f, {"output_folder": output_folder, **(overrides or {})})
+        self.hparams["checkpointer"].recover_if_possible(min_key="WER")  # statistics, etc.
+        load_averaged_best(self.hparams["checkpointer"],
+                           {"encoder": self.encoder, "ctc_head": self.hparams["ctc_head"]},
+                           self.hparams["average_checkpoints"])
+        for module in (self.encoder, self.hparams["ctc_head"], self.hparams["normalize"]):
+            module.eval()
+        self.sp = self.hparams["tokenizer"].sp
+
+    @property
+    def encoder(self):
+        return self.hparams["encoder"]
+
+    def context(self, spec: str | Context) -> Context:
+        """A preset name, ``"L,R"`` or pair -> ``(left, right)``."""
+        return parse_context(spec, self.hparams["context_presets"])
+
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        """(B, n) audio -> (B, frames, n_mels) globally normalized features."""
+        return self.normalize(self.hparams["compute_features"](samples))
+
+    def normalize(self, feats: torch.Tensor) -> torch.Tensor:
+        """Global statistics, frame by frame (streaming-safe)."""
+        return self.hparams["normalize"](feats) if feats.shape[1] else feats
+
+    def log_probs(self, encoded: torch.Tensor) -> torch.Tensor:
+        return self.hparams["ctc_head"](encoded).log_softmax(-1)
+
+    @torch.no_grad()
+    def transcribe(self, samples: torch.Tensor, context: Context) -> str:
+        """Offline greedy transcript of one (n,) utterance under ``context``."""
+        feats = self.features(samples[None])
+        log_probs = self.log_probs(self.encoder(feats, context=context))
+        return greedy_transcripts(log_probs, torch.ones(1), self.sp)[0]
+
+    def stream(self, context: Context) -> "Stream":
+        return Stream(self, context)
+
+
+class Stream:
+    """Raw audio in pieces of any size -> partial transcripts, equal to offline at the end."""
+
+    def __init__(self, recognizer: Recognizer, context: Context):
+        self.recognizer = recognizer
+        self.front_end = FbankStream(recognizer.hparams["compute_features"])
+        self.state = recognizer.encoder.make_streaming_context(context)
+        self.chunk = recognizer.encoder.chunk_frames(self.state)
+        self.pending = None
+        self.outputs = []
+
+    @torch.no_grad()
+    def push(self, samples: torch.Tensor) -> str:
+        """Feeds (n,) new samples; returns the transcript of every complete chunk so far."""
+        feats = self.recognizer.normalize(self.front_end.push(samples[None]))
+        self.pending = feats if self.pending is None else torch.cat([self.pending, feats], dim=1)
+        while self.pending.shape[1] >= self.chunk:
+            self._encode(self.pending[:, :self.chunk])
+            self.pending = self.pending[:, self.chunk:]
+        return self.text()
+
+    @torch.no_grad()
+    def finish(self) -> str:
+        """Encodes the last, shorter chunk; returns the final transcript."""
+        if self.pending is not None and self.pending.shape[1]:
+            self._encode(self.pending)
+            self.pending = self.pending[:, :0]
+        return self.text()
+
+    def _encode(self, feats: torch.Tensor) -> None:
+        encoded = self.recognizer.encoder.forward_streaming(feats, self.state)
+        self.outputs.append(self.recognizer.log_probs(encoded))
+
+    def text(self) -> str:
+        if not self.outputs:
+            return ""
+        return greedy_transcripts(torch.cat(self.outputs, dim=1), torch.ones(1),
+                                  self.recognizer.sp)[0]
