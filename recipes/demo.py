@@ -19,6 +19,7 @@ from pathlib import Path
 from hyperpyyaml import load_hyperpyyaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the saved hparams name classes of modules/
 # The CTC encoder must have the SSL encoder's sizes (the CTC yamls default to larger models).
 SSL_SIZES = {"conformer": ["d_model", "nhead", "num_encoder_layers", "d_ffn", "kernel_size",
                            "subsampling_conv_channels"],
