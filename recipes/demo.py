@@ -55,8 +55,10 @@ def main() -> None:
               "--output_folder", f"results/ctc_{args.encoder}_demo", *sizes)
     evaluation = run("evaluate.py", ctc["ctc_hparams"], "--output_folder", ctc["ctc_output_folder"],
                      "--test_csv", "data/espeak_corpus/test.csv", "--context", "all", "--streaming")
-    print(json.dumps({**ssl, **ctc, "ctc_table": evaluation["table_md"],
-                      "ctc_plot": evaluation["plot"]}))
+    print(json.dumps({**ssl, "ctc_wer": ctc["ctc_wer"], "ctc_cer": ctc["ctc_cer"],
+                      "ctc_epochs": ctc["epochs"], "ctc_train_seconds": ctc["train_seconds"],
+                      "ctc_hparams": ctc["ctc_hparams"], "ctc_output_folder": ctc["ctc_output_folder"],
+                      "ctc_table": evaluation["table_md"], "ctc_plot": evaluation["plot"]}))
 
 
 if __name__ == "__main__":
