@@ -24,8 +24,8 @@ from pathlib import Path
 import yaml
 from speechbrain.utils.metric_stats import ErrorRateStats
 
-from dataio import AudioFileError, dataset_from_manifest, load_audio
-from inference import Recognizer
+from dataio import dataset_from_manifest, load_audio
+from inference import Recognizer, run_cli
 from modules.context import describe_context
 
 
@@ -138,8 +138,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        summary = main(sys.argv[1:])
-    except (AudioFileError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}")
-    print(json.dumps(summary))
+    run_cli(main)

@@ -1,8 +1,10 @@
 """A trained CTC model for decoding: offline, or streamed from raw audio chunk by chunk."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import speechbrain as sb
 import torch
@@ -11,6 +13,7 @@ from hyperpyyaml import load_hyperpyyaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dataio import AudioFileError  # noqa: E402
 from modules.context import Context, parse_context  # noqa: E402
 from modules.ctc import greedy_transcripts  # noqa: E402
 from modules.features import FbankStream  # noqa: E402
@@ -117,3 +120,12 @@ class Stream:
             return ""
         return greedy_transcripts(torch.cat(self.outputs, dim=1), torch.ones(1),
                                   self.recognizer.sp)[0]
+
+
+def run_cli(main: Callable[[list], dict]) -> None:
+    """Runs ``main(sys.argv[1:])``: its result as JSON on the last stdout line, or a one-line error."""
+    try:
+        summary = main(sys.argv[1:])
+    except (AudioFileError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+    print(json.dumps(summary))

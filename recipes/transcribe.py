@@ -19,14 +19,12 @@ The last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 
-from dataio import AudioFileError, load_audio
+from dataio import load_audio
 from evaluate import streamable, training_overrides
-from inference import Recognizer
+from inference import Recognizer, run_cli
 from modules.context import describe_context
 
 
@@ -115,8 +113,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        summary = main(sys.argv[1:])
-    except (AudioFileError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}")
-    print(json.dumps(summary))
+    run_cli(main)
