@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Selective scan, forward + backward: ours vs a per-frame loop vs mambapy's parallel scan.
+"""Selective scan, forward + backward: ours (compiled and chunked) vs a per-frame loop vs mambapy.
 
 B = 4, d_inner = 512, d_state = 16 by default, at L = 500 / 2000 / 8000; each measurement in its
-own process (time and peak memory), plus the largest difference of outputs and gradients to the
-loop. mambapy (pure-PyTorch Blelloch scan, https://github.com/alxndrTL/mamba.py) is installed by
-requirements.txt.
+own process (time and peak memory; the compiled scan is compiled before both are measured), plus
+the largest difference of outputs and gradients to the loop. mambapy (pure-PyTorch Blelloch scan,
+https://github.com/alxndrTL/mamba.py) is installed by requirements.txt.
 
 Usage::
 
@@ -20,7 +20,8 @@ from isolated import time_and_peak_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from modules.selective_scan import selective_scan, selective_scan_sequential  # noqa: E402
+from modules.selective_scan import (compiled_scan_available, selective_scan,  # noqa: E402
+                                    selective_scan_sequential)
 
 
 def mambapy_scan(u, delta, A, B, C):
@@ -32,7 +33,8 @@ def mambapy_scan(u, delta, A, B, C):
     return (pscan(deltaA, BX) @ C.unsqueeze(-1)).squeeze(3)
 
 
-SCANS = {"ours": lambda *a: selective_scan(*a)[0],
+SCANS = {"compiled": lambda *a: selective_scan(*a, compiled=True)[0],
+         "chunked": lambda *a: selective_scan(*a)[0],
          "loop": lambda *a: selective_scan_sequential(*a)[0],
          "mambapy": mambapy_scan}
 
@@ -55,18 +57,21 @@ def build(name: str, shape: tuple, threads: int):
         SCANS[name](*tensors).pow(2).mean().backward()
         for t in tensors:
             t.grad = None
+    if name == "compiled":
+        run()  # compiles (Inductor), outside the measured time and memory
     return run
 
 
-def max_difference(name: str, shape: tuple) -> float:
-    """Largest |difference| to the loop over the output and every gradient."""
+def max_differences(shape: tuple) -> dict:
+    """Largest |difference| to the loop over the output and every gradient, for each scan."""
     results = {}
-    for scan in (name, "loop"):
+    for scan in SCANS:
         tensors = inputs(*shape)
         y = SCANS[scan](*tensors)
         y.pow(2).mean().backward()
         results[scan] = [y.detach()] + [t.grad for t in tensors]
-    return max((a - b).abs().max().item() for a, b in zip(results[name], results["loop"]))
+    return {name: max((a - b).abs().max().item() for a, b in zip(values, results["loop"]))
+            for name, values in results.items() if name != "loop"}
 
 
 def main() -> None:
@@ -78,19 +83,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    if not compiled_scan_available("cpu"):
+        raise SystemExit("error: the compiled scan needs a C++ compiler (apt-get install g++)")
     print(f"selective scan fwd + bwd, B={args.batch}, d_inner={args.d_inner}, "
           f"d_state={args.d_state}, {args.threads} threads, float32")
-    print("\n| L | ours: s / MiB | loop: s / MiB | mambapy: s / MiB | ours vs loop | ours vs mambapy "
-          "| max diff to loop: ours / mambapy |")
-    print("|---" * 7 + "|")
+    print("\n| L | " + " | ".join(f"{n}: s / MiB" for n in SCANS) + " | compiled vs loop "
+          "| compiled vs mambapy | chunked vs loop | max diff to loop: compiled / chunked / mambapy |")
+    print("|---" * (len(SCANS) + 5) + "|")
     for length in args.lengths:
         shape = (args.batch, length, args.d_inner, args.d_state)
         res = {name: time_and_peak_memory(build, (name, shape, args.threads), args.repeats)
                for name in SCANS}
-        diffs = "/".join(f"{max_difference(n, shape):.1e}" for n in ("ours", "mambapy"))
+        diffs = " / ".join(f"{d:.1e}" for d in max_differences(shape).values())
         cells = " | ".join(f"{res[n][0]:.2f} / {res[n][1]:.0f}" for n in SCANS)
-        print(f"| {length} | {cells} | {res['loop'][0] / res['ours'][0]:.1f}x | "
-              f"{res['mambapy'][0] / res['ours'][0]:.1f}x | {diffs} |", flush=True)
+        speedup = {(a, b): f"{res[b][0] / res[a][0]:.1f}x" for a in SCANS for b in SCANS}
+        print(f"| {length} | {cells} | {speedup['compiled', 'loop']} | "
+              f"{speedup['compiled', 'mambapy']} | {speedup['chunked', 'loop']} | {diffs} |",
+              flush=True)
 
 
 if __name__ == "__main__":

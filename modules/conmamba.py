@@ -21,10 +21,10 @@ def _reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor | None) -> to
 class BidirectionalMamba(torch.nn.Module):
     """A forward and a backward Mamba, summed (offline only)."""
 
-    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int):
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, scan_backend: str):
         super().__init__()
-        self.forward_mamba = Mamba(d_model, d_state, d_conv, expand)
-        self.backward_mamba = Mamba(d_model, d_state, d_conv, expand)
+        self.forward_mamba = Mamba(d_model, d_state, d_conv, expand, scan_backend=scan_backend)
+        self.backward_mamba = Mamba(d_model, d_state, d_conv, expand, scan_backend=scan_backend)
 
     def forward(self, x, context, valid=None, lengths=None):
         """(B, T, D) -> (B, T, D); each utterance is reversed within its ``lengths``."""
@@ -47,6 +47,7 @@ class ConMambaEncoder(StreamingEncoder):
     subsampling_conv_channels, dropout, context : as for the Conformer.
     d_state, d_conv, expand : Mamba sizes.
     bidirectional : offline bidirectional variant.
+    scan_backend : "auto" | "compiled" | "chunked", see ``modules.mamba.Mamba``.
 
     Example
     -------
@@ -60,13 +61,13 @@ class ConMambaEncoder(StreamingEncoder):
                  d_ffn: int = 576, kernel_size: int = 15, subsampling_factor: int = 4,
                  subsampling_conv_channels: int = 64, dropout: float = 0.1,
                  context: Context = (-1, -1), d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, bidirectional: bool = False):
+                 expand: int = 2, bidirectional: bool = False, scan_backend: str = "auto"):
         super().__init__(n_mels, d_model, subsampling_factor, subsampling_conv_channels, dropout)
         self.bidirectional = bidirectional
         mixer = BidirectionalMamba if bidirectional else Mamba
         self.layers.extend(
             MacaronBlock(d_model, d_ffn, kernel_size, dropout,
-                         mixer(d_model, d_state, d_conv, expand))
+                         mixer(d_model, d_state, d_conv, expand, scan_backend=scan_backend))
             for _ in range(num_encoder_layers))
         self.set_context(context)
 

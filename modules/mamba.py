@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .context import Context
-from .selective_scan import selective_scan
+from .selective_scan import compiled_scan_available, selective_scan
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ except (ImportError, OSError):  # not installed, or built for another CUDA / tor
     causal_conv1d_fn = selective_scan_fn = None
 
 _backend_logged = set()
+SCAN_BACKENDS = ("auto", "compiled", "chunked")
 
 
 def _log_backend_once(name: str) -> None:
@@ -48,18 +49,22 @@ class Mamba(torch.nn.Module):
     d_conv : causal depthwise convolution width.
     expand : inner dimension = ``expand * d_model``.
     dt_min, dt_max, dt_init_floor : initialization range of the step sizes.
-    use_fused : "auto" uses mamba-ssm / causal-conv1d kernels on CUDA when installed; False
-        always uses the pure-PyTorch scan.
+    scan_backend : "auto": mamba-ssm / causal-conv1d kernels on CUDA when installed (full scans
+        from a zero state), else the compiled scan where ``compiled_scan_available``, else the
+        chunked one; "compiled" or "chunked" force that pure-PyTorch scan (see
+        ``modules.selective_scan``).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-                 use_fused: str | bool = "auto"):
+                 scan_backend: str = "auto"):
         super().__init__()
         self.d_inner = expand * d_model
         self.d_state, self.d_conv = d_state, d_conv
         self.dt_rank = math.ceil(d_model / 16)
-        self.use_fused = use_fused
+        if scan_backend not in SCAN_BACKENDS:
+            raise ValueError(f"scan_backend must be one of {SCAN_BACKENDS}, got {scan_backend!r}")
+        self.scan_backend = scan_backend
         self.in_proj = torch.nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv1d = torch.nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
                                       padding=d_conv - 1)
@@ -76,8 +81,21 @@ class Mamba(torch.nn.Module):
         self.out_proj = torch.nn.Linear(self.d_inner, d_model, bias=False)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        return (self.use_fused == "auto" and x.is_cuda and selective_scan_fn is not None
+        return (self.scan_backend == "auto" and x.is_cuda and selective_scan_fn is not None
                 and causal_conv1d_fn is not None)
+
+    def _compiled(self, x: torch.Tensor) -> bool:
+        """Whether the pure-PyTorch scan of ``x`` is the compiled one (logged once)."""
+        if self.scan_backend == "chunked" or (
+                self.scan_backend == "auto" and not compiled_scan_available(x.device)):
+            _log_backend_once("pure PyTorch chunked scan")
+            return False
+        if not compiled_scan_available(x.device):
+            raise RuntimeError(f"scan_backend 'compiled' needs CPU tensors and a C++ compiler "
+                               f"(g++ or clang++) for torch.compile; got {x.device.type} tensors. "
+                               "Use scan_backend: auto or chunked")
+        _log_backend_once("pure PyTorch scan compiled by torch.compile (first call compiles)")
+        return True
 
     def _conv(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise conv + SiLU over (B, T, d_inner); cache: previous d_conv - 1 frames."""
@@ -108,8 +126,7 @@ class Mamba(torch.nn.Module):
                 B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
                 return_last_state=True)
             return y.transpose(1, 2), last
-        _log_backend_once("pure PyTorch chunked scan")
-        return selective_scan(u, delta, A, B, C, initial_state)[:2]
+        return selective_scan(u, delta, A, B, C, initial_state, compiled=self._compiled(u))[:2]
 
     def forward(self, x: torch.Tensor, context: Context = (-1, -1), valid=None,
                 lengths=None) -> torch.Tensor:
@@ -140,8 +157,8 @@ class Mamba(torch.nn.Module):
         A = -torch.exp(self.A_log.float())
         frames = u.shape[1]
         offset = (-left - 1) % chunk
-        _log_backend_once("pure PyTorch chunked scan")
-        y, _, states = selective_scan(u, delta, A, B, C, state_stride=chunk, state_offset=offset)
+        y, _, states = selective_scan(u, delta, A, B, C, state_stride=chunk, state_offset=offset,
+                                      compiled=self._compiled(u))
         positions = torch.arange(frames, device=u.device)
         start_after = (positions // chunk) * chunk - left - 1  # j for every frame
         has_past = (start_after >= 0)[None, :, None]

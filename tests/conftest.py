@@ -15,6 +15,18 @@ def _seed_and_threads():
     torch.set_num_threads(2)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compiled_scan: uses Mamba's compiled scan")
+
+
+@pytest.fixture(autouse=True)
+def _chunked_scan_by_default(request, monkeypatch):
+    """Mamba's ``scan_backend: auto`` takes the eager chunked scan in tests (compiling costs
+    ~20 s per shape); tests of the compiled scan are marked ``compiled_scan``."""
+    if "compiled_scan" not in request.keywords:
+        monkeypatch.setattr("modules.mamba.compiled_scan_available", lambda device: False)
+
+
 def tiny_encoder(subsampling_factor: int = 4, num_layers: int = 2, kernel_size: int = 5):
     """A small causal Conformer in eval mode (no dropout)."""
     from modules.conformer import CausalConformerEncoder

@@ -7,7 +7,18 @@ import torch.nn.functional as F
 
 from modules.conmamba import ConMambaEncoder
 from modules.mamba import Mamba
-from modules.selective_scan import selective_scan, selective_scan_sequential
+from modules import selective_scan as scan_module
+from modules.selective_scan import compiled_scan_available, selective_scan, selective_scan_sequential
+
+BACKENDS = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not compiled_scan_available("cpu"), reason="torch.compile needs a C++ compiler"))]
+
+
+@pytest.fixture(params=BACKENDS, ids=["chunked", "compiled"])
+def compiled(request, monkeypatch):
+    """Both block scans; compiled blocks of 4 frames keep Inductor's compile time short."""
+    monkeypatch.setattr(scan_module, "COMPILED_BLOCK_FRAMES", 4)
+    return request.param
 
 
 def scan_inputs(batch=2, frames=75, dim=6, state=4, dtype=torch.float64):
@@ -21,9 +32,9 @@ def scan_inputs(batch=2, frames=75, dim=6, state=4, dtype=torch.float64):
     return [t.requires_grad_() for t in (u, delta, A, B, C, h0)]
 
 
-def test_scan_equals_sequential_values_and_gradients():
+def test_scan_equals_sequential_values_and_gradients(compiled):
     inputs = scan_inputs()
-    y, last, _ = selective_scan(*inputs)
+    y, last, _ = selective_scan(*inputs, compiled=compiled)
     y_ref, last_ref = selective_scan_sequential(*inputs)
     assert (y - y_ref).abs().max() < 1e-10 and (last - last_ref).abs().max() < 1e-10
     weights = torch.randn_like(y)
@@ -33,21 +44,40 @@ def test_scan_equals_sequential_values_and_gradients():
         assert (g - g_ref).abs().max() < 1e-9, name
 
 
-def test_scan_gradcheck_with_returned_states():
+def test_scan_gradcheck_with_returned_states(compiled):
     u, delta, A, B, C, h0 = scan_inputs(batch=1, frames=11, dim=2, state=2)
 
     def run(*args):
-        y, last, states = selective_scan(*args, state_stride=3, state_offset=1)
+        y, last, states = selective_scan(*args, state_stride=3, state_offset=1, compiled=compiled)
         return y, last, states
     assert torch.autograd.gradcheck(run, (u, delta, A, B, C, h0))
 
 
-def test_initial_and_final_states_split_a_sequence():
+def test_failed_compilation_falls_back_to_the_chunked_scan(monkeypatch, caplog):
+    def failing(function):
+        def run(*args):
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler\ndetails")
+        return run
+    monkeypatch.setattr(scan_module, "_compiled", failing)
+    monkeypatch.setattr(scan_module, "_compile_failed", False)
+    inputs = scan_inputs()
+    y, last, _ = selective_scan(*inputs, compiled=True)
+    y.sum().backward()
+    y_ref, last_ref = selective_scan_sequential(*inputs)
+    assert (y - y_ref).abs().max() < 1e-10 and (last - last_ref).abs().max() < 1e-10
+    warnings = [r.getMessage() for r in caplog.records if "chunked scan" in r.getMessage()]
+    assert warnings == ["compiling the selective scan failed, using the chunked scan: "
+                        "no C++ compiler"]  # once, first line only
+
+
+def test_initial_and_final_states_split_a_sequence(compiled):
     u, delta, A, B, C, _ = scan_inputs(frames=90)
-    y, last, states = selective_scan(u, delta, A, B, C, state_stride=10, state_offset=9)
-    first, middle, _ = selective_scan(u[:, :37], delta[:, :37], A, B[:, :37], C[:, :37])
+    y, last, states = selective_scan(u, delta, A, B, C, state_stride=10, state_offset=9,
+                                     compiled=compiled)
+    first, middle, _ = selective_scan(u[:, :37], delta[:, :37], A, B[:, :37], C[:, :37],
+                                      compiled=compiled)
     second, end, _ = selective_scan(u[:, 37:], delta[:, 37:], A, B[:, 37:], C[:, 37:],
-                                    initial_state=middle)
+                                    initial_state=middle, compiled=compiled)
     assert (torch.cat([first, second], 1) - y).abs().max() < 1e-10
     assert (end - last).abs().max() < 1e-10
     assert states.shape[1] == 9 and (states[:, -1] - last).abs().max() < 1e-10
@@ -102,6 +132,23 @@ def test_mamba_ssm_parameter_layout_and_round_trip():
     other.load_state_dict(layer.state_dict(), strict=True)
     x = torch.randn(1, 20, d_model)
     assert torch.equal(layer(x, (8, 1)), other(x, (8, 1)))
+
+
+@pytest.mark.compiled_scan
+@pytest.mark.skipif(not compiled_scan_available("cpu"), reason="torch.compile needs a C++ compiler")
+def test_mamba_layer_compiled_scan_equals_chunked(monkeypatch, caplog):
+    monkeypatch.setattr(scan_module, "COMPILED_BLOCK_FRAMES", 4)
+    chunked = Mamba(d_model=8, d_state=4, scan_backend="chunked").double()
+    compiled = Mamba(d_model=8, d_state=4, scan_backend="compiled").double()
+    compiled.load_state_dict(chunked.state_dict())
+    x = torch.randn(2, 23, 8, dtype=torch.float64, requires_grad=True)
+    for context in [(-1, -1), (6, 1)]:
+        y, y_ref = compiled(x, context), chunked(x, context)
+        assert (y - y_ref).abs().max() < 1e-10
+        grad, grad_ref = (torch.autograd.grad(out.pow(2).sum(), x)[0] for out in (y, y_ref))
+        assert (grad - grad_ref).abs().max() < 1e-10
+    with pytest.raises(ValueError, match="scan_backend must be one of"):
+        Mamba(d_model=8, scan_backend="fused")
 
 
 def tiny_conmamba(**kwargs):

@@ -92,7 +92,7 @@ def test_bad_hparams_value_is_reported(tmp_path):
 
 def test_ssl_recipe_trains_conmamba_unchanged(tmp_path):
     at = TINY.index("--nhead")
-    tiny = TINY[:at] + TINY[at + 2:] + ["--d_state", "4"]
+    tiny = TINY[:at] + TINY[at + 2:] + ["--d_state", "4", "--scan_backend", "chunked"]
     run = train(tmp_path, "--debug", hparams="conmamba.yaml", tiny=tiny)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
