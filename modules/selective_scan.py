@@ -154,10 +154,14 @@ def _scan_block(direction: str, compiled: bool, *args):
     return chunked(*args)
 
 
+@functools.cache
+def _cpp_compiler_found() -> bool:
+    return any(shutil.which(name) for name in ("g++", "clang++", "c++"))
+
+
 def compiled_scan_available(device: torch.device | str) -> bool:
     """Whether ``compiled=True`` can be used here: CPU tensors and a C++ compiler for Inductor."""
-    return torch.device(device).type == "cpu" and any(
-        shutil.which(name) for name in ("g++", "clang++", "c++"))
+    return torch.device(device).type == "cpu" and _cpp_compiler_found()
 
 
 # --------------------------------------------------------------- the scan
