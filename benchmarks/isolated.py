@@ -13,7 +13,7 @@ def _resident_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measure(build, args, repeats, queue) -> None:
+def _measure(build, args, repeats, summary, queue) -> None:
     run = build(*args)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     base = _resident_mib("VmRSS")
@@ -22,11 +22,13 @@ def _measure(build, args, repeats, queue) -> None:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    queue.put((statistics.median(times[1:]), _resident_mib("VmHWM") - base))
+    queue.put((summary(times[1:]), _resident_mib("VmHWM") - base))
 
 
-def time_and_peak_memory(build, args: tuple, repeats: int = 3) -> tuple[float, float]:
-    """Median seconds of ``build(*args)()`` and its peak MiB above what ``build`` left allocated.
+def time_and_peak_memory(build, args: tuple, repeats: int = 3,
+                         summary=statistics.median) -> tuple[float, float]:
+    """Seconds of ``build(*args)()`` (``summary`` of the runs after a warm-up: median, or min
+    on a machine shared with other jobs) and its peak MiB above what ``build`` left allocated.
 
     ``build`` must be a module-level function (it is pickled into a spawned process) that
     prepares the inputs and returns a no-argument callable doing one measured run. Linux only
@@ -34,7 +36,7 @@ def time_and_peak_memory(build, args: tuple, repeats: int = 3) -> tuple[float, f
     """
     spawn = multiprocessing.get_context("spawn")
     queue = spawn.Queue()
-    child = spawn.Process(target=_measure, args=(build, args, repeats, queue))
+    child = spawn.Process(target=_measure, args=(build, args, repeats, summary, queue))
     child.start()
     result = queue.get()
     child.join()

@@ -2,8 +2,9 @@
 """Selective scan, forward + backward: ours (compiled and chunked) vs a per-frame loop vs mambapy.
 
 B = 4, d_inner = 512, d_state = 16 by default, at L = 500 / 2000 / 8000; each measurement in its
-own process (time and peak memory; the compiled scan is compiled before both are measured), plus
-the largest difference of outputs and gradients to the loop. mambapy (pure-PyTorch Blelloch scan,
+own process (peak memory, and the best time of --repeats runs after a warm-up: other jobs on the
+machine only ever add time; the compiled kernel is built before both are measured), plus the
+largest difference of outputs and gradients to the loop. mambapy (pure-PyTorch Blelloch scan,
 https://github.com/alxndrTL/mamba.py) is installed by requirements.txt.
 
 Usage::
@@ -58,7 +59,7 @@ def build(name: str, shape: tuple, threads: int):
         for t in tensors:
             t.grad = None
     if name == "compiled":
-        run()  # compiles (Inductor), outside the measured time and memory
+        run()  # builds the kernel (or loads the cached build), outside the measured time
     return run
 
 
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--d_inner", type=int, default=512)
     parser.add_argument("--d_state", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     if not compiled_scan_available("cpu"):
@@ -92,10 +93,10 @@ def main() -> None:
     print("|---" * (len(SCANS) + 5) + "|")
     for length in args.lengths:
         shape = (args.batch, length, args.d_inner, args.d_state)
-        res = {name: time_and_peak_memory(build, (name, shape, args.threads), args.repeats)
+        res = {name: time_and_peak_memory(build, (name, shape, args.threads), args.repeats, min)
                for name in SCANS}
         diffs = " / ".join(f"{d:.1e}" for d in max_differences(shape).values())
-        cells = " | ".join(f"{res[n][0]:.2f} / {res[n][1]:.0f}" for n in SCANS)
+        cells = " | ".join(f"{res[n][0]:.3f} / {res[n][1]:.0f}" for n in SCANS)
         ratios = " | ".join(f"{res[slow][0] / res[fast][0]:.1f}x" for fast, slow in
                             [("compiled", "loop"), ("compiled", "mambapy"), ("chunked", "loop")])
         print(f"| {length} | {cells} | {ratios} | {diffs} |", flush=True)

@@ -50,9 +50,8 @@ class Mamba(torch.nn.Module):
     expand : inner dimension = ``expand * d_model``.
     dt_min, dt_max, dt_init_floor : initialization range of the step sizes.
     scan_backend : "auto": mamba-ssm / causal-conv1d kernels on CUDA when installed (full scans
-        from a zero state), else the compiled scan where ``compiled_scan_available``, else the
-        chunked one; "compiled" or "chunked" force that pure-PyTorch scan (see
-        ``modules.selective_scan``).
+        from a zero state), else the compiled CPU scan where ``compiled_scan_available``, else
+        the chunked one; "compiled" or "chunked" force that scan (see ``modules.selective_scan``).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -85,16 +84,16 @@ class Mamba(torch.nn.Module):
                 and causal_conv1d_fn is not None)
 
     def _compiled(self, x: torch.Tensor) -> bool:
-        """Whether the pure-PyTorch scan of ``x`` is the compiled one (logged once)."""
+        """Whether ``x`` is scanned by the compiled CPU kernel (the choice is logged once)."""
         if self.scan_backend == "chunked" or (
                 self.scan_backend == "auto" and not compiled_scan_available(x.device)):
-            _log_backend_once("pure PyTorch chunked scan")
+            _log_backend_once("chunked scan (eager PyTorch)")
             return False
         if not compiled_scan_available(x.device):
             raise RuntimeError(f"scan_backend 'compiled' needs CPU tensors and a C++ compiler "
-                               f"(g++ or clang++) for torch.compile; got {x.device.type} tensors. "
+                               f"(g++ or clang++, or set CXX); got {x.device.type} tensors. "
                                "Use scan_backend: auto or chunked")
-        _log_backend_once("pure PyTorch scan compiled by torch.compile (first call compiles)")
+        _log_backend_once("compiled CPU scan (modules/selective_scan_cpu.cpp)")
         return True
 
     def _conv(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,27 +1,33 @@
-"""Selective scan (Mamba-1 SSM) in pure PyTorch, with initial and final states.
+"""Selective scan (Mamba-1 SSM) with initial and final states: a compiled CPU kernel and an eager
+chunked scan for any device.
 
 ``h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t`` and ``y_t = C_t . h_t`` (per channel d
 and state n). mamba-ssm's fused Mamba-1 kernel has no initial state; streaming and state windows
-need one, so this module carries it in and out.
+need one, so both scans carry it in and out. Written by hand because no maintained package offers
+a CPU/MPS scan with state in/out and bounded memory. Both save only a state every block of frames
+and recompute the block in the backward pass, so memory grows with ``B * L * D``, not with
+``B * L * D * N``.
 
-Written by hand because no maintained package offers a CPU/MPS scan with state in/out and
-bounded memory. Time is cut into blocks; a custom autograd function keeps only each block's
-starting state and recomputes the block in the backward pass, so memory grows with
-``B * L * (D + N)``, not with ``B * L * D * N``. Two ways to scan a block:
-
-- ``chunked`` (any device, eager): chunks of frames are scanned side by side (one Python step
-  per frame of a chunk, not per frame of the sequence), then linked by their carried-in states.
-- ``compiled`` (CPU with a C++ compiler): the block is written frame by frame and compiled by
-  ``torch.compile``; Inductor fuses the frames into one loop nest per block, so the
-  ``(B, T, D, N)`` decays and inputs are computed in registers instead of memory. Compiled once
-  per shape and dtype (about 20 s on 2 cores, then cached on disk by Inductor); if compiling
-  fails, a warning is logged once and the chunked scan takes over.
+- ``compiled`` (CPU with a C++ compiler): ``selective_scan_cpu.cpp``, compiled on first use
+  (about 2 s) into a cache folder and called through ctypes. Each thread runs the loop over time
+  for a batch row and 16 channels with the state held in cache, so the ``(B, L, D, N)`` decays
+  never reach memory.
+- ``chunked`` (any device, eager PyTorch): chunks of frames are scanned side by side (one Python
+  step per frame of a chunk, not per frame of the sequence), then linked by their carried-in
+  states.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import logging
+import os
+import platform
 import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -29,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 CHUNKED_BLOCK_FRAMES = 32   # its (B, block, D, N) tensors stay in cache
 CHUNK_FRAMES = 8            # frames per chunk inside a block: one Python step per chunk position
-COMPILED_BLOCK_FRAMES = 16  # frames unrolled in one compiled block
+KERNEL_SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
 
 
 # ----------------------------------------------------------------- chunked blocks
@@ -92,95 +98,24 @@ def _chunked_backward(u, delta, A, B, C, h0, grad_y, grad_end, grad_states):
             torch.einsum("btdn,btd->btn", h, grad_y), a[:, 0] * g[:, 0])
 
 
-# ---------------------------------------------------------------- compiled blocks
-def _unrolled_forward(u, delta, A, B, C, h, keep_states: bool):
-    """``_chunked_forward`` written frame by frame, for Inductor to fuse."""
-    outputs, states = [], []
-    for k in range(u.shape[1]):
-        h = (torch.exp(A * delta[:, k, :, None]) * h
-             + (delta[:, k] * u[:, k])[:, :, None] * B[:, k, None, :])
-        outputs.append((h * C[:, k, None, :]).sum(-1))
-        states.append(h)
-    return torch.stack(outputs, 1), h, (torch.stack(states, 1) if keep_states else None)
+class _ChunkedScan(torch.autograd.Function):
+    """Blocks of CHUNKED_BLOCK_FRAMES, each recomputed from its starting state in the backward."""
 
-
-def _unrolled_backward(u, delta, A, B, C, h, grad_y, g, grad_states):
-    """``_chunked_backward`` written frame by frame, for Inductor to fuse."""
-    before, decays = [], []
-    for k in range(u.shape[1]):  # recompute the states
-        before.append(h)
-        decays.append(torch.exp(A * delta[:, k, :, None]))
-        h = decays[k] * h + (delta[:, k] * u[:, k])[:, :, None] * B[:, k, None, :]
-    after = before[1:] + [h]
-    grads = [[] for _ in range(4)]
-    grad_A = torch.zeros_like(h)  # summed over the batch at the end: pointwise in the loop
-    for k in reversed(range(u.shape[1])):
-        g = g + grad_y[:, k, :, None] * C[:, k, None, :]
-        if grad_states is not None:
-            g = g + grad_states[:, k]
-        grad_log_a = g * before[k] * decays[k]
-        g_B = (g * B[:, k, None, :]).sum(-1)
-        grads[0].append(g_B * delta[:, k])
-        grads[1].append((grad_log_a * A).sum(-1) + g_B * u[:, k])
-        grad_A = grad_A + grad_log_a * delta[:, k, :, None]
-        grads[2].append((g * (delta[:, k] * u[:, k])[:, :, None]).sum(1))
-        grads[3].append((after[k] * grad_y[:, k, :, None]).sum(1))
-        g = g * decays[k]
-    du, ddelta, dB, dC = (torch.stack(x[::-1], 1) for x in grads)
-    return du, ddelta, grad_A.sum(0), dB, dC, g
-
-
-@functools.cache
-def _compiled(function):
-    return torch.compile(function, fullgraph=True)
-
-
-_BLOCK_SCANS = {"forward": (_chunked_forward, _unrolled_forward),
-                "backward": (_chunked_backward, _unrolled_backward)}
-_compile_failed = False
-
-
-def _scan_block(direction: str, compiled: bool, *args):
-    """One block, forward or backward, compiled or chunked (same numbers, up to rounding)."""
-    global _compile_failed
-    chunked, unrolled = _BLOCK_SCANS[direction]
-    if compiled and not _compile_failed:
-        try:
-            return _compiled(unrolled)(*args)
-        except torch._dynamo.exc.TorchDynamoException as error:  # e.g. no Python headers
-            _compile_failed = True
-            logger.warning("compiling the selective scan failed, using the chunked scan: %s",
-                           str(error).splitlines()[0])
-    return chunked(*args)
-
-
-@functools.cache
-def _cpp_compiler_found() -> bool:
-    return any(shutil.which(name) for name in ("g++", "clang++", "c++"))
-
-
-def compiled_scan_available(device: torch.device | str) -> bool:
-    """Whether ``compiled=True`` can be used here: CPU tensors and a C++ compiler for Inductor."""
-    return torch.device(device).type == "cpu" and _cpp_compiler_found()
-
-
-# --------------------------------------------------------------- the scan
-class _SelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0, stride, offset, compiled):
-        block = COMPILED_BLOCK_FRAMES if compiled else CHUNKED_BLOCK_FRAMES
+    def forward(ctx, u, delta, A, B, C, h0, stride, offset):
+        block = CHUNKED_BLOCK_FRAMES
         outputs, starts, picked = [], [], []
         state = h0
         for start in range(0, u.shape[1], block):
             part = slice(start, start + block)
             starts.append(state)
-            y, state, states = _scan_block("forward", compiled, u[:, part], delta[:, part], A,
-                                           B[:, part], C[:, part], state, bool(stride))
+            y, state, states = _chunked_forward(u[:, part], delta[:, part], A, B[:, part],
+                                                C[:, part], state, bool(stride))
             outputs.append(y)
             if stride:
                 picked.append(states[:, _picked(start, y.shape[1], stride, offset)])
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(starts, dim=1))
-        ctx.stride, ctx.offset, ctx.compiled, ctx.block = stride, offset, compiled, block
+        ctx.stride, ctx.offset, ctx.block = stride, offset, block
         states = torch.cat(picked, dim=1) if stride else state.new_zeros(0)
         return torch.cat(outputs, dim=1), state.clone(), states
 
@@ -201,13 +136,13 @@ class _SelectiveScan(torch.autograd.Function):
                 block_states = grad_y.new_zeros(u.shape[0], frames, u.shape[2], A.shape[1])
                 block_states[:, where] = grad_states[:, picked_end - len(where):picked_end]
                 picked_end -= len(where)
-            du, ddelta, dA, dB, dC, carry = _scan_block(
-                "backward", ctx.compiled, u[:, part], delta[:, part], A, B[:, part], C[:, part],
-                starts[:, index], grad_y[:, part], carry, block_states)
+            du, ddelta, dA, dB, dC, carry = _chunked_backward(
+                u[:, part], delta[:, part], A, B[:, part], C[:, part], starts[:, index],
+                grad_y[:, part], carry, block_states)
             for grad, value in zip(grads, (du, ddelta, dB, dC)):
                 grad[:, part] = value
             grad_A += dA
-        return (*grads[:2], grad_A, *grads[2:], carry, None, None, None)
+        return (*grads[:2], grad_A, *grads[2:], carry, None, None)
 
 
 def _picked(start: int, frames: int, stride: int, offset: int) -> torch.Tensor:
@@ -215,6 +150,118 @@ def _picked(start: int, frames: int, stride: int, offset: int) -> torch.Tensor:
     return torch.tensor(range((offset - start) % stride, frames, stride), dtype=torch.long)
 
 
+# ---------------------------------------------------------------- compiled kernel
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or next(
+        (path for path in map(shutil.which, ("g++", "clang++", "c++")) if path), None)
+
+
+def _build_kernel() -> Path:
+    """Compile ``selective_scan_cpu.cpp`` for this CPU unless a cached build exists."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+    flags = ["-O3", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
+    # -march=native: the build is only valid on this kind of machine, so the host is in the key.
+    key = hashlib.sha256("\0".join([KERNEL_SOURCE.read_text(), compiler, *flags, platform.node(),
+                                     platform.machine()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streaming-ssl"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.gettempdir())
+    target = cache / f"selective_scan_cpu-{key}.so"
+    if target.exists():
+        return target
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    for arch in (["-march=native"], []):  # some compilers (clang on ARM) lack -march=native
+        result = subprocess.run([compiler, *arch, *flags, str(KERNEL_SOURCE), "-o", str(partial)],
+                                capture_output=True, text=True)
+        if result.returncode == 0:
+            os.replace(partial, target)  # atomic: parallel processes never load a partial file
+            return target
+    raise RuntimeError(f"{compiler} failed: {(result.stderr or result.stdout).strip()}")
+
+
+@functools.cache
+def _kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (with one warning) when it cannot be built or loaded."""
+    try:
+        kernel = ctypes.CDLL(str(_build_kernel()))
+        kernel.scan_tile.restype = kernel.scan_block.restype = ctypes.c_int64
+        return kernel
+    except (OSError, RuntimeError, AttributeError) as error:
+        logger.warning("the compiled selective scan is unavailable, using the chunked scan: %s",
+                       str(error).splitlines()[0])
+        return None
+
+
+def compiled_scan_available(device: torch.device | str) -> bool:
+    """Whether ``compiled=True`` can be used here: CPU tensors and a kernel that builds."""
+    return torch.device(device).type == "cpu" and _kernel() is not None
+
+
+def _run_kernel(direction: str, tensors: list, sizes: list) -> None:
+    """Call ``scan_<direction>_<f32|f64>`` with the tensors' data pointers and the sizes."""
+    suffix = {torch.float32: "f32", torch.float64: "f64"}[tensors[0].dtype]
+    assert all(t.is_contiguous() and t.dtype == tensors[0].dtype for t in tensors)
+    pointers = [ctypes.c_void_p(t.data_ptr() if t.numel() else None) for t in tensors]
+    getattr(_kernel(), f"scan_{direction}_{suffix}")(*pointers, *map(ctypes.c_int64, sizes))
+
+
+class _CompiledScan(torch.autograd.Function):
+    """The kernel's forward and backward; D a multiple of its tile, contiguous inputs."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0, stride, first, backward_needed):
+        batch, length, dim = u.shape
+        A_t = A.t().contiguous()
+        y, final = torch.empty_like(u), torch.empty_like(h0)
+        blocks = -(-length // _kernel().scan_block()) if backward_needed else 0
+        checkpoints = u.new_empty(batch, blocks, A.shape[1], dim)
+        states = u.new_empty(batch, len(range(first, length, stride)) if stride else 0, dim,
+                             A.shape[1])
+        sizes = [batch, length, dim, A.shape[1], stride, first, torch.get_num_threads()]
+        _run_kernel("forward", [u, delta, A_t, B, C, h0, y, final, checkpoints, states], sizes)
+        ctx.save_for_backward(u, delta, A_t, B, C, checkpoints)
+        ctx.sizes = sizes
+        return y, final, states
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_final, grad_states):
+        u, delta, A_t, B, C, checkpoints = ctx.saved_tensors
+        threads = ctx.sizes[-1]
+        grad_u, grad_delta = torch.empty_like(u), torch.empty_like(u)
+        grad_A = u.new_zeros(threads, *A_t.shape)  # partial sums, one per thread
+        grad_B, grad_C = (B.new_zeros(threads, *B.shape) for _ in range(2))
+        grad_h0 = torch.empty_like(grad_final)
+        _run_kernel("backward", [u, delta, A_t, B, C, checkpoints, grad_y.contiguous(),
+                                 grad_final.contiguous(), grad_states.contiguous(), grad_u,
+                                 grad_delta, grad_A, grad_B, grad_C, grad_h0], ctx.sizes)
+        return (grad_u, grad_delta, grad_A.sum(0).t(), grad_B.sum(0), grad_C.sum(0), grad_h0,
+                None, None, None)
+
+
+def _compiled_scan(u, delta, A, B, C, h0, stride: int, offset: int):
+    """``_CompiledScan`` on any D: channels padded to the tile (delta = 0: the state stays 0)."""
+    if not compiled_scan_available(u.device):
+        raise RuntimeError(f"the compiled scan needs CPU tensors (got {u.device.type}) and a C++ "
+                           "compiler (see the warning logged); use compiled=False")
+    dim = u.shape[2]
+    pad = -dim % _kernel().scan_tile()
+    if pad:
+        u, delta = (torch.nn.functional.pad(t, (0, pad)) for t in (u, delta))
+        A, h0 = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (A, h0))
+    inputs = [t.contiguous() for t in (u, delta, A, B, C, h0)]
+    backward_needed = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    y, final, states = _CompiledScan.apply(*inputs, stride, offset % stride if stride else 0,
+                                           backward_needed)
+    if pad:  # (a slice of every output would cost a full-size gradient copy in the backward)
+        y, final, states = y[..., :dim], final[:, :dim], states[:, :, :dim]
+    return y, final, states
+
+
+# --------------------------------------------------------------- the scan
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    C: torch.Tensor, initial_state: torch.Tensor | None = None,
                    state_stride: int = 0, state_offset: int = 0, compiled: bool = False):
@@ -229,8 +276,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     initial_state : (B, D, N) state before the first frame (None: zeros).
     state_stride, state_offset : also return the states after frames ``t`` with
         ``t % state_stride == state_offset`` (0: none).
-    compiled : scan blocks with ``torch.compile`` (see the module docstring and
-        ``compiled_scan_available``); False: the eager chunked scan.
+    compiled : use the compiled CPU kernel (see ``compiled_scan_available``); False: the
+        eager chunked scan.
 
     Returns
     -------
@@ -241,13 +288,17 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     u, delta, A, B, C = (t.to(scan_dtype) for t in (u, delta, A, B, C))
     if initial_state is None:
         initial_state = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
+    initial_state = initial_state.to(scan_dtype)
+    if compiled:
+        y, state, states = _compiled_scan(u, delta, A, B, C, initial_state, state_stride,
+                                          state_offset)
+        return y.to(dtype), state, states
     frames = u.shape[1]
-    # Compiled blocks all get the same shape (one compilation); chunked ones whole chunks.
-    pad = -frames % (COMPILED_BLOCK_FRAMES if compiled else CHUNK_FRAMES)
+    pad = -frames % CHUNK_FRAMES  # whole chunks
     if pad:  # delta = 0 and u = 0 leave the state unchanged: decay 1, input 0
         u, delta, B, C = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (u, delta, B, C))
-    y, state, states = _SelectiveScan.apply(u, delta, A, B, C, initial_state.to(scan_dtype),
-                                            state_stride, state_offset, compiled)
+    y, state, states = _ChunkedScan.apply(u, delta, A, B, C, initial_state, state_stride,
+                                          state_offset)
     if state_stride:  # states of padding frames repeat the final state
         states = states[:, :len(range(state_offset % state_stride, frames, state_stride))]
     return y[:, :frames].to(dtype), state, states

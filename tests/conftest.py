@@ -21,8 +21,8 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _chunked_scan_by_default(request, monkeypatch):
-    """Mamba's ``scan_backend: auto`` takes the eager chunked scan in tests (compiling costs
-    ~20 s per shape); tests of the compiled scan are marked ``compiled_scan``."""
+    """Mamba's ``scan_backend: auto`` takes the eager chunked scan in tests (the path of MPS and
+    CUDA without mamba-ssm); tests of the compiled CPU scan are marked ``compiled_scan``."""
     if "compiled_scan" not in request.keywords:
         monkeypatch.setattr("modules.mamba.compiled_scan_available", lambda device: False)
 

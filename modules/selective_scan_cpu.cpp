@@ -1,0 +1,302 @@
+// Selective scan (Mamba-1 SSM) on CPU, forward and backward, for modules/selective_scan.py.
+//
+// h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,   y_t = C_t . h_t   (per channel d)
+//
+// Written by hand because no maintained package has a CPU selective scan (mamba-ssm is CUDA only)
+// and torch.compile cannot keep a state in registers across a loop over time. Compiled on first
+// use by the system C++ compiler (selective_scan.py) and called through ctypes with raw pointers
+// to contiguous tensors, so no Python or torch headers are needed.
+//
+// Work item: one batch row and TILE channels. Its state (N, TILE) lives in a small buffer while
+// the loop runs over time, so the (B, L, D, N) decays never reach memory. The forward pass saves
+// the state every BLOCK frames; the backward pass recomputes each block from its saved state and
+// runs the adjoint backwards through it. Shapes: u, delta, grad_y, du, ddelta (B, L, D);
+// A_t (N, D) (A transposed); B, C, dB, dC (B, L, N); states h0, h_final, grad_h0 (B, D, N);
+// picked (B, K, D, N): the states after frames first, first + stride, ... (stride 0: none);
+// checkpoints (B, ceil(L / BLOCK), N, D), or null without a backward pass. D must be a multiple
+// of TILE.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int64_t TILE = 16;   // channels per work item: one AVX-512 register of floats
+constexpr int64_t BLOCK = 32;  // frames between saved states
+
+// exp without a library call, so that the compiler vectorizes the loops that use it
+// (std::exp only vectorizes with -ffast-math and glibc's libmvec). exp(x) = 2^k * exp(r) with
+// |r| <= ln(2) / 2; exp(r) by a polynomial accurate to the type's precision.
+template <typename T> struct ExpTraits;
+template <> struct ExpTraits<float> {
+  using Bits = int32_t;
+  static constexpr float low = -87.3f, high = 88.7f;
+  static constexpr int mantissa = 23, bias = 127;
+  static constexpr float round = 12582912.0f;  // 1.5 * 2^23: x + round - round rounds x
+  static inline float poly(float r) {  // Cephes expf minimax coefficients
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    return p * r * r + r + 1.0f;
+  }
+};
+template <> struct ExpTraits<double> {
+  using Bits = int64_t;
+  static constexpr double low = -708.0, high = 709.0;
+  static constexpr int mantissa = 52, bias = 1023;
+  static constexpr double round = 6755399441055744.0;  // 1.5 * 2^52
+  static inline double poly(double r) {  // Taylor series to r^13: error < 1e-17 for |r| <= 0.35
+    double p = 1.0;
+    for (int k = 13; k >= 1; --k) p = 1.0 + p * r / k;  // 1 + r (1 + r/2 (1 + r/3 (...)))
+    return p;
+  }
+};
+
+template <typename T>
+inline T exp_approx(T x) {
+  using E = ExpTraits<T>;
+  const T clamped = x < E::low ? E::low : (x > E::high ? E::high : x);  // NaN passes through
+  const T k = clamped * T(1.4426950408889634) + E::round - E::round;  // nearest integer
+  const T r = (clamped - k * T(0.693145751953125)) - k * T(1.4286068203094172e-06);
+  const typename E::Bits bits = (static_cast<typename E::Bits>(k) + E::bias) << E::mantissa;
+  const T scale = __builtin_bit_cast(T, bits);
+  const T value = E::poly(r) * scale;
+  return x < E::low ? T(0) : value;
+}
+
+template <typename T>
+struct Scan {
+  const T *u, *delta, *A_t, *B, *C;
+  int64_t batch, length, dim, state, stride, first;
+
+  int64_t blocks() const { return (length + BLOCK - 1) / BLOCK; }
+  int64_t picked() const { return stride && first < length ? (length - 1 - first) / stride + 1 : 0; }
+  // Index of the returned state after frame t, or -1.
+  int64_t picked_index(int64_t t) const {
+    return stride && t >= first && (t - first) % stride == 0 ? (t - first) / stride : -1;
+  }
+  int64_t row(int64_t b, int64_t t) const { return b * length + t; }
+
+  // One frame for one tile: the state after (N, TILE) from the state before (may be the same
+  // buffer), and the output y_t (TILE) unless null. In the backward pass (grad_y not null): the
+  // decays (N, TILE) and lanes_c (N, TILE) += h_t * dy_t, the per-lane terms of dC.
+  void step(int64_t b, int64_t t, int64_t d0, const T* before, T* after, T* out,
+            const T* grad_y = nullptr, T* decays = nullptr, T* lanes_c = nullptr) const {
+    const T* __restrict dl = delta + row(b, t) * dim + d0;
+    const T* __restrict x = u + row(b, t) * dim + d0;
+    T input[TILE], y[TILE] = {};
+    for (int64_t i = 0; i < TILE; ++i) input[i] = dl[i] * x[i];
+    for (int64_t n = 0; n < state; ++n) {
+      const T bn = B[row(b, t) * state + n], cn = C[row(b, t) * state + n];
+      const T* __restrict an = A_t + n * dim + d0;
+#pragma omp simd
+      for (int64_t i = 0; i < TILE; ++i) {
+        const T decay = exp_approx(dl[i] * an[i]);
+        const T h = decay * before[n * TILE + i] + input[i] * bn;
+        after[n * TILE + i] = h;
+        y[i] += h * cn;
+        if (grad_y) {
+          decays[n * TILE + i] = decay;
+          lanes_c[n * TILE + i] += h * grad_y[row(b, t) * dim + d0 + i];
+        }
+      }
+    }
+    if (out) std::memcpy(out, y, sizeof(y));
+  }
+
+  void forward(int64_t b, int64_t d0, const T* h0, T* y, T* h_final, T* checkpoints, T* picked_states,
+               T* h) const {
+    load_state(h0 + b * dim * state, h, d0);
+    for (int64_t t = 0; t < length; ++t) {
+      if (checkpoints && t % BLOCK == 0)
+        for (int64_t n = 0; n < state; ++n)
+          std::memcpy(checkpoints + ((b * blocks() + t / BLOCK) * state + n) * dim + d0,
+                      h + n * TILE, TILE * sizeof(T));
+      step(b, t, d0, h, h, y + row(b, t) * dim + d0);
+      const int64_t k = picked_index(t);
+      if (k >= 0) store_state(h, picked_states + (b * picked() + k) * dim * state, d0);
+    }
+    store_state(h, h_final + b * dim * state, d0);
+  }
+
+  // Rows d0..d0+TILE of a (D, N) state -> (N, TILE) tile, and back.
+  void load_state(const T* source, T* h, int64_t d0) const {
+    for (int64_t n = 0; n < state; ++n)
+      for (int64_t i = 0; i < TILE; ++i) h[n * TILE + i] = source[(d0 + i) * state + n];
+  }
+
+  void store_state(const T* h, T* target, int64_t d0) const {
+    for (int64_t n = 0; n < state; ++n)
+      for (int64_t i = 0; i < TILE; ++i) target[(d0 + i) * state + n] = h[n * TILE + i];
+  }
+
+  // Gradients for tiles [first_tile, end_tile) of batch row b, block by block from the end.
+  // dA (N, D), dB, dC (B, L, N) are this thread's partial sums. Scratch: g, the adjoint
+  // d loss / d h after the frame being processed (tiles, N, TILE); a block's states and decays;
+  // and the per-lane sums of dB and dC over the tiles (BLOCK, N, TILE), reduced across lanes once
+  // per block rather than once per tile.
+  void backward(int64_t b, int64_t first_tile, int64_t end_tile, const T* checkpoints,
+                const T* grad_y, const T* grad_final, const T* grad_picked, T* du, T* ddelta,
+                T* dA, T* dB, T* dC, T* grad_h0, T* scratch) const {
+    const int64_t size = state * TILE;
+    T* g_all = scratch;
+    T* states = g_all + (end_tile - first_tile) * size;
+    T* decays = states + (BLOCK + 1) * size;
+    T* lanes_b = decays + BLOCK * size;
+    T* lanes_c = lanes_b + BLOCK * size;
+    for (int64_t tile = first_tile; tile < end_tile; ++tile)
+      load_state(grad_final + b * dim * state, g_all + (tile - first_tile) * size, tile * TILE);
+    for (int64_t block = blocks() - 1; block >= 0; --block) {
+      const int64_t start = block * BLOCK, frames = std::min(BLOCK, length - start);
+      std::fill(lanes_b, lanes_b + 2 * BLOCK * size, T(0));  // lanes_b and lanes_c
+      for (int64_t tile = first_tile; tile < end_tile; ++tile) {
+        const int64_t d0 = tile * TILE;
+        T* g = g_all + (tile - first_tile) * size;
+        for (int64_t n = 0; n < state; ++n)
+          std::memcpy(states + n * TILE, checkpoints + ((b * blocks() + block) * state + n) * dim + d0,
+                      TILE * sizeof(T));
+        for (int64_t k = 0; k < frames; ++k)
+          step(b, start + k, d0, states + k * size, states + (k + 1) * size, nullptr, grad_y,
+               decays + k * size, lanes_c + k * size);
+        for (int64_t k = frames - 1; k >= 0; --k)
+          adjoint_step(b, start + k, d0, grad_y, grad_picked, states + k * size,
+                       decays + k * size, g, lanes_b + k * size, du, ddelta, dA);
+      }
+      for (int64_t k = 0; k < frames; ++k)
+        for (int64_t n = 0; n < state; ++n) {
+          T sum_b = 0, sum_c = 0;
+          for (int64_t i = 0; i < TILE; ++i) {
+            sum_b += lanes_b[k * size + n * TILE + i];
+            sum_c += lanes_c[k * size + n * TILE + i];
+          }
+          dB[row(b, start + k) * state + n] += sum_b;
+          dC[row(b, start + k) * state + n] += sum_c;
+        }
+    }
+    for (int64_t tile = first_tile; tile < end_tile; ++tile)
+      store_state(g_all + (tile - first_tile) * size, grad_h0 + b * dim * state, tile * TILE);
+  }
+
+  // Frame t of one tile, backwards: g from d loss / d h_t (without y_t's part) to d loss / d h_{t-1}.
+  void adjoint_step(int64_t b, int64_t t, int64_t d0, const T* grad_y, const T* grad_picked,
+                    const T* before, const T* decays, T* g, T* lanes_b, T* du, T* ddelta,
+                    T* dA) const {
+    const T* __restrict dy = grad_y + row(b, t) * dim + d0;
+    const T* __restrict dl = delta + row(b, t) * dim + d0;
+    const T* __restrict x = u + row(b, t) * dim + d0;
+    const int64_t picked_at = picked_index(t);
+    if (picked_at >= 0)  // the state after frame t was returned too
+      for (int64_t n = 0; n < state; ++n)
+        for (int64_t i = 0; i < TILE; ++i)
+          g[n * TILE + i] += grad_picked[((b * picked() + picked_at) * dim + d0 + i) * state + n];
+    T input[TILE], grad_b[TILE] = {}, grad_delta[TILE] = {};
+    for (int64_t i = 0; i < TILE; ++i) input[i] = dl[i] * x[i];
+    for (int64_t n = 0; n < state; ++n) {
+      const T bn = B[row(b, t) * state + n], cn = C[row(b, t) * state + n];
+      const T* __restrict an = A_t + n * dim + d0;
+      T* __restrict dA_n = dA + n * dim + d0;
+      const int64_t at = n * TILE;
+#pragma omp simd
+      for (int64_t i = 0; i < TILE; ++i) {
+        const T gi = g[at + i] + dy[i] * cn;  // d loss / d h_t
+        const T grad_log_decay = gi * before[at + i] * decays[at + i];
+        grad_b[i] += gi * bn;
+        grad_delta[i] += grad_log_decay * an[i];
+        dA_n[i] += grad_log_decay * dl[i];
+        lanes_b[at + i] += gi * input[i];
+        g[at + i] = gi * decays[at + i];
+      }
+    }
+    for (int64_t i = 0; i < TILE; ++i) {
+      du[row(b, t) * dim + d0 + i] = grad_b[i] * dl[i];
+      ddelta[row(b, t) * dim + d0 + i] = grad_delta[i] + grad_b[i] * x[i];
+    }
+  }
+};
+
+// Runs work(first, end, thread) on contiguous ranges of items 0..items-1, one per thread.
+template <typename Work>
+void parallel(int64_t items, int64_t threads, Work work) {
+  threads = std::max<int64_t>(1, std::min(threads, items));
+  auto range = [&](int64_t thread) {
+    work(items * thread / threads, items * (thread + 1) / threads, thread);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t thread = 1; thread < threads; ++thread) pool.emplace_back(range, thread);
+  range(0);
+  for (auto& worker : pool) worker.join();
+}
+
+// Calls work(b, first_tile, end_tile) for the batch rows met by items [first, end) of
+// batch * tiles items.
+template <typename Work>
+void for_rows(int64_t first, int64_t end, int64_t tiles, Work work) {
+  for (int64_t item = first; item < end;) {
+    const int64_t b = item / tiles, stop = std::min(end, (b + 1) * tiles);
+    work(b, item % tiles, item % tiles + stop - item);
+    item = stop;
+  }
+}
+
+template <typename T>
+void forward(const T* u, const T* delta, const T* A_t, const T* B, const T* C, const T* h0, T* y,
+             T* h_final, T* checkpoints, T* picked, int64_t batch, int64_t length, int64_t dim,
+             int64_t state, int64_t stride, int64_t first, int64_t threads) {
+  const Scan<T> scan{u, delta, A_t, B, C, batch, length, dim, state, stride, first};
+  const int64_t tiles = dim / TILE;
+  parallel(batch * tiles, threads, [&](int64_t first_item, int64_t end_item, int64_t) {
+    std::vector<T> h(state * TILE);
+    for (int64_t item = first_item; item < end_item; ++item)
+      scan.forward(item / tiles, item % tiles * TILE, h0, y, h_final, checkpoints, picked, h.data());
+  });
+}
+
+// dA (threads, N, D), dB and dC (threads, B, L, N) must be zero: one partial sum per thread.
+template <typename T>
+void backward(const T* u, const T* delta, const T* A_t, const T* B, const T* C, const T* checkpoints,
+              const T* grad_y, const T* grad_final, const T* grad_picked, T* du, T* ddelta, T* dA,
+              T* dB, T* dC, T* grad_h0, int64_t batch, int64_t length, int64_t dim, int64_t state,
+              int64_t stride, int64_t first, int64_t threads) {
+  const Scan<T> scan{u, delta, A_t, B, C, batch, length, dim, state, stride, first};
+  const int64_t tiles = dim / TILE;
+  parallel(batch * tiles, threads, [&](int64_t first_item, int64_t end_item, int64_t thread) {
+    std::vector<T> scratch((std::min(tiles, end_item - first_item) + 4 * BLOCK + 1) * state * TILE);
+    for_rows(first_item, end_item, tiles, [&](int64_t b, int64_t first_tile, int64_t end_tile) {
+      scan.backward(b, first_tile, end_tile, checkpoints, grad_y, grad_final, grad_picked, du,
+                    ddelta, dA + thread * state * dim, dB + thread * batch * length * state,
+                    dC + thread * batch * length * state, grad_h0, scratch.data());
+    });
+  });
+}
+
+}  // namespace
+
+#define SCAN_EXPORTS(T, suffix)                                                                   \
+  extern "C" void scan_forward_##suffix(const T* u, const T* delta, const T* A_t, const T* B,     \
+                                        const T* C, const T* h0, T* y, T* h_final,                \
+                                        T* checkpoints, T* picked, int64_t batch, int64_t length, \
+                                        int64_t dim, int64_t state, int64_t stride,               \
+                                        int64_t first, int64_t threads) {                         \
+    forward(u, delta, A_t, B, C, h0, y, h_final, checkpoints, picked, batch, length, dim, state,  \
+            stride, first, threads);                                                              \
+  }                                                                                               \
+  extern "C" void scan_backward_##suffix(                                                         \
+      const T* u, const T* delta, const T* A_t, const T* B, const T* C, const T* checkpoints,     \
+      const T* grad_y, const T* grad_final, const T* grad_picked, T* du, T* ddelta, T* dA, T* dB, \
+      T* dC, T* grad_h0, int64_t batch, int64_t length, int64_t dim, int64_t state,               \
+      int64_t stride, int64_t first, int64_t threads) {                                           \
+    backward(u, delta, A_t, B, C, checkpoints, grad_y, grad_final, grad_picked, du, ddelta, dA,   \
+             dB, dC, grad_h0, batch, length, dim, state, stride, first, threads);                 \
+  }
+
+SCAN_EXPORTS(float, f32)
+SCAN_EXPORTS(double, f64)
+
+// The sizes the caller needs for its buffers (D padded to TILE, checkpoints every BLOCK frames).
+extern "C" int64_t scan_tile() { return TILE; }
+extern "C" int64_t scan_block() { return BLOCK; }
