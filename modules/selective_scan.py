@@ -79,7 +79,7 @@ def _chunked_forward(u, delta, A, B, C, h0, keep_states: bool):
 
 
 def _chunked_backward(u, delta, A, B, C, h0, grad_y, grad_end, grad_states):
-    """Gradients of one block from the gradient at its end state; see ``_SelectiveScan``."""
+    """Gradients of one block from the gradient at its end state; see ``_ChunkedScan``."""
     a, b = _block_terms(u, delta, A, B)
     h = _linear_scan(a, b, h0)
     # Adjoint: g_t = C_t dy_t (+ d loss / d h_t if h_t was returned) + a_{t+1} g_{t+1},

@@ -83,8 +83,9 @@ struct Scan {
   int64_t row(int64_t b, int64_t t) const { return b * length + t; }
 
   // One frame for one tile: the state after (N, TILE) from the state before (may be the same
-  // buffer), and the output y_t (TILE) unless null. In the backward pass (grad_y not null): the
-  // decays (N, TILE) and lanes_c (N, TILE) += h_t * dy_t, the per-lane terms of dC.
+  // buffer). Forward pass: the output y_t (TILE) in out. Backward pass (recomputing a block): the
+  // decays (N, TILE), and lanes_c (N, TILE) += h_t * dy_t, the per-lane terms of dC.
+  template <bool backward_pass>
   void step(int64_t b, int64_t t, int64_t d0, const T* before, T* after, T* out,
             const T* grad_y = nullptr, T* decays = nullptr, T* lanes_c = nullptr) const {
     const T* __restrict dl = delta + row(b, t) * dim + d0;
@@ -99,14 +100,15 @@ struct Scan {
         const T decay = exp_approx(dl[i] * an[i]);
         const T h = decay * before[n * TILE + i] + input[i] * bn;
         after[n * TILE + i] = h;
-        y[i] += h * cn;
-        if (grad_y) {
+        if constexpr (backward_pass) {
           decays[n * TILE + i] = decay;
           lanes_c[n * TILE + i] += h * grad_y[row(b, t) * dim + d0 + i];
+        } else {
+          y[i] += h * cn;
         }
       }
     }
-    if (out) std::memcpy(out, y, sizeof(y));
+    if constexpr (!backward_pass) std::memcpy(out, y, sizeof(y));
   }
 
   void forward(int64_t b, int64_t d0, const T* h0, T* y, T* h_final, T* checkpoints, T* picked_states,
@@ -117,7 +119,7 @@ struct Scan {
         for (int64_t n = 0; n < state; ++n)
           std::memcpy(checkpoints + ((b * blocks() + t / BLOCK) * state + n) * dim + d0,
                       h + n * TILE, TILE * sizeof(T));
-      step(b, t, d0, h, h, y + row(b, t) * dim + d0);
+      step<false>(b, t, d0, h, h, y + row(b, t) * dim + d0);
       const int64_t k = picked_index(t);
       if (k >= 0) store_state(h, picked_states + (b * picked() + k) * dim * state, d0);
     }
@@ -161,8 +163,8 @@ struct Scan {
           std::memcpy(states + n * TILE, checkpoints + ((b * blocks() + block) * state + n) * dim + d0,
                       TILE * sizeof(T));
         for (int64_t k = 0; k < frames; ++k)
-          step(b, start + k, d0, states + k * size, states + (k + 1) * size, nullptr, grad_y,
-               decays + k * size, lanes_c + k * size);
+          step<true>(b, start + k, d0, states + k * size, states + (k + 1) * size, nullptr,
+                     grad_y, decays + k * size, lanes_c + k * size);
         for (int64_t k = frames - 1; k >= 0; --k)
           adjoint_step(b, start + k, d0, grad_y, grad_picked, states + k * size,
                        decays + k * size, g, lanes_b + k * size, du, ddelta, dA);
