@@ -161,7 +161,7 @@ def _build_kernel() -> Path:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
-    flags = ["-O3", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
     # -march=native: the build is only valid on this kind of machine, so the host is in the key.
     key = hashlib.sha256("\0".join([KERNEL_SOURCE.read_text(), compiler, *flags, platform.node(),
                                      platform.machine()]).encode()).hexdigest()[:16]
@@ -174,8 +174,12 @@ def _build_kernel() -> Path:
     if target.exists():
         return target
     partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    for arch in (["-march=native"], []):  # some compilers (clang on ARM) lack -march=native
-        result = subprocess.run([compiler, *arch, *flags, str(KERNEL_SOURCE), "-o", str(partial)],
+    # Some compilers lack -march=native (clang on ARM) or OpenMP (Apple clang: the kernel then
+    # starts its own threads). With OpenMP, the kernel links libgomp.so.1, which resolves to the
+    # copy torch has loaded: both share one thread pool instead of competing for the cores.
+    for extra in (["-march=native", "-fopenmp"], ["-march=native", "-fopenmp-simd"], ["-fopenmp"],
+                  ["-fopenmp-simd"]):
+        result = subprocess.run([compiler, *extra, *flags, str(KERNEL_SOURCE), "-o", str(partial)],
                                 capture_output=True, text=True)
         if result.returncode == 0:
             os.replace(partial, target)  # atomic: parallel processes never load a partial file
@@ -247,6 +251,9 @@ def _compiled_scan(u, delta, A, B, C, h0, stride: int, offset: int):
     if not compiled_scan_available(u.device):
         raise RuntimeError(f"the compiled scan needs CPU tensors (got {u.device.type}) and a C++ "
                            "compiler (see the warning logged); use compiled=False")
+    if delta.numel() and (bool(delta.detach().min() < 0) or bool(A.detach().max() > 0)):
+        raise ValueError("the compiled scan needs delta >= 0 and A <= 0 (decays exp(delta * A) "
+                         "<= 1, as softplus(dt) and -exp(A_log) give); use compiled=False")
     dim = u.shape[2]
     pad = -dim % _kernel().scan_tile()
     if pad:
@@ -276,8 +283,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     initial_state : (B, D, N) state before the first frame (None: zeros).
     state_stride, state_offset : also return the states after frames ``t`` with
         ``t % state_stride == state_offset`` (0: none).
-    compiled : use the compiled CPU kernel (see ``compiled_scan_available``); False: the
-        eager chunked scan.
+    compiled : use the compiled CPU kernel (see ``compiled_scan_available``; needs
+        ``delta >= 0`` and ``A <= 0``, as in Mamba); False: the eager chunked scan.
 
     Returns
     -------

@@ -14,43 +14,52 @@
 // A_t (N, D) (A transposed); B, C, dB, dC (B, L, N); states h0, h_final, grad_h0 (B, D, N);
 // picked (B, K, D, N): the states after frames first, first + stride, ... (stride 0: none);
 // checkpoints (B, ceil(L / BLOCK), N, D), or null without a backward pass. D must be a multiple
-// of TILE.
+// of TILE. delta >= 0 and A <= 0 (decays <= 1): the caller checks.
+//
+// Threads: OpenMP when the compiler has it (the team comes from the thread pool torch uses, see
+// selective_scan.py), else std::thread. Each thread takes a contiguous range of work items.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <thread>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
 constexpr int64_t TILE = 16;   // channels per work item: one AVX-512 register of floats
 constexpr int64_t BLOCK = 32;  // frames between saved states
+constexpr int64_t PREFETCH = 8;  // frames ahead: a tile's rows are D floats apart, a new page
+                                 // every few frames, which hardware prefetchers do not follow
 
-// exp without a library call, so that the compiler vectorizes the loops that use it
-// (std::exp only vectorizes with -ffast-math and glibc's libmvec). exp(x) = 2^k * exp(r) with
-// |r| <= ln(2) / 2; exp(r) by a polynomial accurate to the type's precision.
-template <typename T> struct ExpTraits;
-template <> struct ExpTraits<float> {
-  using Bits = int32_t;
-  static constexpr float low = -87.3f, high = 88.7f;
-  static constexpr int mantissa = 23, bias = 127;
-  static constexpr float round = 12582912.0f;  // 1.5 * 2^23: x + round - round rounds x
-  static inline float poly(float r) {  // Cephes expf minimax coefficients
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    return p * r * r + r + 1.0f;
+// 2^x without a library call, so that the compiler vectorizes the loops that use it
+// (std::exp only vectorizes with -ffast-math and glibc's libmvec). 2^x = 2^k * 2^f with k the
+// nearest integer and |f| <= 1/2: adding 1.5 * 2^mantissa + bias rounds x and leaves k + bias in
+// the low bits, which a shift moves into the exponent field; 2^f by a polynomial accurate to the
+// type's precision. x <= 0 here (decays <= 1); below the normal range k + bias = 0 gives 0.
+// (Clamping x from above too doubles the cost: GCC turns the two clamps into mask juggling.)
+template <typename T> struct Exp2Traits;
+template <> struct Exp2Traits<float> {
+  using Bits = uint32_t;
+  static constexpr float limit = 127.0f, shifter = 12582912.0f + 127.0f;
+  static constexpr int mantissa = 23;
+  static inline float poly(float f) {  // minimax fit of 2^f on [-1/2, 1/2], error < 1e-7;
+    // Estrin's scheme: a shorter dependency chain than Horner's
+    const float f2 = f * f;
+    const float p01 = 6.9314718e-1f * f + 1.0f, p23 = 5.5503286e-2f * f + 2.4022646e-1f;
+    const float p45 = 1.3399931e-3f * f + 9.6184891e-3f;
+    const float p46 = 1.5345812e-4f * f2 + p45;
+    return (p46 * f2 + p23) * f2 + p01;
   }
 };
-template <> struct ExpTraits<double> {
-  using Bits = int64_t;
-  static constexpr double low = -708.0, high = 709.0;
-  static constexpr int mantissa = 52, bias = 1023;
-  static constexpr double round = 6755399441055744.0;  // 1.5 * 2^52
-  static inline double poly(double r) {  // Taylor series to r^13: error < 1e-17 for |r| <= 0.35
+template <> struct Exp2Traits<double> {
+  using Bits = uint64_t;
+  static constexpr double limit = 1023.0, shifter = 6755399441055744.0 + 1023.0;
+  static constexpr int mantissa = 52;
+  static inline double poly(double f) {  // exp(f ln 2), Taylor series to r^13: error < 1e-17
+    const double r = f * 0.6931471805599453;
     double p = 1.0;
     for (int k = 13; k >= 1; --k) p = 1.0 + p * r / k;  // 1 + r (1 + r/2 (1 + r/3 (...)))
     return p;
@@ -58,16 +67,16 @@ template <> struct ExpTraits<double> {
 };
 
 template <typename T>
-inline T exp_approx(T x) {
-  using E = ExpTraits<T>;
-  const T clamped = x < E::low ? E::low : (x > E::high ? E::high : x);  // NaN passes through
-  const T k = clamped * T(1.4426950408889634) + E::round - E::round;  // nearest integer
-  const T r = (clamped - k * T(0.693145751953125)) - k * T(1.4286068203094172e-06);
-  const typename E::Bits bits = (static_cast<typename E::Bits>(k) + E::bias) << E::mantissa;
-  const T scale = __builtin_bit_cast(T, bits);
-  const T value = E::poly(r) * scale;
-  return x < E::low ? T(0) : value;
+inline T exp2_approx(T x) {
+  using E = Exp2Traits<T>;
+  x = x < -E::limit ? -E::limit : x;  // NaN passes through
+  const T shifted = x + E::shifter;
+  const T f = x - (shifted - E::shifter);
+  const auto bits = __builtin_bit_cast(typename E::Bits, shifted) << E::mantissa;
+  return E::poly(f) * __builtin_bit_cast(T, bits);
 }
+
+constexpr double LOG2E = 1.4426950408889634;
 
 template <typename T>
 struct Scan {
@@ -83,25 +92,32 @@ struct Scan {
   int64_t row(int64_t b, int64_t t) const { return b * length + t; }
 
   // One frame for one tile: the state after (N, TILE) from the state before (may be the same
-  // buffer). Forward pass: the output y_t (TILE) in out. Backward pass (recomputing a block): the
-  // decays (N, TILE), and lanes_c (N, TILE) += h_t * dy_t, the per-lane terms of dC.
+  // buffer). Forward pass: the output y_t (TILE) in out. Backward pass (recomputing a block):
+  // decays (N, TILE), decayed = decays * before, and lanes_c (N, TILE) += h_t * dy_t, the
+  // per-lane terms of dC.
   template <bool backward_pass>
   void step(int64_t b, int64_t t, int64_t d0, const T* before, T* after, T* out,
-            const T* grad_y = nullptr, T* decays = nullptr, T* lanes_c = nullptr) const {
+            const T* grad_y = nullptr, T* decays = nullptr, T* decayed = nullptr,
+            T* lanes_c = nullptr) const {
     const T* __restrict dl = delta + row(b, t) * dim + d0;
     const T* __restrict x = u + row(b, t) * dim + d0;
-    T input[TILE], y[TILE] = {};
-    for (int64_t i = 0; i < TILE; ++i) input[i] = dl[i] * x[i];
+    T input[TILE], dl_log2e[TILE], y[TILE] = {};
+    for (int64_t i = 0; i < TILE; ++i) {
+      input[i] = dl[i] * x[i];
+      dl_log2e[i] = dl[i] * T(LOG2E);
+    }
     for (int64_t n = 0; n < state; ++n) {
       const T bn = B[row(b, t) * state + n], cn = C[row(b, t) * state + n];
       const T* __restrict an = A_t + n * dim + d0;
 #pragma omp simd
       for (int64_t i = 0; i < TILE; ++i) {
-        const T decay = exp_approx(dl[i] * an[i]);
-        const T h = decay * before[n * TILE + i] + input[i] * bn;
+        const T decay = exp2_approx(dl_log2e[i] * an[i]);
+        const T kept = decay * before[n * TILE + i];
+        const T h = kept + input[i] * bn;
         after[n * TILE + i] = h;
         if constexpr (backward_pass) {
           decays[n * TILE + i] = decay;
+          decayed[n * TILE + i] = kept;
           lanes_c[n * TILE + i] += h * grad_y[row(b, t) * dim + d0 + i];
         } else {
           y[i] += h * cn;
@@ -119,6 +135,11 @@ struct Scan {
         for (int64_t n = 0; n < state; ++n)
           std::memcpy(checkpoints + ((b * blocks() + t / BLOCK) * state + n) * dim + d0,
                       h + n * TILE, TILE * sizeof(T));
+      if (t + PREFETCH < length) {
+        __builtin_prefetch(u + row(b, t + PREFETCH) * dim + d0);
+        __builtin_prefetch(delta + row(b, t + PREFETCH) * dim + d0);
+        __builtin_prefetch(y + row(b, t + PREFETCH) * dim + d0, 1);
+      }
       step<false>(b, t, d0, h, h, y + row(b, t) * dim + d0);
       const int64_t k = picked_index(t);
       if (k >= 0) store_state(h, picked_states + (b * picked() + k) * dim * state, d0);
@@ -147,9 +168,10 @@ struct Scan {
                 T* dA, T* dB, T* dC, T* grad_h0, T* scratch) const {
     const int64_t size = state * TILE;
     T* g_all = scratch;
-    T* states = g_all + (end_tile - first_tile) * size;
-    T* decays = states + (BLOCK + 1) * size;
-    T* lanes_b = decays + BLOCK * size;
+    T* h = g_all + (end_tile - first_tile) * size;
+    T* decays = h + size;
+    T* decayed = decays + BLOCK * size;
+    T* lanes_b = decayed + BLOCK * size;
     T* lanes_c = lanes_b + BLOCK * size;
     for (int64_t tile = first_tile; tile < end_tile; ++tile)
       load_state(grad_final + b * dim * state, g_all + (tile - first_tile) * size, tile * TILE);
@@ -160,14 +182,27 @@ struct Scan {
         const int64_t d0 = tile * TILE;
         T* g = g_all + (tile - first_tile) * size;
         for (int64_t n = 0; n < state; ++n)
-          std::memcpy(states + n * TILE, checkpoints + ((b * blocks() + block) * state + n) * dim + d0,
+          std::memcpy(h + n * TILE, checkpoints + ((b * blocks() + block) * state + n) * dim + d0,
                       TILE * sizeof(T));
-        for (int64_t k = 0; k < frames; ++k)
-          step<true>(b, start + k, d0, states + k * size, states + (k + 1) * size, nullptr,
-                     grad_y, decays + k * size, lanes_c + k * size);
+        // Prefetch the lines of the next (tile, block) while this one computes.
+        const bool last = tile + 1 == end_tile;
+        const int64_t next_d0 = last ? first_tile * TILE : d0 + TILE;
+        const int64_t next_start = last ? start - BLOCK : start;
+        for (int64_t k = 0; k < frames; ++k) {
+          if (next_start >= 0) {
+            const int64_t at = row(b, next_start + k) * dim + next_d0;
+            __builtin_prefetch(u + at);
+            __builtin_prefetch(delta + at);
+            __builtin_prefetch(grad_y + at);
+            __builtin_prefetch(du + at, 1);
+            __builtin_prefetch(ddelta + at, 1);
+          }
+          step<true>(b, start + k, d0, h, h, nullptr, grad_y, decays + k * size,
+                     decayed + k * size, lanes_c + k * size);
+        }
         for (int64_t k = frames - 1; k >= 0; --k)
-          adjoint_step(b, start + k, d0, grad_y, grad_picked, states + k * size,
-                       decays + k * size, g, lanes_b + k * size, du, ddelta, dA);
+          adjoint_step(b, start + k, d0, grad_y, grad_picked, decays + k * size,
+                       decayed + k * size, g, lanes_b + k * size, du, ddelta, dA);
       }
       for (int64_t k = 0; k < frames; ++k)
         for (int64_t n = 0; n < state; ++n) {
@@ -186,7 +221,7 @@ struct Scan {
 
   // Frame t of one tile, backwards: g from d loss / d h_t (without y_t's part) to d loss / d h_{t-1}.
   void adjoint_step(int64_t b, int64_t t, int64_t d0, const T* grad_y, const T* grad_picked,
-                    const T* before, const T* decays, T* g, T* lanes_b, T* du, T* ddelta,
+                    const T* decays, const T* decayed, T* g, T* lanes_b, T* du, T* ddelta,
                     T* dA) const {
     const T* __restrict dy = grad_y + row(b, t) * dim + d0;
     const T* __restrict dl = delta + row(b, t) * dim + d0;
@@ -206,7 +241,7 @@ struct Scan {
 #pragma omp simd
       for (int64_t i = 0; i < TILE; ++i) {
         const T gi = g[at + i] + dy[i] * cn;  // d loss / d h_t
-        const T grad_log_decay = gi * before[at + i] * decays[at + i];
+        const T grad_log_decay = gi * decayed[at + i];
         grad_b[i] += gi * bn;
         grad_delta[i] += grad_log_decay * an[i];
         dA_n[i] += grad_log_decay * dl[i];
@@ -225,6 +260,13 @@ struct Scan {
 template <typename Work>
 void parallel(int64_t items, int64_t threads, Work work) {
   threads = std::max<int64_t>(1, std::min(threads, items));
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
+    work(items * thread / team, items * (thread + 1) / team, thread);
+  }
+#else
   auto range = [&](int64_t thread) {
     work(items * thread / threads, items * (thread + 1) / threads, thread);
   };
@@ -232,6 +274,7 @@ void parallel(int64_t items, int64_t threads, Work work) {
   for (int64_t thread = 1; thread < threads; ++thread) pool.emplace_back(range, thread);
   range(0);
   for (auto& worker : pool) worker.join();
+#endif
 }
 
 // Calls work(b, first_tile, end_tile) for the batch rows met by items [first, end) of

@@ -75,6 +75,14 @@ def test_compiled_scan_float32_underflow_and_nan(threads):
     assert y[0, 20:, 3].isnan().all() and not y[0, :20].isnan().any() and not y[1:].isnan().any()
 
 
+@pytest.mark.skipif(not compiled_scan_available("cpu"), reason=NO_KERNEL)
+def test_compiled_scan_refuses_growing_decays():
+    u, delta, A, B, C, h0 = (t.detach() for t in scan_inputs())
+    for bad_delta, bad_A in [(-delta, A), (delta, -A)]:
+        with pytest.raises(ValueError, match="needs delta >= 0 and A <= 0"):
+            selective_scan(u, bad_delta, bad_A, B, C, h0, compiled=True)
+
+
 @pytest.mark.compiled_scan
 def test_failed_kernel_build_falls_back_to_the_chunked_scan(monkeypatch, caplog):
     def failing():
