@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .context import Context
-from .selective_scan import compiled_scan_available, selective_scan
+from .selective_scan import compiled_scan_available, selective_scan, window_correction
 
 logger = logging.getLogger(__name__)
 
@@ -156,17 +156,20 @@ class Mamba(torch.nn.Module):
         A = -torch.exp(self.A_log.float())
         frames = u.shape[1]
         offset = (-left - 1) % chunk
+        compiled = self._compiled(u)
         y, _, states = selective_scan(u, delta, A, B, C, state_stride=chunk, state_offset=offset,
-                                      compiled=self._compiled(u))
-        positions = torch.arange(frames, device=u.device)
-        start_after = (positions // chunk) * chunk - left - 1  # j for every frame
-        has_past = (start_after >= 0)[None, :, None]
-        h_j = states[:, torch.div(start_after - offset, chunk, rounding_mode="floor").clamp(min=0)]
+                                      compiled=compiled)
+        start = -(-(left + 1) // chunk) * chunk  # the first chunk with frames before its window
+        if start >= frames:
+            return y
+        first_state = (start - left - 1 - offset) // chunk  # states are after offset + k chunk
+        H = states[:, first_state:first_state + -(-(frames - start) // chunk)]
+        window_start = torch.arange(start, frames, device=u.device) // chunk * chunk - left - 1
         summed = delta.double().cumsum(1)
-        span = (summed - summed[:, start_after.clamp(min=0)]).to(y.dtype)
-        decay = torch.exp(A * span.unsqueeze(-1))
-        correction = (decay * h_j.to(y.dtype) * C.unsqueeze(2).to(y.dtype)).sum(-1)
-        return y - correction * has_past
+        span = (summed[:, start:] - summed[:, window_start]).to(H.dtype)
+        correction = window_correction(span, A.to(H.dtype), C[:, start:].to(H.dtype), H, chunk,
+                                       compiled=compiled)
+        return torch.cat([y[:, :start], y[:, start:] - correction.to(y.dtype)], dim=1)
 
     def forward_streaming(self, x: torch.Tensor, cache: dict, context: Context) -> torch.Tensor:
         """One chunk (B, C, d_model) -> (B, C, d_model), equal to the offline frames.

@@ -205,12 +205,27 @@ def compiled_scan_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" and _kernel() is not None
 
 
-def _run_kernel(direction: str, tensors: list, sizes: list) -> None:
-    """Call ``scan_<direction>_<f32|f64>`` with the tensors' data pointers and the sizes."""
+def _run_kernel(name: str, tensors: list, sizes: list) -> None:
+    """Call ``<name>_<f32|f64>`` with the tensors' data pointers and the sizes."""
     suffix = {torch.float32: "f32", torch.float64: "f64"}[tensors[0].dtype]
     assert all(t.is_contiguous() and t.dtype == tensors[0].dtype for t in tensors)
     pointers = [ctypes.c_void_p(t.data_ptr() if t.numel() else None) for t in tensors]
-    getattr(_kernel(), f"scan_{direction}_{suffix}")(*pointers, *map(ctypes.c_int64, sizes))
+    getattr(_kernel(), f"{name}_{suffix}")(*pointers, *map(ctypes.c_int64, sizes))
+
+
+def _check_compiled(device: torch.device, steps: torch.Tensor, A: torch.Tensor,
+                    shapes: dict[str, tuple[torch.Tensor, tuple]]) -> None:
+    """The kernel runs on CPU, reads raw memory of the shapes given as ``{name: (tensor,
+    shape)}``, and assumes decays exp(steps * A) <= 1."""
+    for name, (tensor, shape) in shapes.items():
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    if not compiled_scan_available(device):
+        raise RuntimeError(f"the compiled scan needs CPU tensors (got {device.type}) and a C++ "
+                           "compiler (see the warning logged); use compiled=False")
+    if steps.numel() and (bool(steps.detach().min() < 0) or bool(A.detach().max() > 0)):
+        raise ValueError("the compiled scan needs delta >= 0 and A <= 0 (decays exp(delta * A) "
+                         "<= 1, as softplus(dt) and -exp(A_log) give); use compiled=False")
 
 
 class _CompiledScan(torch.autograd.Function):
@@ -226,7 +241,8 @@ class _CompiledScan(torch.autograd.Function):
         states = u.new_empty(batch, len(range(first, length, stride)) if stride else 0, dim,
                              A.shape[1])
         sizes = [batch, length, dim, A.shape[1], stride, first, torch.get_num_threads()]
-        _run_kernel("forward", [u, delta, A_t, B, C, h0, y, final, checkpoints, states], sizes)
+        _run_kernel("scan_forward", [u, delta, A_t, B, C, h0, y, final, checkpoints, states],
+                    sizes)
         ctx.save_for_backward(u, delta, A_t, B, C, checkpoints)
         ctx.sizes = sizes
         return y, final, states
@@ -239,7 +255,7 @@ class _CompiledScan(torch.autograd.Function):
         grad_A = u.new_zeros(threads, *A_t.shape)  # partial sums, one per thread
         grad_B, grad_C = (B.new_zeros(threads, *B.shape) for _ in range(2))
         grad_h0 = torch.empty_like(grad_final)
-        _run_kernel("backward", [u, delta, A_t, B, C, checkpoints, grad_y.contiguous(),
+        _run_kernel("scan_backward", [u, delta, A_t, B, C, checkpoints, grad_y.contiguous(),
                                  grad_final.contiguous(), grad_states.contiguous(), grad_u,
                                  grad_delta, grad_A, grad_B, grad_C, grad_h0], ctx.sizes)
         return (grad_u, grad_delta, grad_A.sum(0).t(), grad_B.sum(0), grad_C.sum(0), grad_h0,
@@ -248,13 +264,10 @@ class _CompiledScan(torch.autograd.Function):
 
 def _compiled_scan(u, delta, A, B, C, h0, stride: int, offset: int):
     """``_CompiledScan`` on any D: channels padded to the tile (delta = 0: the state stays 0)."""
-    if not compiled_scan_available(u.device):
-        raise RuntimeError(f"the compiled scan needs CPU tensors (got {u.device.type}) and a C++ "
-                           "compiler (see the warning logged); use compiled=False")
-    if delta.numel() and (bool(delta.detach().min() < 0) or bool(A.detach().max() > 0)):
-        raise ValueError("the compiled scan needs delta >= 0 and A <= 0 (decays exp(delta * A) "
-                         "<= 1, as softplus(dt) and -exp(A_log) give); use compiled=False")
-    dim = u.shape[2]
+    (batch, frames, dim), state = u.shape, A.shape[-1]
+    _check_compiled(u.device, delta, A, {
+        "delta": (delta, u.shape), "A": (A, (dim, state)), "B": (B, (batch, frames, state)),
+        "C": (C, (batch, frames, state)), "initial_state": (h0, (batch, dim, state))})
     pad = -dim % _kernel().scan_tile()
     if pad:
         u, delta = (torch.nn.functional.pad(t, (0, pad)) for t in (u, delta))
@@ -266,6 +279,64 @@ def _compiled_scan(u, delta, A, B, C, h0, stride: int, offset: int):
     if pad:  # (a slice of every output would cost a full-size gradient copy in the backward)
         y, final, states = y[..., :dim], final[:, :dim], states[:, :, :dim]
     return y, final, states
+
+
+class _CompiledCorrection(torch.autograd.Function):
+    """The kernel's window correction; D a multiple of its tile, contiguous inputs."""
+
+    @staticmethod
+    def forward(ctx, span, A, C, H, chunk):
+        batch, frames, dim = span.shape
+        A_t = A.t().contiguous()
+        corr = torch.empty_like(span)
+        sizes = [batch, frames, dim, A.shape[1], chunk, torch.get_num_threads()]
+        _run_kernel("correction_forward", [span, A_t, C, H, corr], sizes)
+        ctx.save_for_backward(span, A_t, C, H)
+        ctx.sizes = sizes
+        return corr
+
+    @staticmethod
+    def backward(ctx, grad_corr):
+        span, A_t, C, H = ctx.saved_tensors
+        grad_span, grad_C, grad_H = (torch.empty_like(t) for t in (span, C, H))
+        grad_A = span.new_zeros(ctx.sizes[-1], *A_t.shape)  # partial sums, one per thread
+        _run_kernel("correction_backward", [span, A_t, C, H, grad_corr.contiguous(), grad_span,
+                                            grad_A, grad_C, grad_H], ctx.sizes)
+        return grad_span, grad_A.sum(0).t(), grad_C, grad_H, None
+
+
+def window_correction(span: torch.Tensor, A: torch.Tensor, C: torch.Tensor, H: torch.Tensor,
+                      chunk: int, compiled: bool = False) -> torch.Tensor:
+    """The pre-window state of chunk-limited scans, decayed to each frame and read out by C.
+
+    ``corr[b, t, d] = sum_n C[b, t, n] exp(A[d, n] span[b, t, d]) H[b, t // chunk, d, n]``.
+
+    Arguments
+    ---------
+    span : (B, T, D) step sizes summed since each chunk's window start (>= 0 when compiled).
+    A : (D, N) state matrix (<= 0 when compiled).
+    C : (B, T, N) output projections.
+    H : (B, ceil(T / chunk), D, N) states at each chunk's window start.
+    chunk : frames per chunk.
+    compiled : fused CPU kernel (no ``(B, T, D, N)`` tensors); False: eager PyTorch.
+
+    Returns
+    -------
+    corr : (B, T, D).
+    """
+    if not compiled:
+        H = H.repeat_interleave(chunk, dim=1)[:, :span.shape[1]]
+        return (torch.exp(A * span.unsqueeze(-1)) * H * C.unsqueeze(2)).sum(-1)
+    (batch, frames, dim), state = span.shape, A.shape[-1]
+    _check_compiled(span.device, span, A, {
+        "A": (A, (dim, state)), "C": (C, (batch, frames, state)),
+        "H": (H, (batch, -(-frames // chunk), dim, state))})
+    pad = -dim % _kernel().scan_tile()
+    if pad:  # A = 0 and H = 0 on padded channels: their correction is 0
+        span = torch.nn.functional.pad(span, (0, pad))
+        A, H = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (A, H))
+    corr = _CompiledCorrection.apply(*(t.contiguous() for t in (span, A, C, H)), chunk)
+    return corr[..., :dim] if pad else corr
 
 
 # --------------------------------------------------------------- the scan

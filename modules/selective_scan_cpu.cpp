@@ -319,6 +319,123 @@ void backward(const T* u, const T* delta, const T* A_t, const T* B, const T* C, 
   });
 }
 
+// Window correction for chunk-limited scans (Mamba._windowed_scan): the part of the state that
+// entered before a chunk's window, decayed to each frame of the chunk, read out by C:
+//   corr_t[d] = sum_n C_t[n] exp(A[d, n] span_t[d]) H_c[d, n],   c = t / chunk,
+// with span_t the step sizes summed since the window start and H_c the full scan's state there.
+// Fused so that the (B, L, D, N) decays and products never reach memory. Work item: one batch
+// row and one chunk (all channels), so that each frame's dC is reduced over all tiles at once.
+// Shapes: span, corr, grad_corr, dspan (B, L, D); C, dC (B, L, N); H, dH (B, chunks, D, N);
+// A_t (N, D). span >= 0 and A <= 0.
+template <typename T>
+struct Correction {
+  const T *span, *A_t, *C, *H;
+  int64_t batch, length, dim, state, chunk;
+
+  int64_t chunks() const { return (length + chunk - 1) / chunk; }
+  int64_t row(int64_t b, int64_t t) const { return b * length + t; }
+
+  // H_c (D, N) <-> tiles (D / TILE, N, TILE).
+  void load(int64_t b, int64_t c, T* h) const {
+    const T* source = H + (b * chunks() + c) * dim * state;
+    for (int64_t d = 0; d < dim; ++d)
+      for (int64_t n = 0; n < state; ++n)
+        h[((d / TILE) * state + n) * TILE + d % TILE] = source[d * state + n];
+  }
+
+  void store(const T* h, T* target) const {
+    for (int64_t d = 0; d < dim; ++d)
+      for (int64_t n = 0; n < state; ++n)
+        target[d * state + n] = h[((d / TILE) * state + n) * TILE + d % TILE];
+  }
+
+  void forward(int64_t b, int64_t c, T* corr, T* h) const {
+    load(b, c, h);
+    for (int64_t t = c * chunk; t < std::min(length, (c + 1) * chunk); ++t)
+      for (int64_t d0 = 0; d0 < dim; d0 += TILE) {
+        const T* __restrict sp = span + row(b, t) * dim + d0;
+        T scaled[TILE], out[TILE] = {};
+        for (int64_t i = 0; i < TILE; ++i) scaled[i] = sp[i] * T(LOG2E);
+        for (int64_t n = 0; n < state; ++n) {
+          const T cn = C[row(b, t) * state + n];
+          const T* __restrict an = A_t + n * dim + d0;
+          const T* __restrict hn = h + (d0 / TILE * state + n) * TILE;
+#pragma omp simd
+          for (int64_t i = 0; i < TILE; ++i) out[i] += cn * exp2_approx(scaled[i] * an[i]) * hn[i];
+        }
+        std::memcpy(corr + row(b, t) * dim + d0, out, sizeof(out));
+      }
+  }
+
+  // dA (N, D) is this thread's partial sum; scratch: h and dh (D * N), lanes (N, TILE).
+  void backward(int64_t b, int64_t c, const T* grad_corr, T* dspan, T* dA, T* dC, T* dH, T* h,
+                T* dh, T* lanes) const {
+    load(b, c, h);
+    std::fill(dh, dh + dim * state, T(0));
+    for (int64_t t = c * chunk; t < std::min(length, (c + 1) * chunk); ++t) {
+      std::fill(lanes, lanes + state * TILE, T(0));
+      for (int64_t d0 = 0; d0 < dim; d0 += TILE) {
+        const T* __restrict sp = span + row(b, t) * dim + d0;
+        const T* __restrict dy = grad_corr + row(b, t) * dim + d0;
+        T scaled[TILE], grad_span[TILE] = {};
+        for (int64_t i = 0; i < TILE; ++i) scaled[i] = sp[i] * T(LOG2E);
+        for (int64_t n = 0; n < state; ++n) {
+          const T cn = C[row(b, t) * state + n];
+          const T* __restrict an = A_t + n * dim + d0;
+          const T* __restrict hn = h + (d0 / TILE * state + n) * TILE;
+          T* __restrict dhn = dh + (d0 / TILE * state + n) * TILE;
+          T* __restrict dA_n = dA + n * dim + d0;
+          T* __restrict lane = lanes + n * TILE;
+#pragma omp simd
+          for (int64_t i = 0; i < TILE; ++i) {
+            const T decay = exp2_approx(scaled[i] * an[i]);
+            const T weight = dy[i] * cn;
+            const T grad_exponent = weight * decay * hn[i];  // d loss / d (A span)
+            lane[i] += dy[i] * decay * hn[i];
+            dhn[i] += weight * decay;
+            grad_span[i] += grad_exponent * an[i];
+            dA_n[i] += grad_exponent * sp[i];
+          }
+        }
+        std::memcpy(dspan + row(b, t) * dim + d0, grad_span, sizeof(grad_span));
+      }
+      for (int64_t n = 0; n < state; ++n) {
+        T sum = 0;
+        for (int64_t i = 0; i < TILE; ++i) sum += lanes[n * TILE + i];
+        dC[row(b, t) * state + n] = sum;
+      }
+    }
+    store(dh, dH + (b * chunks() + c) * dim * state);
+  }
+};
+
+template <typename T>
+void correction_forward(const T* span, const T* A_t, const T* C, const T* H, T* corr,
+                        int64_t batch, int64_t length, int64_t dim, int64_t state, int64_t chunk,
+                        int64_t threads) {
+  const Correction<T> op{span, A_t, C, H, batch, length, dim, state, chunk};
+  parallel(batch * op.chunks(), threads, [&](int64_t first, int64_t end, int64_t) {
+    std::vector<T> h(dim * state);
+    for (int64_t item = first; item < end; ++item)
+      op.forward(item / op.chunks(), item % op.chunks(), corr, h.data());
+  });
+}
+
+// dA (threads, N, D) must be zero: one partial sum per thread.
+template <typename T>
+void correction_backward(const T* span, const T* A_t, const T* C, const T* H, const T* grad_corr,
+                         T* dspan, T* dA, T* dC, T* dH, int64_t batch, int64_t length,
+                         int64_t dim, int64_t state, int64_t chunk, int64_t threads) {
+  const Correction<T> op{span, A_t, C, H, batch, length, dim, state, chunk};
+  parallel(batch * op.chunks(), threads, [&](int64_t first, int64_t end, int64_t thread) {
+    std::vector<T> scratch((2 * dim + TILE) * state);
+    for (int64_t item = first; item < end; ++item)
+      op.backward(item / op.chunks(), item % op.chunks(), grad_corr, dspan, dA + thread * state * dim,
+                  dC, dH, scratch.data(), scratch.data() + dim * state,
+                  scratch.data() + 2 * dim * state);
+  });
+}
+
 }  // namespace
 
 #define SCAN_EXPORTS(T, suffix)                                                                   \
@@ -341,6 +458,24 @@ void backward(const T* u, const T* delta, const T* A_t, const T* B, const T* C, 
 
 SCAN_EXPORTS(float, f32)
 SCAN_EXPORTS(double, f64)
+
+#define CORRECTION_EXPORTS(T, suffix)                                                             \
+  extern "C" void correction_forward_##suffix(const T* span, const T* A_t, const T* C,            \
+                                              const T* H, T* corr, int64_t batch, int64_t length, \
+                                              int64_t dim, int64_t state, int64_t chunk,          \
+                                              int64_t threads) {                                  \
+    correction_forward(span, A_t, C, H, corr, batch, length, dim, state, chunk, threads);         \
+  }                                                                                               \
+  extern "C" void correction_backward_##suffix(                                                   \
+      const T* span, const T* A_t, const T* C, const T* H, const T* grad_corr, T* dspan, T* dA,   \
+      T* dC, T* dH, int64_t batch, int64_t length, int64_t dim, int64_t state, int64_t chunk,     \
+      int64_t threads) {                                                                          \
+    correction_backward(span, A_t, C, H, grad_corr, dspan, dA, dC, dH, batch, length, dim, state, \
+                        chunk, threads);                                                          \
+  }
+
+CORRECTION_EXPORTS(float, f32)
+CORRECTION_EXPORTS(double, f64)
 
 // The sizes the caller needs for its buffers (D padded to TILE, checkpoints every BLOCK frames).
 extern "C" int64_t scan_tile() { return TILE; }

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from modules.conmamba import ConMambaEncoder
 from modules.mamba import Mamba
 from modules import selective_scan as scan_module
-from modules.selective_scan import compiled_scan_available, selective_scan, selective_scan_sequential
+from modules.selective_scan import (compiled_scan_available, selective_scan,
+                                    selective_scan_sequential, window_correction)
 
 NO_KERNEL = "the compiled scan needs a C++ compiler"
 BACKENDS = [False, pytest.param(True, marks=pytest.mark.skipif(
@@ -81,6 +82,30 @@ def test_compiled_scan_refuses_growing_decays():
     for bad_delta, bad_A in [(-delta, A), (delta, -A)]:
         with pytest.raises(ValueError, match="needs delta >= 0 and A <= 0"):
             selective_scan(u, bad_delta, bad_A, B, C, h0, compiled=True)
+
+
+@pytest.mark.skipif(not compiled_scan_available("cpu"), reason=NO_KERNEL)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_compiled_window_correction_equals_eager(chunk):
+    g = torch.Generator().manual_seed(0)
+    batch, frames, dim, state = 2, 10, 20, 3  # channels padded to 2 tiles, a partial last chunk
+    span = torch.rand(batch, frames, dim, generator=g, dtype=torch.float64) * 2
+    A = -torch.rand(dim, state, generator=g, dtype=torch.float64) * 3
+    C = torch.randn(batch, frames, state, generator=g, dtype=torch.float64)
+    H = torch.randn(batch, -(-frames // chunk), dim, state, generator=g, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (span, A, C, H)]
+    corr, corr_ref = (window_correction(*inputs, chunk, compiled=c) for c in (True, False))
+    assert (corr - corr_ref).abs().max() < 1e-12
+    weights = torch.randn_like(corr)
+    grads, grads_ref = (torch.autograd.grad((out * weights).sum(), inputs) for out in (corr, corr_ref))
+    for name, grad, grad_ref in zip(["span", "A", "C", "H"], grads, grads_ref):
+        assert (grad - grad_ref).abs().max() < 1e-11, name
+    small = [span.detach()[:1, :4, :2], A.detach()[:2], C.detach()[:1, :4],
+             H.detach()[:1, :-(-4 // chunk), :2]]
+    assert torch.autograd.gradcheck(lambda *a: window_correction(*a, chunk, compiled=True),
+                                    [t.requires_grad_() for t in small])
+    with pytest.raises(ValueError, match=r"C must have shape \(1, 4, 3\), got \(1, 4, 2\)"):
+        window_correction(small[0], small[1], small[2][..., :2], small[3], chunk, compiled=True)
 
 
 @pytest.mark.compiled_scan
@@ -178,7 +203,7 @@ def test_mamba_layer_compiled_scan_equals_chunked():
     compiled = Mamba(d_model=8, d_state=4, scan_backend="compiled").double()
     compiled.load_state_dict(chunked.state_dict())
     x = torch.randn(2, 23, 8, dtype=torch.float64, requires_grad=True)
-    for context in [(-1, -1), (6, 1)]:
+    for context in [(-1, -1), (6, 1), (3, 0), (2, 4)]:  # chunks of 1 and 5, windows 3 and 2
         y, y_ref = compiled(x, context), chunked(x, context)
         assert (y - y_ref).abs().max() < 1e-10
         grad, grad_ref = (torch.autograd.grad(out.pow(2).sum(), x)[0] for out in (y, y_ref))
