@@ -11,10 +11,13 @@ and recompute the block in the backward pass, so memory grows with ``B * L * D``
 - ``compiled`` (CPU with a C++ compiler): ``selective_scan_cpu.cpp``, compiled on first use
   (about 2 s) into a cache folder and called through ctypes. Each thread runs the loop over time
   for a batch row and 16 channels with the state held in cache, so the ``(B, L, D, N)`` decays
-  never reach memory.
+  never reach memory. Needs ``delta >= 0`` and ``A <= 0``.
 - ``chunked`` (any device, eager PyTorch): chunks of frames are scanned side by side (one Python
   step per frame of a chunk, not per frame of the sequence), then linked by their carried-in
   states.
+
+``window_correction`` (both ways) is the part of a chunk-limited scan that removes the state from
+before each chunk's window (``Mamba._windowed_scan``).
 """
 from __future__ import annotations
 

@@ -91,14 +91,12 @@ struct Scan {
   }
   int64_t row(int64_t b, int64_t t) const { return b * length + t; }
 
-  // One frame for one tile: the state after (N, TILE) from the state before (may be the same
-  // buffer). Forward pass: the output y_t (TILE) in out. Backward pass (recomputing a block):
-  // decays (N, TILE), decayed = decays * before, and lanes_c (N, TILE) += h_t * dy_t, the
-  // per-lane terms of dC.
+  // One frame for one tile: the state h (N, TILE) advanced in place. Forward pass: the output y_t
+  // (TILE) in out. Backward pass (recomputing a block): decays (N, TILE), decayed = decays * h_t-1,
+  // and lanes_c (N, TILE) += h_t * dy_t, the per-lane terms of dC.
   template <bool backward_pass>
-  void step(int64_t b, int64_t t, int64_t d0, const T* before, T* after, T* out,
-            const T* grad_y = nullptr, T* decays = nullptr, T* decayed = nullptr,
-            T* lanes_c = nullptr) const {
+  void step(int64_t b, int64_t t, int64_t d0, T* h, T* out, const T* grad_y = nullptr,
+            T* decays = nullptr, T* decayed = nullptr, T* lanes_c = nullptr) const {
     const T* __restrict dl = delta + row(b, t) * dim + d0;
     const T* __restrict x = u + row(b, t) * dim + d0;
     T input[TILE], dl_log2e[TILE], y[TILE] = {};
@@ -112,15 +110,15 @@ struct Scan {
 #pragma omp simd
       for (int64_t i = 0; i < TILE; ++i) {
         const T decay = exp2_approx(dl_log2e[i] * an[i]);
-        const T kept = decay * before[n * TILE + i];
-        const T h = kept + input[i] * bn;
-        after[n * TILE + i] = h;
+        const T kept = decay * h[n * TILE + i];
+        const T updated = kept + input[i] * bn;
+        h[n * TILE + i] = updated;
         if constexpr (backward_pass) {
           decays[n * TILE + i] = decay;
           decayed[n * TILE + i] = kept;
-          lanes_c[n * TILE + i] += h * grad_y[row(b, t) * dim + d0 + i];
+          lanes_c[n * TILE + i] += updated * grad_y[row(b, t) * dim + d0 + i];
         } else {
-          y[i] += h * cn;
+          y[i] += updated * cn;
         }
       }
     }
@@ -140,7 +138,7 @@ struct Scan {
         __builtin_prefetch(delta + row(b, t + PREFETCH) * dim + d0);
         __builtin_prefetch(y + row(b, t + PREFETCH) * dim + d0, 1);
       }
-      step<false>(b, t, d0, h, h, y + row(b, t) * dim + d0);
+      step<false>(b, t, d0, h, y + row(b, t) * dim + d0);
       const int64_t k = picked_index(t);
       if (k >= 0) store_state(h, picked_states + (b * picked() + k) * dim * state, d0);
     }
@@ -160,9 +158,9 @@ struct Scan {
 
   // Gradients for tiles [first_tile, end_tile) of batch row b, block by block from the end.
   // dA (N, D), dB, dC (B, L, N) are this thread's partial sums. Scratch: g, the adjoint
-  // d loss / d h after the frame being processed (tiles, N, TILE); a block's states and decays;
-  // and the per-lane sums of dB and dC over the tiles (BLOCK, N, TILE), reduced across lanes once
-  // per block rather than once per tile.
+  // d loss / d h after the frame being processed (tiles, N, TILE); the recomputed state h; a
+  // block's decays and decayed states (BLOCK, N, TILE); and the per-lane sums of dB and dC over
+  // the tiles (BLOCK, N, TILE), reduced across lanes once per block rather than once per tile.
   void backward(int64_t b, int64_t first_tile, int64_t end_tile, const T* checkpoints,
                 const T* grad_y, const T* grad_final, const T* grad_picked, T* du, T* ddelta,
                 T* dA, T* dB, T* dC, T* grad_h0, T* scratch) const {
@@ -197,8 +195,8 @@ struct Scan {
             __builtin_prefetch(du + at, 1);
             __builtin_prefetch(ddelta + at, 1);
           }
-          step<true>(b, start + k, d0, h, h, nullptr, grad_y, decays + k * size,
-                     decayed + k * size, lanes_c + k * size);
+          step<true>(b, start + k, d0, h, nullptr, grad_y, decays + k * size, decayed + k * size,
+                     lanes_c + k * size);
         }
         for (int64_t k = frames - 1; k >= 0; --k)
           adjoint_step(b, start + k, d0, grad_y, grad_picked, decays + k * size,
