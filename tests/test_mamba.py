@@ -16,6 +16,11 @@ BACKENDS = [False, pytest.param(True, marks=pytest.mark.skipif(
     not compiled_scan_available("cpu"), reason=NO_KERNEL))]
 
 
+# Mamba's scan_backend, for the guarantees (the compiled scan adds the fused window correction).
+LAYER_BACKENDS = ["chunked", pytest.param("compiled", marks=[
+    pytest.mark.compiled_scan, pytest.mark.skipif(not compiled_scan_available("cpu"), reason=NO_KERNEL)])]
+
+
 @pytest.fixture(params=BACKENDS, ids=["chunked", "compiled"])
 def compiled(request):
     """Both scans."""
@@ -231,15 +236,16 @@ def test_conmamba_no_future_leak(context):
         assert last == min((t + 1) * s, feats.shape[1]) - 1, t  # own group of s frames, no more
 
 
+@pytest.mark.parametrize("backend", LAYER_BACKENDS)
 @pytest.mark.parametrize("context", [(0, 0), (3, 0), (5, 2), (2, 3)])
-def test_mamba_layer_bounded_past(context):
+def test_mamba_layer_bounded_past(context, backend):
     """Output t reads SSM inputs [chunk_start - left, t], i.e. layer inputs from d_conv - 1 before.
 
     Offline, the window is one full scan minus the state carried in from before the window, so
     older inputs cancel to rounding (float64: < 1e-12 of the gradient); streaming rescans the
     window itself and never holds them.
     """
-    layer = Mamba(d_model=8, d_state=4, d_conv=4).double()
+    layer = Mamba(d_model=8, d_state=4, d_conv=4, scan_backend=backend).double()
     x = torch.randn(1, 40, 8, requires_grad=True, dtype=torch.float64)
     out = layer(x, context)
     left, right = context
@@ -253,8 +259,9 @@ def test_mamba_layer_bounded_past(context):
 
 @pytest.mark.parametrize("context", [(-1, 0), (-1, 3), (0, 0), (6, 0), (4, 2), (8, 3)])
 @pytest.mark.parametrize("s", [4, 8])
-def test_conmamba_streaming_equals_offline(context, s):
-    encoder = tiny_conmamba(subsampling_factor=s).double()
+@pytest.mark.parametrize("backend", LAYER_BACKENDS)
+def test_conmamba_streaming_equals_offline(context, s, backend):
+    encoder = tiny_conmamba(subsampling_factor=s, scan_backend=backend).double()
     feats = torch.randn(2, 29 * s + 3, 80, dtype=torch.float64)
     offline = encoder(feats, context=context)
     state = encoder.make_streaming_context(context)
