@@ -163,12 +163,12 @@ class Mamba(torch.nn.Module):
         if start >= frames:
             return y
         first_state = (start - left - 1 - offset) // chunk  # states are after offset + k chunk
-        H = states[:, first_state:first_state + -(-(frames - start) // chunk)]
         window_start = torch.arange(start, frames, device=u.device) // chunk * chunk - left - 1
         summed = delta.double().cumsum(1)
-        span = (summed[:, start:] - summed[:, window_start]).to(H.dtype)
-        correction = window_correction(span, A.to(H.dtype), C[:, start:].to(H.dtype), H, chunk,
-                                       compiled=compiled)
+        dtype = states.dtype
+        span = (summed[:, start:] - summed[:, window_start]).to(dtype)
+        correction = window_correction(span, A.to(dtype), C[:, start:].to(dtype), states, chunk,
+                                       first_state, compiled=compiled)
         return torch.cat([y[:, :start], y[:, start:] - correction.to(y.dtype)], dim=1)
 
     def forward_streaming(self, x: torch.Tensor, cache: dict, context: Context) -> torch.Tensor:

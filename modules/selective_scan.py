@@ -241,8 +241,8 @@ class _CompiledScan(torch.autograd.Function):
         y, final = torch.empty_like(u), torch.empty_like(h0)
         blocks = -(-length // _kernel().scan_block()) if backward_needed else 0
         checkpoints = u.new_empty(batch, blocks, A.shape[1], dim)
-        states = u.new_empty(batch, len(range(first, length, stride)) if stride else 0, dim,
-                             A.shape[1])
+        states = u.new_empty(batch, len(range(first, length, stride)) if stride else 0,
+                             A.shape[1], dim)  # (N, D) each: the kernel's layout
         sizes = [batch, length, dim, A.shape[1], stride, first, torch.get_num_threads()]
         _run_kernel("scan_forward", [u, delta, A_t, B, C, h0, y, final, checkpoints, states],
                     sizes)
@@ -280,65 +280,72 @@ def _compiled_scan(u, delta, A, B, C, h0, stride: int, offset: int):
     y, final, states = _CompiledScan.apply(*inputs, stride, offset % stride if stride else 0,
                                            backward_needed)
     if pad:  # (a slice of every output would cost a full-size gradient copy in the backward)
-        y, final, states = y[..., :dim], final[:, :dim], states[:, :, :dim]
-    return y, final, states
+        y, final, states = y[..., :dim], final[:, :dim], states[..., :dim]
+    return y, final, states.transpose(2, 3)
 
 
 class _CompiledCorrection(torch.autograd.Function):
     """The kernel's window correction; D a multiple of its tile, contiguous inputs."""
 
     @staticmethod
-    def forward(ctx, span, A, C, H, chunk):
+    def forward(ctx, span, A, C, states, chunk, first):
         batch, frames, dim = span.shape
         A_t = A.t().contiguous()
         corr = torch.empty_like(span)
-        sizes = [batch, frames, dim, A.shape[1], chunk, torch.get_num_threads()]
-        _run_kernel("correction_forward", [span, A_t, C, H, corr], sizes)
-        ctx.save_for_backward(span, A_t, C, H)
+        sizes = [batch, frames, dim, A.shape[1], chunk, first, states.shape[1],
+                 torch.get_num_threads()]
+        _run_kernel("correction_forward", [span, A_t, C, states, corr], sizes)
+        ctx.save_for_backward(span, A_t, C, states)
         ctx.sizes = sizes
         return corr
 
     @staticmethod
     def backward(ctx, grad_corr):
-        span, A_t, C, H = ctx.saved_tensors
-        grad_span, grad_C, grad_H = (torch.empty_like(t) for t in (span, C, H))
+        span, A_t, C, states = ctx.saved_tensors
+        grad_span, grad_C, grad_states = (torch.empty_like(t) for t in (span, C, states))
+        first, used = ctx.sizes[5], -(-span.shape[1] // ctx.sizes[4])
+        grad_states[:, :first] = grad_states[:, first + used:] = 0  # the kernel writes the rest
         grad_A = span.new_zeros(ctx.sizes[-1], *A_t.shape)  # partial sums, one per thread
-        _run_kernel("correction_backward", [span, A_t, C, H, grad_corr.contiguous(), grad_span,
-                                            grad_A, grad_C, grad_H], ctx.sizes)
-        return grad_span, grad_A.sum(0).t(), grad_C, grad_H, None
+        _run_kernel("correction_backward", [span, A_t, C, states, grad_corr.contiguous(),
+                                            grad_span, grad_A, grad_C, grad_states], ctx.sizes)
+        return grad_span, grad_A.sum(0).t(), grad_C, grad_states, None, None
 
 
-def window_correction(span: torch.Tensor, A: torch.Tensor, C: torch.Tensor, H: torch.Tensor,
-                      chunk: int, compiled: bool = False) -> torch.Tensor:
+def window_correction(span: torch.Tensor, A: torch.Tensor, C: torch.Tensor, states: torch.Tensor,
+                      chunk: int, first_state: int = 0, compiled: bool = False) -> torch.Tensor:
     """The pre-window state of chunk-limited scans, decayed to each frame and read out by C.
 
-    ``corr[b, t, d] = sum_n C[b, t, n] exp(A[d, n] span[b, t, d]) H[b, t // chunk, d, n]``.
+    ``corr[b, t, d] = sum_n C[b, t, n] exp(A[d, n] span[b, t, d]) states[b, k, d, n]`` with
+    ``k = first_state + t // chunk``.
 
     Arguments
     ---------
     span : (B, T, D) step sizes summed since each chunk's window start (>= 0 when compiled).
     A : (D, N) state matrix (<= 0 when compiled).
     C : (B, T, N) output projections.
-    H : (B, ceil(T / chunk), D, N) states at each chunk's window start.
+    states : (B, K, D, N) states at the chunks' window starts, as ``selective_scan`` returns them.
     chunk : frames per chunk.
+    first_state : the state of the first chunk.
     compiled : fused CPU kernel (no ``(B, T, D, N)`` tensors); False: eager PyTorch.
 
     Returns
     -------
     corr : (B, T, D).
     """
+    (batch, frames, dim), state, chunks = span.shape, A.shape[-1], -(-span.shape[1] // chunk)
     if not compiled:
-        H = H.repeat_interleave(chunk, dim=1)[:, :span.shape[1]]
+        H = states[:, first_state:first_state + chunks].repeat_interleave(chunk, dim=1)[:, :frames]
         return (torch.exp(A * span.unsqueeze(-1)) * H * C.unsqueeze(2)).sum(-1)
-    (batch, frames, dim), state = span.shape, A.shape[-1]
     _check_compiled(span.device, span, A, {
         "A": (A, (dim, state)), "C": (C, (batch, frames, state)),
-        "H": (H, (batch, -(-frames // chunk), dim, state))})
+        "states": (states[:, first_state:first_state + chunks], (batch, chunks, dim, state))})
+    native = states.transpose(2, 3)  # (B, K, N, D): the kernel's layout, a view of its output
     pad = -dim % _kernel().scan_tile()
-    if pad:  # A = 0 and H = 0 on padded channels: their correction is 0
-        span = torch.nn.functional.pad(span, (0, pad))
-        A, H = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (A, H))
-    corr = _CompiledCorrection.apply(*(t.contiguous() for t in (span, A, C, H)), chunk)
+    if pad:  # A = 0 and states = 0 on padded channels: their correction is 0
+        span, native = (torch.nn.functional.pad(t, (0, pad)) for t in (span, native))
+        A = torch.nn.functional.pad(A, (0, 0, 0, pad))
+    corr = _CompiledCorrection.apply(*(t.contiguous() for t in (span, A, C, native)), chunk,
+                                     first_state)
     return corr[..., :dim] if pad else corr
 
 

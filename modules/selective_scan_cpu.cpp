@@ -12,7 +12,7 @@
 // the state every BLOCK frames; the backward pass recomputes each block from its saved state and
 // runs the adjoint backwards through it. Shapes: u, delta, grad_y, du, ddelta (B, L, D);
 // A_t (N, D) (A transposed); B, C, dB, dC (B, L, N); states h0, h_final, grad_h0 (B, D, N);
-// picked (B, K, D, N): the states after frames first, first + stride, ... (stride 0: none);
+// picked (B, K, N, D): the states after frames first, first + stride, ... (stride 0: none);
 // checkpoints (B, ceil(L / BLOCK), N, D), or null without a backward pass. D must be a multiple
 // of TILE. delta >= 0 and A <= 0 (decays <= 1): the caller checks.
 //
@@ -130,9 +130,7 @@ struct Scan {
     load_state(h0 + b * dim * state, h, d0);
     for (int64_t t = 0; t < length; ++t) {
       if (checkpoints && t % BLOCK == 0)
-        for (int64_t n = 0; n < state; ++n)
-          std::memcpy(checkpoints + ((b * blocks() + t / BLOCK) * state + n) * dim + d0,
-                      h + n * TILE, TILE * sizeof(T));
+        store_columns(h, checkpoints + (b * blocks() + t / BLOCK) * state * dim, d0);
       if (t + PREFETCH < length) {
         __builtin_prefetch(u + row(b, t + PREFETCH) * dim + d0);
         __builtin_prefetch(delta + row(b, t + PREFETCH) * dim + d0);
@@ -140,7 +138,7 @@ struct Scan {
       }
       step<false>(b, t, d0, h, y + row(b, t) * dim + d0);
       const int64_t k = picked_index(t);
-      if (k >= 0) store_state(h, picked_states + (b * picked() + k) * dim * state, d0);
+      if (k >= 0) store_columns(h, picked_states + (b * picked() + k) * state * dim, d0);
     }
     store_state(h, h_final + b * dim * state, d0);
   }
@@ -154,6 +152,17 @@ struct Scan {
   void store_state(const T* h, T* target, int64_t d0) const {
     for (int64_t n = 0; n < state; ++n)
       for (int64_t i = 0; i < TILE; ++i) target[(d0 + i) * state + n] = h[n * TILE + i];
+  }
+
+  // Columns d0..d0+TILE of an (N, D) state (checkpoints, picked states) <-> (N, TILE) tile.
+  void load_columns(const T* source, T* h, int64_t d0) const {
+    for (int64_t n = 0; n < state; ++n)
+      std::memcpy(h + n * TILE, source + n * dim + d0, TILE * sizeof(T));
+  }
+
+  void store_columns(const T* h, T* target, int64_t d0) const {
+    for (int64_t n = 0; n < state; ++n)
+      std::memcpy(target + n * dim + d0, h + n * TILE, TILE * sizeof(T));
   }
 
   // Gradients for tiles [first_tile, end_tile) of batch row b, block by block from the end.
@@ -179,9 +188,7 @@ struct Scan {
       for (int64_t tile = first_tile; tile < end_tile; ++tile) {
         const int64_t d0 = tile * TILE;
         T* g = g_all + (tile - first_tile) * size;
-        for (int64_t n = 0; n < state; ++n)
-          std::memcpy(h + n * TILE, checkpoints + ((b * blocks() + block) * state + n) * dim + d0,
-                      TILE * sizeof(T));
+        load_columns(checkpoints + (b * blocks() + block) * state * dim, h, d0);
         // Prefetch the lines of the next (tile, block) while this one computes.
         const bool last = tile + 1 == end_tile;
         const int64_t next_d0 = last ? first_tile * TILE : d0 + TILE;
@@ -228,7 +235,7 @@ struct Scan {
     if (picked_at >= 0)  // the state after frame t was returned too
       for (int64_t n = 0; n < state; ++n)
         for (int64_t i = 0; i < TILE; ++i)
-          g[n * TILE + i] += grad_picked[((b * picked() + picked_at) * dim + d0 + i) * state + n];
+          g[n * TILE + i] += grad_picked[((b * picked() + picked_at) * state + n) * dim + d0 + i];
     T input[TILE], grad_b[TILE] = {}, grad_delta[TILE] = {};
     for (int64_t i = 0; i < TILE; ++i) input[i] = dl[i] * x[i];
     for (int64_t n = 0; n < state; ++n) {
@@ -319,36 +326,23 @@ void backward(const T* u, const T* delta, const T* A_t, const T* B, const T* C, 
 
 // Window correction for chunk-limited scans (Mamba._windowed_scan): the part of the state that
 // entered before a chunk's window, decayed to each frame of the chunk, read out by C:
-//   corr_t[d] = sum_n C_t[n] exp(A[d, n] span_t[d]) H_c[d, n],   c = t / chunk,
+//   corr_t[d] = sum_n C_t[n] exp(A[d, n] span_t[d]) H_c[n, d],   c = t / chunk,
 // with span_t the step sizes summed since the window start and H_c the full scan's state there.
 // Fused so that the (B, L, D, N) decays and products never reach memory. Work item: one batch
 // row and one chunk (all channels), so that each frame's dC is reduced over all tiles at once.
-// Shapes: span, corr, grad_corr, dspan (B, L, D); C, dC (B, L, N); H, dH (B, chunks, D, N);
-// A_t (N, D). span >= 0 and A <= 0.
+// Shapes: span, corr, grad_corr, dspan (B, L, D); C, dC (B, L, N); A_t (N, D); H and dH
+// (B, count, N, D), the scan's picked states, of which chunk c uses number first + c (dH is only
+// written there). span >= 0, A <= 0.
 template <typename T>
 struct Correction {
   const T *span, *A_t, *C, *H;
-  int64_t batch, length, dim, state, chunk;
+  int64_t batch, length, dim, state, chunk, first, count;
 
   int64_t chunks() const { return (length + chunk - 1) / chunk; }
   int64_t row(int64_t b, int64_t t) const { return b * length + t; }
+  int64_t at(int64_t b, int64_t c) const { return (b * count + first + c) * state * dim; }
 
-  // H_c (D, N) <-> tiles (D / TILE, N, TILE).
-  void load(int64_t b, int64_t c, T* h) const {
-    const T* source = H + (b * chunks() + c) * dim * state;
-    for (int64_t d = 0; d < dim; ++d)
-      for (int64_t n = 0; n < state; ++n)
-        h[((d / TILE) * state + n) * TILE + d % TILE] = source[d * state + n];
-  }
-
-  void store(const T* h, T* target) const {
-    for (int64_t d = 0; d < dim; ++d)
-      for (int64_t n = 0; n < state; ++n)
-        target[d * state + n] = h[((d / TILE) * state + n) * TILE + d % TILE];
-  }
-
-  void forward(int64_t b, int64_t c, T* corr, T* h) const {
-    load(b, c, h);
+  void forward(int64_t b, int64_t c, T* corr) const {
     for (int64_t t = c * chunk; t < std::min(length, (c + 1) * chunk); ++t)
       for (int64_t d0 = 0; d0 < dim; d0 += TILE) {
         const T* __restrict sp = span + row(b, t) * dim + d0;
@@ -357,7 +351,7 @@ struct Correction {
         for (int64_t n = 0; n < state; ++n) {
           const T cn = C[row(b, t) * state + n];
           const T* __restrict an = A_t + n * dim + d0;
-          const T* __restrict hn = h + (d0 / TILE * state + n) * TILE;
+          const T* __restrict hn = H + at(b, c) + n * dim + d0;
 #pragma omp simd
           for (int64_t i = 0; i < TILE; ++i) out[i] += cn * exp2_approx(scaled[i] * an[i]) * hn[i];
         }
@@ -365,11 +359,10 @@ struct Correction {
       }
   }
 
-  // dA (N, D) is this thread's partial sum; scratch: h and dh (D * N), lanes (N, TILE).
-  void backward(int64_t b, int64_t c, const T* grad_corr, T* dspan, T* dA, T* dC, T* dH, T* h,
-                T* dh, T* lanes) const {
-    load(b, c, h);
-    std::fill(dh, dh + dim * state, T(0));
+  // dA (N, D) is this thread's partial sum; lanes (N, TILE) scratch.
+  void backward(int64_t b, int64_t c, const T* grad_corr, T* dspan, T* dA, T* dC, T* dH,
+                T* lanes) const {
+    std::fill(dH + at(b, c), dH + at(b, c) + state * dim, T(0));
     for (int64_t t = c * chunk; t < std::min(length, (c + 1) * chunk); ++t) {
       std::fill(lanes, lanes + state * TILE, T(0));
       for (int64_t d0 = 0; d0 < dim; d0 += TILE) {
@@ -380,8 +373,8 @@ struct Correction {
         for (int64_t n = 0; n < state; ++n) {
           const T cn = C[row(b, t) * state + n];
           const T* __restrict an = A_t + n * dim + d0;
-          const T* __restrict hn = h + (d0 / TILE * state + n) * TILE;
-          T* __restrict dhn = dh + (d0 / TILE * state + n) * TILE;
+          const T* __restrict hn = H + at(b, c) + n * dim + d0;
+          T* __restrict dhn = dH + at(b, c) + n * dim + d0;
           T* __restrict dA_n = dA + n * dim + d0;
           T* __restrict lane = lanes + n * TILE;
 #pragma omp simd
@@ -403,34 +396,32 @@ struct Correction {
         dC[row(b, t) * state + n] = sum;
       }
     }
-    store(dh, dH + (b * chunks() + c) * dim * state);
   }
 };
 
 template <typename T>
 void correction_forward(const T* span, const T* A_t, const T* C, const T* H, T* corr,
                         int64_t batch, int64_t length, int64_t dim, int64_t state, int64_t chunk,
-                        int64_t threads) {
-  const Correction<T> op{span, A_t, C, H, batch, length, dim, state, chunk};
-  parallel(batch * op.chunks(), threads, [&](int64_t first, int64_t end, int64_t) {
-    std::vector<T> h(dim * state);
-    for (int64_t item = first; item < end; ++item)
-      op.forward(item / op.chunks(), item % op.chunks(), corr, h.data());
+                        int64_t first, int64_t count, int64_t threads) {
+  const Correction<T> op{span, A_t, C, H, batch, length, dim, state, chunk, first, count};
+  parallel(batch * op.chunks(), threads, [&](int64_t first_item, int64_t end_item, int64_t) {
+    for (int64_t item = first_item; item < end_item; ++item)
+      op.forward(item / op.chunks(), item % op.chunks(), corr);
   });
 }
 
-// dA (threads, N, D) must be zero: one partial sum per thread.
+// dA (threads, N, D) must be zero: one partial sum per thread. dH has H's layout.
 template <typename T>
 void correction_backward(const T* span, const T* A_t, const T* C, const T* H, const T* grad_corr,
                          T* dspan, T* dA, T* dC, T* dH, int64_t batch, int64_t length,
-                         int64_t dim, int64_t state, int64_t chunk, int64_t threads) {
-  const Correction<T> op{span, A_t, C, H, batch, length, dim, state, chunk};
-  parallel(batch * op.chunks(), threads, [&](int64_t first, int64_t end, int64_t thread) {
-    std::vector<T> scratch((2 * dim + TILE) * state);
-    for (int64_t item = first; item < end; ++item)
-      op.backward(item / op.chunks(), item % op.chunks(), grad_corr, dspan, dA + thread * state * dim,
-                  dC, dH, scratch.data(), scratch.data() + dim * state,
-                  scratch.data() + 2 * dim * state);
+                         int64_t dim, int64_t state, int64_t chunk, int64_t first, int64_t count,
+                         int64_t threads) {
+  const Correction<T> op{span, A_t, C, H, batch, length, dim, state, chunk, first, count};
+  parallel(batch * op.chunks(), threads, [&](int64_t first_item, int64_t end_item, int64_t thread) {
+    std::vector<T> lanes(state * TILE);
+    for (int64_t item = first_item; item < end_item; ++item)
+      op.backward(item / op.chunks(), item % op.chunks(), grad_corr, dspan,
+                  dA + thread * state * dim, dC, dH, lanes.data());
   });
 }
 
@@ -458,18 +449,19 @@ SCAN_EXPORTS(float, f32)
 SCAN_EXPORTS(double, f64)
 
 #define CORRECTION_EXPORTS(T, suffix)                                                             \
-  extern "C" void correction_forward_##suffix(const T* span, const T* A_t, const T* C,            \
-                                              const T* H, T* corr, int64_t batch, int64_t length, \
-                                              int64_t dim, int64_t state, int64_t chunk,          \
-                                              int64_t threads) {                                  \
-    correction_forward(span, A_t, C, H, corr, batch, length, dim, state, chunk, threads);         \
+  extern "C" void correction_forward_##suffix(                                                    \
+      const T* span, const T* A_t, const T* C, const T* H, T* corr, int64_t batch,                \
+      int64_t length, int64_t dim, int64_t state, int64_t chunk, int64_t first, int64_t count,    \
+      int64_t threads) {                                                                          \
+    correction_forward(span, A_t, C, H, corr, batch, length, dim, state, chunk, first, count,     \
+                       threads);                                                                  \
   }                                                                                               \
   extern "C" void correction_backward_##suffix(                                                   \
       const T* span, const T* A_t, const T* C, const T* H, const T* grad_corr, T* dspan, T* dA,   \
       T* dC, T* dH, int64_t batch, int64_t length, int64_t dim, int64_t state, int64_t chunk,     \
-      int64_t threads) {                                                                          \
+      int64_t first, int64_t count, int64_t threads) {                                            \
     correction_backward(span, A_t, C, H, grad_corr, dspan, dA, dC, dH, batch, length, dim, state, \
-                        chunk, threads);                                                          \
+                        chunk, first, count, threads);                                            \
   }
 
 CORRECTION_EXPORTS(float, f32)

@@ -94,23 +94,27 @@ def test_compiled_scan_refuses_growing_decays():
 def test_compiled_window_correction_equals_eager(chunk):
     g = torch.Generator().manual_seed(0)
     batch, frames, dim, state = 2, 10, 20, 3  # channels padded to 2 tiles, a partial last chunk
+    chunks = -(-frames // chunk)
     span = torch.rand(batch, frames, dim, generator=g, dtype=torch.float64) * 2
     A = -torch.rand(dim, state, generator=g, dtype=torch.float64) * 3
     C = torch.randn(batch, frames, state, generator=g, dtype=torch.float64)
-    H = torch.randn(batch, -(-frames // chunk), dim, state, generator=g, dtype=torch.float64)
-    inputs = [t.requires_grad_() for t in (span, A, C, H)]
-    corr, corr_ref = (window_correction(*inputs, chunk, compiled=c) for c in (True, False))
+    states = torch.randn(batch, chunks + 2, dim, state, generator=g, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (span, A, C, states)]
+    corr, corr_ref = (window_correction(*inputs, chunk, first_state=1, compiled=c)
+                      for c in (True, False))
     assert (corr - corr_ref).abs().max() < 1e-12
     weights = torch.randn_like(corr)
     grads, grads_ref = (torch.autograd.grad((out * weights).sum(), inputs) for out in (corr, corr_ref))
-    for name, grad, grad_ref in zip(["span", "A", "C", "H"], grads, grads_ref):
-        assert (grad - grad_ref).abs().max() < 1e-11, name
+    for name, grad, grad_ref in zip(["span", "A", "C", "states"], grads, grads_ref):
+        assert (grad - grad_ref).abs().max() < 1e-11, name  # unused states: 0 in both
     small = [span.detach()[:1, :4, :2], A.detach()[:2], C.detach()[:1, :4],
-             H.detach()[:1, :-(-4 // chunk), :2]]
-    assert torch.autograd.gradcheck(lambda *a: window_correction(*a, chunk, compiled=True),
+             states.detach()[:1, :, :2]]
+    assert torch.autograd.gradcheck(lambda *a: window_correction(*a, chunk, 1, compiled=True),
                                     [t.requires_grad_() for t in small])
     with pytest.raises(ValueError, match=r"C must have shape \(1, 4, 3\), got \(1, 4, 2\)"):
         window_correction(small[0], small[1], small[2][..., :2], small[3], chunk, compiled=True)
+    with pytest.raises(ValueError, match="states must have shape"):  # too few states
+        window_correction(*small[:3], small[3][:, :-(-4 // chunk)], chunk, 1, compiled=True)
 
 
 @pytest.mark.compiled_scan
