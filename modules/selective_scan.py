@@ -303,8 +303,9 @@ class _CompiledCorrection(torch.autograd.Function):
     def backward(ctx, grad_corr):
         span, A_t, C, states = ctx.saved_tensors
         grad_span, grad_C, grad_states = (torch.empty_like(t) for t in (span, C, states))
-        first, used = ctx.sizes[5], -(-span.shape[1] // ctx.sizes[4])
-        grad_states[:, :first] = grad_states[:, first + used:] = 0  # the kernel writes the rest
+        chunk, first = ctx.sizes[4:6]
+        used = range(first, first - (-span.shape[1] // chunk))  # the kernel writes these
+        grad_states[:, :used.start] = grad_states[:, used.stop:] = 0
         grad_A = span.new_zeros(ctx.sizes[-1], *A_t.shape)  # partial sums, one per thread
         _run_kernel("correction_backward", [span, A_t, C, states, grad_corr.contiguous(),
                                             grad_span, grad_A, grad_C, grad_states], ctx.sizes)
@@ -332,13 +333,17 @@ def window_correction(span: torch.Tensor, A: torch.Tensor, C: torch.Tensor, stat
     -------
     corr : (B, T, D).
     """
-    (batch, frames, dim), state, chunks = span.shape, A.shape[-1], -(-span.shape[1] // chunk)
+    (batch, frames, dim), state = span.shape, A.shape[-1]
+    used = slice(first_state, first_state - (-frames // chunk))
+    if first_state < 0:
+        raise ValueError(f"first_state must be >= 0, got {first_state}")
     if not compiled:
-        H = states[:, first_state:first_state + chunks].repeat_interleave(chunk, dim=1)[:, :frames]
+        H = states[:, used].repeat_interleave(chunk, dim=1)[:, :frames]
         return (torch.exp(A * span.unsqueeze(-1)) * H * C.unsqueeze(2)).sum(-1)
     _check_compiled(span.device, span, A, {
         "A": (A, (dim, state)), "C": (C, (batch, frames, state)),
-        "states": (states[:, first_state:first_state + chunks], (batch, chunks, dim, state))})
+        f"states[:, {used.start}:{used.stop}]": (states[:, used],
+                                                  (batch, used.stop - used.start, dim, state))})
     native = states.transpose(2, 3)  # (B, K, N, D): the kernel's layout, a view of its output
     pad = -dim % _kernel().scan_tile()
     if pad:  # A = 0 and states = 0 on padded channels: their correction is 0

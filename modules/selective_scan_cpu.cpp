@@ -1,4 +1,5 @@
-// Selective scan (Mamba-1 SSM) on CPU, forward and backward, for modules/selective_scan.py.
+// Selective scan (Mamba-1 SSM) on CPU, forward and backward, and the window correction of
+// chunk-limited scans (further down), for modules/selective_scan.py.
 //
 // h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,   y_t = C_t . h_t   (per channel d)
 //
@@ -14,7 +15,7 @@
 // A_t (N, D) (A transposed); B, C, dB, dC (B, L, N); states h0, h_final, grad_h0 (B, D, N);
 // picked (B, K, N, D): the states after frames first, first + stride, ... (stride 0: none);
 // checkpoints (B, ceil(L / BLOCK), N, D), or null without a backward pass. D must be a multiple
-// of TILE. delta >= 0 and A <= 0 (decays <= 1): the caller checks.
+// of TILE. delta >= 0 and A <= 0 (decays <= 1): the caller checks shapes and signs.
 //
 // Threads: OpenMP when the compiler has it (the team comes from the thread pool torch uses, see
 // selective_scan.py), else std::thread. Each thread takes a contiguous range of work items.
