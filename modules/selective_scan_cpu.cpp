@@ -342,13 +342,18 @@ struct Correction {
   int64_t chunks() const { return (length + chunk - 1) / chunk; }
   int64_t row(int64_t b, int64_t t) const { return b * length + t; }
   int64_t at(int64_t b, int64_t c) const { return (b * count + first + c) * state * dim; }
+  int64_t chunk_end(int64_t c) const { return std::min(length, (c + 1) * chunk); }
+
+  // The frame's step sums as exponents of 2 (exp2_approx), for channels d0..d0+TILE.
+  void scaled_span(int64_t b, int64_t t, int64_t d0, T* scaled) const {
+    for (int64_t i = 0; i < TILE; ++i) scaled[i] = span[row(b, t) * dim + d0 + i] * T(LOG2E);
+  }
 
   void forward(int64_t b, int64_t c, T* corr) const {
-    for (int64_t t = c * chunk; t < std::min(length, (c + 1) * chunk); ++t)
+    for (int64_t t = c * chunk; t < chunk_end(c); ++t)
       for (int64_t d0 = 0; d0 < dim; d0 += TILE) {
-        const T* __restrict sp = span + row(b, t) * dim + d0;
         T scaled[TILE], out[TILE] = {};
-        for (int64_t i = 0; i < TILE; ++i) scaled[i] = sp[i] * T(LOG2E);
+        scaled_span(b, t, d0, scaled);
         for (int64_t n = 0; n < state; ++n) {
           const T cn = C[row(b, t) * state + n];
           const T* __restrict an = A_t + n * dim + d0;
@@ -364,13 +369,13 @@ struct Correction {
   void backward(int64_t b, int64_t c, const T* grad_corr, T* dspan, T* dA, T* dC, T* dH,
                 T* lanes) const {
     std::fill(dH + at(b, c), dH + at(b, c) + state * dim, T(0));
-    for (int64_t t = c * chunk; t < std::min(length, (c + 1) * chunk); ++t) {
+    for (int64_t t = c * chunk; t < chunk_end(c); ++t) {
       std::fill(lanes, lanes + state * TILE, T(0));
       for (int64_t d0 = 0; d0 < dim; d0 += TILE) {
         const T* __restrict sp = span + row(b, t) * dim + d0;
         const T* __restrict dy = grad_corr + row(b, t) * dim + d0;
         T scaled[TILE], grad_span[TILE] = {};
-        for (int64_t i = 0; i < TILE; ++i) scaled[i] = sp[i] * T(LOG2E);
+        scaled_span(b, t, d0, scaled);
         for (int64_t n = 0; n < state; ++n) {
           const T cn = C[row(b, t) * state + n];
           const T* __restrict an = A_t + n * dim + d0;
@@ -381,9 +386,9 @@ struct Correction {
 #pragma omp simd
           for (int64_t i = 0; i < TILE; ++i) {
             const T decay = exp2_approx(scaled[i] * an[i]);
-            const T weight = dy[i] * cn;
-            const T grad_exponent = weight * decay * hn[i];  // d loss / d (A span)
-            lane[i] += dy[i] * decay * hn[i];
+            const T decayed = decay * hn[i], weight = dy[i] * cn;
+            const T grad_exponent = weight * decayed;  // d loss / d (A span)
+            lane[i] += dy[i] * decayed;
             dhn[i] += weight * decay;
             grad_span[i] += grad_exponent * an[i];
             dA_n[i] += grad_exponent * sp[i];
