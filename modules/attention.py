@@ -14,8 +14,14 @@ import torch.nn.functional as F
 from .context import Context, chunk_attention_mask, chunk_windows
 
 
+FLOAT64_DEVICE_TYPES = ("cpu", "cuda")  # MPS has no float64
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Rotary position embedding (RoFormer): attention scores depend on relative position only.
+
+    Angles are computed in float64 (positions reach tens of thousands of frames) where the device
+    has it (``FLOAT64_DEVICE_TYPES``), else (MPS) in float32, identically offline and streaming.
 
     Arguments
     ---------
@@ -27,12 +33,14 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embedding needs an even head dimension, got {head_dim}")
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = head_dim, base
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotates (B, H, T, head_dim) ``x`` by the (T,) absolute ``positions``."""
-        angles = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]
+        dtype = torch.float64 if x.device.type in FLOAT64_DEVICE_TYPES else torch.float32
+        inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, dtype=dtype, device=x.device)
+                                 / self.head_dim)
+        angles = positions.to(dtype)[:, None] * inv_freq[None, :]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         first, second = x.chunk(2, dim=-1)
         return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)

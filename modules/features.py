@@ -47,11 +47,12 @@ class StreamingFbank(torch.nn.Module):
         """Fewest samples that give ``frames`` feature frames."""
         return self.win_samples + (frames - 1) * self.hop_samples
 
-    @torch.autocast("cuda", enabled=False)
     def forward(self, wavs: torch.Tensor) -> torch.Tensor:
-        """(B, samples) -> (B, frames, n_mels) log-mel energies (natural log)."""
-        power = spectral_magnitude(self.stft(wavs.float()), power=1)
-        return torch.log(self.filterbank(power).clamp(min=1e-10))
+        """(B, samples) -> (B, frames, n_mels) log-mel energies (natural log), float32 always
+        (also under autocast: the quantizer's targets come from these features)."""
+        with torch.autocast(wavs.device.type, enabled=False):
+            power = spectral_magnitude(self.stft(wavs.float()), power=1)
+            return torch.log(self.filterbank(power).clamp(min=1e-10))
 
 
 class FbankStream:

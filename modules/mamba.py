@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .context import Context
 from .selective_scan import compiled_scan_available, selective_scan, window_correction
@@ -31,12 +32,74 @@ except (ImportError, OSError):  # not installed, or built for another CUDA / tor
 
 _backend_logged = set()
 SCAN_BACKENDS = ("auto", "compiled", "chunked")
+FUSED_DEVICE_TYPES = ("cuda",)  # where mamba-ssm's kernels run
+# Chunk-limited contexts on the fused kernel scan each chunk's window separately: (left + chunk)
+# / chunk times the frames of one full scan. Above this factor, the chunked scan and the window
+# correction are used instead.
+FUSED_MAX_WINDOW_FACTOR = 32
 
 
 def _log_backend_once(name: str) -> None:
     if name not in _backend_logged:
         _backend_logged.add(name)
         logger.info("Mamba scan backend: %s", name)
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half precision (autocast) -> float32; float32 and float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _windows(t: torch.Tensor, left: int, chunk: int) -> torch.Tensor:
+    """(B, L, X) -> (B * K, X, left + chunk): the SSM window of each of the K chunks, zeros before
+    frame 0 and after the end, in the (batch, channels, time) layout of the fused kernels."""
+    batch, frames, channels = t.shape
+    chunks = -(-frames // chunk)
+    padded = F.pad(t, (0, 0, left, chunks * chunk - frames))
+    return padded.unfold(1, left + chunk, chunk).reshape(batch * chunks, channels, left + chunk)
+
+
+def _fused_scan(u, dt, A, B, C, delta_bias, return_last_state=False):
+    """mamba-ssm's kernel on (B, L, .) tensors: step sizes ``softplus(dt + delta_bias)`` in float32
+    inside the kernel, so ``u``, ``dt``, ``B`` and ``C`` stay in one dtype (bf16 under autocast)
+    and ``A``, ``delta_bias`` in float32, as the kernel requires."""
+    dtype = u.dtype
+    out = selective_scan_fn(*(t.transpose(1, 2).contiguous() for t in (u, dt.to(dtype))), A,
+                            *(t.transpose(1, 2).contiguous() for t in (B.to(dtype), C.to(dtype))),
+                            delta_bias=delta_bias, delta_softplus=True,
+                            return_last_state=return_last_state)
+    if return_last_state:
+        return out[0].transpose(1, 2), out[1]
+    return out.transpose(1, 2)
+
+
+def _fused_windowed_scan(u, dt, A, B, C, delta_bias, left: int, chunk: int) -> torch.Tensor:
+    """Every chunk scanned by the fused kernel from a zero state ``left`` frames before its start
+    (the definition of a chunk-limited context; zero inputs before frame 0 leave the state at
+    zero). The windows are gathered again in the backward pass (``checkpoint``), so only the
+    (B, L, .) inputs are kept for it."""
+    frames = u.shape[1]
+
+    def run(u, dt, B, C):
+        windows = [_windows(t, left, chunk).transpose(1, 2) for t in (u, dt, B, C)]
+        y = _fused_scan(*windows[:2], A, *windows[2:], delta_bias)[:, left:]  # (B * K, chunk, D)
+        return y.reshape(u.shape[0], -1, u.shape[2])[:, :frames]
+
+    return checkpoint(run, u, dt, B, C, use_reentrant=False)
+
+
+def _window_spans(delta: torch.Tensor, left: int, chunk: int, start: int) -> torch.Tensor:
+    """(B, L, D) step sizes -> (B, L - start, D): for frames ``t >= start`` (a multiple of
+    ``chunk``), the sum of ``delta`` from their chunk's window start ``chunk_start - left`` to
+    ``t``: the ``left`` frames before the chunk, then a running sum inside the chunk."""
+    batch, frames, dim = delta.shape
+    chunks = -(-(frames - start) // chunk)
+    inside = F.pad(delta[:, start:], (0, 0, 0, chunks * chunk - (frames - start)))
+    inside = inside.view(batch, chunks, chunk, dim).cumsum(2)
+    if left:  # window k: frames [start + k chunk - left, start + k chunk)
+        before = delta[:, start - left:start + (chunks - 1) * chunk]
+        inside = inside + before.unfold(1, left, chunk).sum(-1).unsqueeze(2)
+    return inside.view(batch, -1, dim)[:, :frames - start]
 
 
 class Mamba(torch.nn.Module):
@@ -80,8 +143,8 @@ class Mamba(torch.nn.Module):
         self.out_proj = torch.nn.Linear(self.d_inner, d_model, bias=False)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        return (self.scan_backend == "auto" and x.is_cuda and selective_scan_fn is not None
-                and causal_conv1d_fn is not None)
+        return (self.scan_backend == "auto" and x.device.type in FUSED_DEVICE_TYPES
+                and selective_scan_fn is not None and causal_conv1d_fn is not None)
 
     def _compiled(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is scanned by the compiled CPU kernel (the choice is logged once)."""
@@ -110,22 +173,26 @@ class Mamba(torch.nn.Module):
         return F.silu(out).transpose(1, 2), x[:, :, x.shape[2] - (self.d_conv - 1):]
 
     def _ssm_inputs(self, x: torch.Tensor):
-        """(B, T, d_inner) -> step sizes (B, T, d_inner) and B, C (B, T, d_state)."""
+        """(B, T, d_inner) -> dt (B, T, d_inner; before the bias and softplus) and B, C
+        (B, T, d_state), all in ``x``'s dtype (bf16 under autocast)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt))
-        return delta, B, C
+        return F.linear(dt, self.dt_proj.weight), B, C
 
-    def _scan(self, u, delta, B, C, initial_state=None):
+    def _delta(self, dt: torch.Tensor) -> torch.Tensor:
+        """Step sizes ``softplus(dt + bias)`` in float32 at least, as the fused kernel takes them."""
+        return F.softplus(_at_least_float32(dt) + _at_least_float32(self.dt_proj.bias))
+
+    def _A(self) -> torch.Tensor:
+        return -torch.exp(_at_least_float32(self.A_log))
+
+    def _scan(self, u, dt, B, C, initial_state=None):
         """Selective scan of (B, T, d_inner) from ``initial_state``: y and final state."""
-        A = -torch.exp(self.A_log.float())
         if initial_state is None and self._fused_ok(u):
             _log_backend_once("mamba-ssm fused CUDA kernel")
-            y, last = selective_scan_fn(
-                u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A,
-                B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-                return_last_state=True)
-            return y.transpose(1, 2), last
-        return selective_scan(u, delta, A, B, C, initial_state, compiled=self._compiled(u))[:2]
+            return _fused_scan(u, dt, self._A(), B, C, self.dt_proj.bias.float(),
+                               return_last_state=True)
+        return selective_scan(u, self._delta(dt), self._A(), B, C, initial_state,
+                              compiled=self._compiled(u))[:2]
 
     def forward(self, x: torch.Tensor, context: Context = (-1, -1), valid=None,
                 lengths=None) -> torch.Tensor:
@@ -137,11 +204,15 @@ class Mamba(torch.nn.Module):
         left, right = context
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u = self._conv(u, None)[0]
-        delta, B, C = self._ssm_inputs(u)
+        dt, B, C = self._ssm_inputs(u)
         if left == -1:
-            y = self._scan(u, delta, B, C)[0]
+            y = self._scan(u, dt, B, C)[0]
+        elif self._fused_ok(u) and (left + right + 1) <= FUSED_MAX_WINDOW_FACTOR * (right + 1):
+            _log_backend_once("mamba-ssm fused CUDA kernel, one window per chunk")
+            y = _fused_windowed_scan(u, dt, self._A(), B, C, self.dt_proj.bias.float(), left,
+                                     right + 1)
         else:
-            y = self._windowed_scan(u, delta, B, C, left, right + 1)
+            y = self._windowed_scan(u, self._delta(dt), B, C, left, right + 1)
         y = y + u * self.D
         return self.out_proj(y * F.silu(z))
 
@@ -149,11 +220,12 @@ class Mamba(torch.nn.Module):
         """Output of each chunk scanned from a zero state ``left`` frames before its start.
 
         One full causal scan does it: the state of a scan started after frame ``j`` is
-        ``h_t - Phi(t, j) h_j`` with ``Phi(t, j) = exp(A * sum(delta[j + 1 .. t]))``, so
-        ``y_t = C_t . h_t - C_t . Phi(t, j) h_j`` with ``j = chunk_start - left - 1``. The sum
-        of step sizes is taken in float64 so that the decay keeps full precision.
+        ``h_t - Phi(t, j) h_j`` with ``Phi(t, j) = exp(A * span_t)``, ``span_t = sum(delta[j + 1
+        .. t])``, so ``y_t = C_t . h_t - C_t . Phi(t, j) h_j`` with ``j = chunk_start - left - 1``.
+        ``span`` is summed over the window itself (at most ``left + chunk`` terms, not a running
+        sum over the utterance), so it keeps full precision without float64 (which MPS lacks).
         """
-        A = -torch.exp(self.A_log.float())
+        A = self._A()
         frames = u.shape[1]
         offset = (-left - 1) % chunk
         compiled = self._compiled(u)
@@ -163,10 +235,8 @@ class Mamba(torch.nn.Module):
         if start >= frames:
             return y
         first_state = (start - left - 1 - offset) // chunk  # states are after offset + k chunk
-        window_start = torch.arange(start, frames, device=u.device) // chunk * chunk - left - 1
-        summed = delta.double().cumsum(1)
         dtype = states.dtype
-        span = (summed[:, start:] - summed[:, window_start]).to(dtype)
+        span = _window_spans(delta.to(dtype), left, chunk, start)
         correction = window_correction(span, A.to(dtype), C[:, start:].to(dtype), states, chunk,
                                        first_state, compiled=compiled)
         return torch.cat([y[:, :start], y[:, start:] - correction.to(y.dtype)], dim=1)
@@ -181,13 +251,11 @@ class Mamba(torch.nn.Module):
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u, cache["conv"] = self._conv(u, cache.get("conv"))
         if left == -1:
-            delta, B, C = self._ssm_inputs(u)
-            y, cache["state"] = self._scan(u, delta, B, C, cache.get("state"))
+            y, cache["state"] = self._scan(u, *self._ssm_inputs(u), cache.get("state"))
         else:
             past = cache.get("window")
             window = u if past is None else torch.cat([past, u], dim=1)
-            delta, B, C = self._ssm_inputs(window)
-            y = self._scan(window, delta, B, C)[0][:, -u.shape[1]:]
+            y = self._scan(window, *self._ssm_inputs(window))[0][:, -u.shape[1]:]
             cache["window"] = window[:, max(0, window.shape[1] - left):] if left else None
         y = y + u * self.D
         return self.out_proj(y * F.silu(z))

@@ -38,12 +38,16 @@ class CausalBlockMasker(torch.nn.Module):
     learnable_mask : learn the mask embedding; otherwise it is frozen, drawn from N(0, 0.1^2).
     context : default context, used when ``forward`` gets none (see ``set_context``).
 
+    ``draw`` samples a mask (no gradient); ``forward`` applies it, so that a learnable mask
+    embedding is trained through the module's forward (as DDP requires).
+
     Example
     -------
     >>> masker = CausalBlockMasker(n_mels=80, subsampling_factor=4, mask_prob=0.4, block_size=8)
-    >>> mask = masker(torch.randn(2, 100, 80), torch.tensor([100, 60]), context=(8, 0))
-    >>> mask.shape, bool(mask[1, 60:].any())
-    (torch.Size([2, 100]), False)
+    >>> feats = torch.randn(2, 100, 80)
+    >>> mask = masker.draw(feats, torch.tensor([100, 60]), context=(8, 0))
+    >>> mask.shape, bool(mask[1, 60:].any()), masker(feats, mask).shape
+    (torch.Size([2, 100]), False, torch.Size([2, 100, 80]))
     """
 
     def __init__(
@@ -87,8 +91,9 @@ class CausalBlockMasker(torch.nn.Module):
             )
         return context
 
-    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, context: Context | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def draw(self, feats: torch.Tensor, lengths: torch.Tensor, context: Context | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
         """Draws a mask.
 
         Arguments
@@ -113,7 +118,7 @@ class CausalBlockMasker(torch.nn.Module):
         valid = torch.arange(frames)[None, :] < lengths.cpu()[:, None]
         return (input_mask & valid).to(feats.device)
 
-    def apply(self, feats: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:
         """Replaces masked input frames of (B, T, n_mels) ``feats`` by the mask embedding."""
         return torch.where(input_mask[..., None], self.mask_embedding.to(feats.dtype), feats)
 

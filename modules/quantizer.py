@@ -46,10 +46,18 @@ class RandomProjectionQuantizer(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, T, n_mels) clean features -> (B, ceil(T / s), num_books) long code indices."""
+        """(B, T, n_mels) clean features -> (B, ceil(T / s), num_books) long code indices.
+
+        Always float32, also under autocast: a bf16 projection would move a few percent of the
+        frames to another code, so training and validation targets would disagree.
+        """
+        with torch.autocast(feats.device.type, enabled=False):
+            return self._codes(feats.float())
+
+    def _codes(self, feats: torch.Tensor) -> torch.Tensor:
         batch, frames, dim = feats.shape
         s = self.subsampling_factor
-        feats = torch.nn.functional.pad(feats.float(), (0, 0, 0, -frames % s))
+        feats = torch.nn.functional.pad(feats, (0, 0, 0, -frames % s))
         stacked = feats.reshape(batch, -1, s * dim).reshape(-1, s * dim)
         codes = torch.empty(stacked.shape[0], self.num_books, dtype=torch.long, device=feats.device)
         for book in range(self.num_books):

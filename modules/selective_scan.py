@@ -33,11 +33,25 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
 
-CHUNKED_BLOCK_FRAMES = 32   # its (B, block, D, N) tensors stay in cache
+CHUNKED_BLOCK_FRAMES = 32   # CPU: its (B, block, D, N) tensors stay in cache
 CHUNK_FRAMES = 8            # frames per chunk inside a block: one Python step per chunk position
+# GPU / MPS: blocks as long as ACCELERATOR_BLOCK_ELEMENTS allows for one (B, block, D, N) tensor
+# (fewer, larger kernels), at most ACCELERATOR_MAX_BLOCK_FRAMES frames.
+ACCELERATOR_BLOCK_ELEMENTS = 2 ** 26
+ACCELERATOR_MAX_BLOCK_FRAMES = 512
+
+
+def _block_frames(u: torch.Tensor, state: int) -> int:
+    """Frames per block of the chunked scan (a multiple of CHUNK_FRAMES)."""
+    if u.device.type == "cpu":
+        return CHUNKED_BLOCK_FRAMES
+    per_frame = u.shape[0] * u.shape[2] * state
+    frames = min(ACCELERATOR_MAX_BLOCK_FRAMES, max(1, ACCELERATOR_BLOCK_ELEMENTS // per_frame))
+    return max(CHUNK_FRAMES, frames // CHUNK_FRAMES * CHUNK_FRAMES)
 KERNEL_SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
 
 
@@ -106,7 +120,7 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0, stride, offset):
-        block = CHUNKED_BLOCK_FRAMES
+        block = _block_frames(u, A.shape[1])
         outputs, starts, picked = [], [], []
         state = h0
         for start in range(0, u.shape[1], block):
@@ -116,7 +130,7 @@ class _ChunkedScan(torch.autograd.Function):
                                                 C[:, part], state, bool(stride))
             outputs.append(y)
             if stride:
-                picked.append(states[:, _picked(start, y.shape[1], stride, offset)])
+                picked.append(states[:, _picked(start, stride, offset)])
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(starts, dim=1))
         ctx.stride, ctx.offset, ctx.block = stride, offset, block
         states = torch.cat(picked, dim=1) if stride else state.new_zeros(0)
@@ -135,10 +149,10 @@ class _ChunkedScan(torch.autograd.Function):
             frames = u[:, part].shape[1]
             block_states = None
             if ctx.stride:  # gradients of the returned states, at their frames of this block
-                where = _picked(start, frames, ctx.stride, ctx.offset)
                 block_states = grad_y.new_zeros(u.shape[0], frames, u.shape[2], A.shape[1])
-                block_states[:, where] = grad_states[:, picked_end - len(where):picked_end]
-                picked_end -= len(where)
+                where = block_states[:, _picked(start, ctx.stride, ctx.offset)]
+                where.copy_(grad_states[:, picked_end - where.shape[1]:picked_end])
+                picked_end -= where.shape[1]
             du, ddelta, dA, dB, dC, carry = _chunked_backward(
                 u[:, part], delta[:, part], A, B[:, part], C[:, part], starts[:, index],
                 grad_y[:, part], carry, block_states)
@@ -148,9 +162,10 @@ class _ChunkedScan(torch.autograd.Function):
         return (*grads[:2], grad_A, *grads[2:], carry, None, None)
 
 
-def _picked(start: int, frames: int, stride: int, offset: int) -> torch.Tensor:
-    """Frames ``t`` of block ``[start, start + frames)`` with ``t % stride == offset``, block-relative."""
-    return torch.tensor(range((offset - start) % stride, frames, stride), dtype=torch.long)
+def _picked(start: int, stride: int, offset: int) -> slice:
+    """Frames ``t`` of the block starting at ``start`` with ``t % stride == offset``, as a
+    block-relative slice (a view: no index tensor to copy to the device)."""
+    return slice((offset - start) % stride, None, stride)
 
 
 # ---------------------------------------------------------------- compiled kernel
@@ -312,6 +327,26 @@ class _CompiledCorrection(torch.autograd.Function):
         return grad_span, grad_A.sum(0).t(), grad_C, grad_states, None, None
 
 
+def _correction_block(span, A, C, states, chunk: int) -> torch.Tensor:
+    """``window_correction`` of whole chunks in eager PyTorch (``states``: one per chunk)."""
+    H = states.repeat_interleave(chunk, dim=1)[:, :span.shape[1]]
+    return (torch.exp(A * span.unsqueeze(-1)) * H * C.unsqueeze(2)).sum(-1)
+
+
+def _eager_correction(span, A, C, states, chunk: int) -> torch.Tensor:
+    """Blocks of whole chunks, each recomputed in the backward pass (``checkpoint``): one block's
+    (B, frames, D, N) tensors exist at a time, and none is kept for the backward pass."""
+    frames = span.shape[1]
+    block = chunk * max(1, _block_frames(span, A.shape[1]) // chunk)
+    parts = []
+    for start in range(0, frames, block):
+        end = min(start + block, frames)
+        parts.append(checkpoint(_correction_block, span[:, start:end], A, C[:, start:end],
+                                states[:, start // chunk:-(-end // chunk)], chunk,
+                                use_reentrant=False))
+    return torch.cat(parts, dim=1)
+
+
 def window_correction(span: torch.Tensor, A: torch.Tensor, C: torch.Tensor, states: torch.Tensor,
                       chunk: int, first_state: int = 0, compiled: bool = False) -> torch.Tensor:
     """The pre-window state of chunk-limited scans, decayed to each frame and read out by C.
@@ -327,7 +362,8 @@ def window_correction(span: torch.Tensor, A: torch.Tensor, C: torch.Tensor, stat
     states : (B, K, D, N) states at the chunks' window starts, as ``selective_scan`` returns them.
     chunk : frames per chunk.
     first_state : the state of the first chunk.
-    compiled : fused CPU kernel (no ``(B, T, D, N)`` tensors); False: eager PyTorch.
+    compiled : fused CPU kernel (no ``(B, T, D, N)`` tensors); False: eager PyTorch, in blocks
+        recomputed in the backward pass.
 
     Returns
     -------
@@ -338,8 +374,7 @@ def window_correction(span: torch.Tensor, A: torch.Tensor, C: torch.Tensor, stat
     if first_state < 0:
         raise ValueError(f"first_state must be >= 0, got {first_state}")
     if not compiled:
-        H = states[:, used].repeat_interleave(chunk, dim=1)[:, :frames]
-        return (torch.exp(A * span.unsqueeze(-1)) * H * C.unsqueeze(2)).sum(-1)
+        return _eager_correction(span, A, C, states[:, used], chunk)
     _check_compiled(span.device, span, A, {
         "A": (A, (dim, state)), "C": (C, (batch, frames, state)),
         f"states[:, {used.start}:{used.stop}]": (states[:, used],

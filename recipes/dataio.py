@@ -71,6 +71,34 @@ def check_manifest(dataset: sb.dataio.dataset.DynamicItemDataset, name: str,
         raise AudioFileError(f"{len(problems)} bad audio file(s) in {name}:\n  {listed}{more}")
 
 
+class AudioReader:
+    """Dataset pipeline ``wav -> sig``: ``load_audio`` with the recipe's settings.
+
+    A class rather than a closure so that DataLoader workers started with ``spawn`` (macOS,
+    MPS) can pickle it.
+    """
+
+    def __init__(self, sample_rate: int, min_samples: int = 1):
+        self.sample_rate, self.min_samples = sample_rate, min_samples
+
+    def __call__(self, wav: str) -> torch.Tensor:
+        return load_audio(wav, self.sample_rate, self.min_samples)
+
+
+class TextTokens:
+    """Dataset pipeline ``wrd -> wrd, tokens``: tokenizer ids + 1 (index 0 is the CTC blank).
+
+    Picklable like ``AudioReader`` (so is the SentencePiece processor it holds).
+    """
+
+    def __init__(self, sp):
+        self.sp = sp
+
+    def __call__(self, wrd: str):
+        yield wrd
+        yield torch.LongTensor(self.sp.encode_as_ids(wrd)) + 1
+
+
 def nemo_manifest_to_csv(manifest: str | Path, csv_path: str | Path) -> Path:
     """Converts a NeMo JSON-lines manifest (``audio_filepath, duration, text``) to a CSV.
 

@@ -8,11 +8,13 @@ Usage::
 
     python recipes/train.py hparams/SSL/conformer.yaml [--device_preset cpu|cuda|mps] \\
         [--debug] [--any_hparam value ...]
+    torchrun --nproc_per_node=8 recipes/train.py hparams/SSL/conformer.yaml ...   # DDP
 
-The last line printed to stdout is one JSON object summarizing the run.
+The last line printed to stdout (by the main process only) is one JSON object summarizing the run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -24,14 +26,28 @@ import speechbrain as sb
 import yaml
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.sampler import DynamicBatchSampler
+from speechbrain.utils.distributed import (
+    ddp_all_reduce,
+    ddp_broadcast,
+    get_local_rank,
+    if_main_process,
+    run_on_main,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataio import AudioFileError, check_manifest, dataset_from_manifest, load_audio  # noqa: E402
+from dataio import (  # noqa: E402
+    AudioFileError,
+    AudioReader,
+    TextTokens,
+    check_manifest,
+    dataset_from_manifest,
+)
 from inference import load_averaged_best  # noqa: E402
+from modules.checkpointing import RandomState  # noqa: E402
 from modules.context import describe_context, set_dynamic_context  # noqa: E402
-from modules.ctc import BeamTranscriber, greedy_transcripts  # noqa: E402
+from modules.ctc import BeamTranscriber, ctc_loss, greedy_transcripts  # noqa: E402
 from modules.heads import masked_token_loss  # noqa: E402
 from modules.masker import encoder_frame_mask  # noqa: E402
 
@@ -39,14 +55,29 @@ logger = logging.getLogger(__name__)
 
 
 class StreamingBrain(sb.Brain):
-    """Shared by the tasks: frozen global feature statistics, features, per-epoch history."""
+    """Shared by the tasks: frozen global feature statistics, features, per-epoch history.
+
+    Under DDP, ``self.modules.<name>`` may be a DDP wrapper: forward passes go through it (so
+    gradients are synchronized), everything else uses the module itself, ``self.hparams.<name>``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.debug and self.checkpointer is not None:
+            # --debug checkpoints go to a temporary folder made by each process: share the main
+            # one, so that every rank lists (and deletes) the same checkpoints.
+            self.checkpointer.checkpoints_dir = ddp_broadcast(self.checkpointer.checkpoints_dir)
 
     def on_fit_start(self):
         super().on_fit_start()  # restores the latest checkpoint, if any
-        if self.modules.normalize.count == 0:
-            self._compute_normalization_stats()
+        normalize = self.modules.normalize
+        if normalize.count == 0:
+            # One pass on the main process; every rank takes its statistics.
+            stats = run_on_main(self._compute_normalization_stats)
+            normalize._load_statistics_dict(
+                {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in stats.items()})
 
-    def _compute_normalization_stats(self):
+    def _compute_normalization_stats(self) -> dict:
         """One pass over (part of) the training set for the global feature statistics.
 
         Statistics are frozen before the first step, so quantizer targets never drift and a
@@ -62,6 +93,8 @@ class StreamingBrain(sb.Brain):
                 wavs, wav_lens = batch.to(self.device).sig
                 self.compute_features(wavs, wav_lens, update_stats=True)
         logger.info("Global feature statistics from %d frames", self.modules.normalize.count)
+        return {k: v.cpu() if torch.is_tensor(v) else v
+                for k, v in self.modules.normalize._statistics_dict().items()}
 
     def compute_features(self, wavs, wav_lens, update_stats=False):
         """Waveforms -> globally normalized (B, T, n_mels) features and their lengths in frames."""
@@ -74,31 +107,38 @@ class StreamingBrain(sb.Brain):
         return feats, frame_lengths
 
     def training_context(self, stage):
-        """One sampled context per training batch; the encoder's fixed one otherwise."""
+        """One sampled context per training batch (the main process's draw, on every rank);
+        the encoder's fixed one otherwise."""
         if stage == sb.Stage.TRAIN:
-            return self.hparams.context_sampler.sample()
-        return self.modules.encoder.context
+            return ddp_broadcast(self.hparams.context_sampler.sample())
+        return self.hparams.encoder.context
 
     def log_epoch(self, epoch, stats, extra_meta=None):
         """Train log line (contexts drawn, in seconds) and ``history.json`` record."""
+        encoder = self.hparams.encoder
         meta = {"epoch": epoch, "lr": self.optimizer_lrs(),
                 "contexts_drawn": self.hparams.context_sampler.pop_counts(),
-                "valid_context": describe_context(self.modules.encoder.context,
-                                                  self.modules.encoder.frame_seconds)}
+                "valid_context": describe_context(encoder.context, encoder.frame_seconds)}
         self.hparams.train_logger.log_stats(stats_meta={**meta, **(extra_meta or {})},
                                             train_stats=self.train_stats, valid_stats=stats)
-        self._append_history({"epoch": epoch, "train": self.train_stats, "valid": stats})
+        if if_main_process():
+            self._append_history({"epoch": epoch, "train": self.train_stats, "valid": stats})
 
     def optimizer_lrs(self):
         lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers_dict.values()]
         return lrs[0] if len(lrs) == 1 else lrs
 
     def _append_history(self, record):
-        """Per-epoch statistics in ``history.json`` (survives restarts; read for the summary)."""
+        """Per-epoch statistics in ``history.json`` (survives restarts; read for the summary).
+
+        Written to a temporary file and renamed: a kill while writing keeps the old file.
+        """
         path = Path(self.hparams.output_folder) / "history.json"
         history = json.loads(path.read_text()) if path.exists() else []
         history = [h for h in history if h["epoch"] < record["epoch"]] + [record]
-        path.write_text(json.dumps(history, indent=1))
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(history, indent=1))
+        partial.replace(path)
 
 
 class SSLBrain(StreamingBrain):
@@ -112,15 +152,15 @@ class SSLBrain(StreamingBrain):
         inputs = feats
         if stage == sb.Stage.TRAIN and self.hparams.denoising:
             inputs, _ = self.compute_features(self.hparams.add_noise(wavs, wav_lens), wav_lens)
-        encoder = self.modules.encoder
         context = self.training_context(stage)
         # Validation: fixed context and fixed masks, so losses compare across epochs.
         generator = None if stage == sb.Stage.TRAIN else self.valid_generator
         # Same draw for both; with per-layer caps the masker respects the narrowest layer.
-        input_mask = self.modules.masker(inputs, frame_lengths, encoder.narrowest_context(context),
-                                         generator=generator)
-        encoded = encoder(
-            self.modules.masker.apply(inputs, input_mask), frame_lengths / feats.shape[1], context)
+        input_mask = self.hparams.masker.draw(
+            inputs, frame_lengths, self.hparams.encoder.narrowest_context(context),
+            generator=generator)
+        encoded = self.modules.encoder(self.modules.masker(inputs, input_mask),
+                                       frame_lengths / feats.shape[1], context)
         logits = self.modules.heads(encoded)
         frame_mask = encoder_frame_mask(input_mask, self.hparams.subsampling_factor)
         return logits, targets, frame_mask
@@ -172,10 +212,16 @@ class SSLBrain(StreamingBrain):
         return stats
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        stats = self.stage_stats(stage_loss)
-        if stage == sb.Stage.TRAIN:
-            self.train_stats = stats
+        if stage == sb.Stage.TRAIN:  # each rank saw its own shard: sum the counts
+            counts = torch.cat([self.correct, torch.tensor([self.masked_frames, self.empty_batches]),
+                                self.code_counts.flatten()]).to(self.device)
+            counts = ddp_all_reduce(counts, torch.distributed.ReduceOp.SUM).cpu()
+            books = self.num_books
+            self.correct, self.code_counts = counts[:books], counts[books + 2:].view(books, -1)
+            self.masked_frames, self.empty_batches = counts[books:books + 2].tolist()
+            self.train_stats = self.stage_stats(stage_loss)
             return
+        stats = self.stage_stats(stage_loss)
         if stage == sb.Stage.VALID:
             self.log_epoch(epoch, stats)
             self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"],
@@ -189,21 +235,24 @@ class CTCBrain(StreamingBrain):
     have their own optimizer and schedule (``freeze_encoder``: the head alone, for probing).
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.hparams.freeze_encoder:  # before fit() wraps modules in DDP: a frozen one is not
+            self.hparams.encoder.requires_grad_(False)
+
     def init_optimizers(self):
-        self.optimizers_dict = {"head": self.hparams.head_optimizer(self.modules.ctc_head.parameters())}
-        if self.hparams.freeze_encoder:
-            self.modules.encoder.requires_grad_(False)
-        else:
+        self.optimizers_dict = {"head": self.hparams.head_optimizer(self.hparams.ctc_head.parameters())}
+        if not self.hparams.freeze_encoder:
             self.optimizers_dict["encoder"] = self.hparams.encoder_optimizer(
-                self.modules.encoder.parameters())
+                self.hparams.encoder.parameters())
         for name, optimizer in self.optimizers_dict.items():
             self.checkpointer.add_recoverable(f"{name}_optimizer", optimizer)
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
         feats, frame_lengths = self.compute_features(*batch.sig)
-        encoder = self.modules.encoder
-        encoded = encoder(feats, frame_lengths / feats.shape[1], self.training_context(stage))
+        encoded = self.modules.encoder(feats, frame_lengths / feats.shape[1],
+                                       self.training_context(stage))
         log_probs = self.modules.ctc_head(encoded).log_softmax(-1)
         enc_lengths = -(-frame_lengths // self.hparams.subsampling_factor) / encoded.shape[1]
         return log_probs, enc_lengths
@@ -211,7 +260,7 @@ class CTCBrain(StreamingBrain):
     def compute_objectives(self, predictions, batch, stage):
         log_probs, enc_lengths = predictions
         tokens, token_lengths = batch.tokens
-        loss = sb.nnet.losses.ctc_loss(log_probs, tokens, enc_lengths, token_lengths, blank_index=0)
+        loss = ctc_loss(log_probs, tokens, enc_lengths, token_lengths)
         if stage != sb.Stage.TRAIN:
             words = [text.split() for text in self.decode(log_probs, enc_lengths, stage)]
             targets = [text.split() for text in batch.wrd]
@@ -257,14 +306,15 @@ class CTCBrain(StreamingBrain):
             self.hparams.train_logger.log_stats(
                 stats_meta={"test with averaged checkpoints": self.hparams.average_checkpoints},
                 test_stats=stats)
-            with open(Path(self.hparams.output_folder) / "test_wer.txt", "w") as f:
-                self.wer_metric.write_stats(f)
+            if if_main_process():
+                with open(Path(self.hparams.output_folder) / "test_wer.txt", "w") as f:
+                    self.wer_metric.write_stats(f)
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Test with the average of the best ``average_checkpoints`` checkpoints (by WER)."""
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
-        load_averaged_best(self.checkpointer, {"encoder": self.modules.encoder,
-                                               "ctc_head": self.modules.ctc_head},
+        load_averaged_best(self.checkpointer, {"encoder": self.hparams.encoder,
+                                               "ctc_head": self.hparams.ctc_head},
                            self.hparams.average_checkpoints)
 
 
@@ -284,8 +334,8 @@ def dataio_prepare(hparams: dict) -> dict:
     for name in names:
         manifest = hparams[f"{name}_csv"]
         dataset = dataset_from_manifest(manifest, hparams["data_folder"], hparams["output_folder"])
-        if hparams["check_audio"]:
-            check_manifest(dataset, manifest, hparams["sample_rate"], min_samples)
+        if hparams["check_audio"]:  # on the main process; torchrun stops the others on error
+            run_on_main(check_manifest, [dataset, manifest, hparams["sample_rate"], min_samples])
         datasets[name] = dataset
     if hparams["sorting"] in ("ascending", "descending"):
         datasets["train"] = datasets["train"].filtered_sorted(
@@ -294,23 +344,14 @@ def dataio_prepare(hparams: dict) -> dict:
     for name in names[1:]:
         datasets[name] = datasets[name].filtered_sorted(sort_key="duration")
 
-    @sb.utils.data_pipeline.takes("wav")
-    @sb.utils.data_pipeline.provides("sig")
-    def audio_pipeline(wav):
-        return load_audio(wav, hparams["sample_rate"], min_samples)
-
-    sb.dataio.dataset.add_dynamic_item(list(datasets.values()), audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item(list(datasets.values()),
+                                       AudioReader(hparams["sample_rate"], min_samples),
+                                       takes="wav", provides="sig")
     keys = ["id", "sig"]
     if hparams["task"] == "ctc":
-        sp = hparams["tokenizer"].sp
-
-        @sb.utils.data_pipeline.takes("wrd")
-        @sb.utils.data_pipeline.provides("wrd", "tokens")
-        def text_pipeline(wrd):
-            yield wrd
-            yield torch.LongTensor(sp.encode_as_ids(wrd)) + 1
-
-        sb.dataio.dataset.add_dynamic_item(list(datasets.values()), text_pipeline)
+        sb.dataio.dataset.add_dynamic_item(list(datasets.values()),
+                                           TextTokens(hparams["tokenizer"].sp),
+                                           takes="wrd", provides=["wrd", "tokens"])
         keys += ["wrd", "tokens"]
     sb.dataio.dataset.set_output_keys(list(datasets.values()), keys)
     return datasets
@@ -327,13 +368,14 @@ def load_pretrained_ssl(hparams: dict, ssl_folder: str) -> None:
         collect_in=Path(hparams["save_folder"]) / "pretrained_ssl",
         loadables={"encoder": hparams["encoder"], "normalize": hparams["normalize"]},
         paths={name: str(checkpoint.path / f"{name}.ckpt") for name in ("encoder", "normalize")})
-    pretrainer.collect_files()
+    run_on_main(pretrainer.collect_files)
     pretrainer.load_collected()
     logger.info("Encoder and feature statistics loaded from %s", checkpoint.path)
 
 
-def load_hparams(argv: list[str]) -> tuple[str, object, dict, dict]:
-    """Parses the command line: hparams < ``hparams/devices/<preset>.yaml`` < command line."""
+def parse_command_line(argv: list[str]) -> tuple[str, object, dict]:
+    """hparams file, SpeechBrain run options, and the overrides: ``hparams/devices/<preset>.yaml``
+    (``--device_preset``, default: detected) < command line."""
     preset = "auto"
     if "--device_preset" in argv:
         index = argv.index("--device_preset")
@@ -348,17 +390,43 @@ def load_hparams(argv: list[str]) -> tuple[str, object, dict, dict]:
         raise SystemExit(f"error: --device_preset {preset!r}: no {preset_file}")
     merged = yaml.safe_load(preset_file.read_text())
     merged.update(yaml.safe_load(overrides) or {})
+    logger.info("Device preset %s: %s", preset, preset_file)
+    return hparams_file, resolve_device(run_opts, merged), merged
+
+
+def resolve_device(run_opts, overrides: dict):
+    """``run_opts`` with this process's device (and the DDP backend, unless given).
+
+    A device without an index (``cuda``, from the preset or ``--device``) becomes this rank's
+    GPU under torchrun, ``cuda:<LOCAL_RANK>`` (``cuda:0`` in a single process). Without
+    ``--distributed_backend``, CUDA uses NCCL and other devices gloo.
+    """
+    device = run_opts.device if "device" in run_opts.overridden_args else overrides.get("device")
+    device = device or sb.utils.distributed.infer_device()
+    if device == "cuda":
+        device = f"cuda:{get_local_rank() or 0}"
+    backend = run_opts.distributed_backend
+    if "distributed_backend" not in run_opts.overridden_args:
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+    return dataclasses.replace(run_opts, device=device, distributed_backend=backend,
+                               overridden_args=run_opts.overridden_args | {"device", "distributed_backend"})
+
+
+def load_hparams(hparams_file: str, overrides: dict) -> dict:
+    """Loads the hparams file with the overrides; a bad value stops with one clear line."""
     try:
         with open(hparams_file) as f:
-            hparams = load_hyperpyyaml(f, merged)
+            return load_hyperpyyaml(f, overrides)
     except (KeyError, ValueError, TypeError) as error:
         raise SystemExit(f"error in {hparams_file} (or its overrides): {error}") from None
-    logger.info("Device preset %s: %s", preset, preset_file)
-    return hparams_file, run_opts, hparams, merged
 
 
-def main(argv: list[str]) -> dict:
-    hparams_file, run_opts, hparams, overrides = load_hparams(argv)
+def main(argv: list[str]) -> dict | None:
+    """Trains (and for CTC tests); returns the summary on the main process, None on the others."""
+    hparams_file, run_opts, overrides = parse_command_line(argv)
+    # Before the hparams are loaded: loading trains the CTC tokenizer (on the main process).
+    sb.utils.distributed.ddp_init_group(run_opts)
+    hparams = load_hparams(hparams_file, overrides)
     if hparams["task"] not in BRAINS:
         raise SystemExit(f"error: task {hparams['task']!r} in {hparams_file}; known: {list(BRAINS)}")
     # <output_folder>/hyperparams.yaml: the experiment as run (overrides applied), which
@@ -371,6 +439,9 @@ def main(argv: list[str]) -> dict:
             raise SystemExit(f"error: the {hparams['token_type']} tokenizer of {hparams_file} has "
                              f"{pieces} tokens but vocab_size is {hparams['vocab_size']}; "
                              f"pass --vocab_size {pieces}")
+    # Masks, dropout and noise continue exactly after a resume; optional, so that checkpoints
+    # written before it existed still load.
+    hparams["checkpointer"].add_recoverable("random_state", RandomState(), optional_load=True)
     datasets = dataio_prepare(hparams)
     if hparams.get("pretrained_ssl"):
         load_pretrained_ssl(hparams, hparams["pretrained_ssl"])
@@ -389,8 +460,14 @@ def main(argv: list[str]) -> dict:
     brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["valid"],
               train_loader_kwargs=train_opts, valid_loader_kwargs=hparams["valid_dataloader_opts"])
     train_seconds = round(time.time() - start, 1)
+    if hparams["task"] == "ctc":
+        brain.evaluate(datasets["test"], min_key="WER",
+                       test_loader_kwargs=hparams["valid_dataloader_opts"])
+    if not if_main_process():
+        return None
     history = json.loads((Path(hparams["output_folder"]) / "history.json").read_text())
     output_folder = str(Path(hparams["output_folder"]).resolve())
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if hparams["task"] == "ssl":
         return {
             "ssl_valid_loss_first": history[0]["valid"]["loss"],
@@ -400,15 +477,14 @@ def main(argv: list[str]) -> dict:
             "ssl_code_usage": history[-1]["valid"]["code_usage"],
             "epochs": len(history),
             "train_seconds": train_seconds,
+            "world_size": world_size,
             "output_folder": output_folder,
         }
-    brain.evaluate(datasets["test"], min_key="WER",
-                   test_loader_kwargs=hparams["valid_dataloader_opts"])
     return {
         "ctc_wer": brain.test_stats["WER"], "ctc_cer": brain.test_stats["CER"],
         "ctc_valid_wer_first": history[0]["valid"]["WER"],
         "ctc_valid_wer_last": history[-1]["valid"]["WER"],
-        "epochs": len(history), "train_seconds": train_seconds,
+        "epochs": len(history), "train_seconds": train_seconds, "world_size": world_size,
         "ctc_hparams": str(Path(output_folder) / "hyperparams.yaml"),
         "ctc_output_folder": output_folder,
     }
@@ -420,4 +496,8 @@ if __name__ == "__main__":
     except (AudioFileError, FileNotFoundError) as error:
         # Also raised inside DataLoader workers: keep the message, drop the worker traceback.
         raise SystemExit(f"error: {str(error).strip().splitlines()[-1] if 'Traceback' in str(error) else error}")
-    print(json.dumps(result))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if result is not None:
+        print(json.dumps(result))

@@ -44,7 +44,7 @@ def test_every_sampled_context_keeps_visible_input_in_window(allow_overlap, s):
         seen.add(context)
         lengths = torch.randint(s, 400, (4,), generator=generator)
         feats = torch.randn(4, int(lengths.max()), 80)
-        mask = masker(feats, lengths, context, generator=generator)
+        mask = masker.draw(feats, lengths, context, generator=generator)
         assert mask.shape == feats.shape[:2] and mask.dtype == torch.bool
         assert_in_sync(mask, lengths, s, context)
     assert (-1, -1) in seen and (0, 1) in seen
@@ -54,7 +54,7 @@ def test_masked_fraction_follows_mask_prob():
     masker = CausalBlockMasker(subsampling_factor=4, mask_prob=0.4, block_size=20,
                                allow_overlap=False)
     lengths = torch.full((8,), 2000)
-    mask = masker(torch.randn(8, 2000, 80), lengths, context=(64, 7))
+    mask = masker.draw(torch.randn(8, 2000, 80), lengths, context=(64, 7))
     assert abs(mask.float().mean().item() - 0.4) < 0.03
     runs = torch.diff(mask[0].int(), prepend=torch.zeros(1, dtype=torch.int))
     assert (runs == 1).sum() >= 10  # several blocks, not one
@@ -71,7 +71,7 @@ def test_without_overlap_blocks_cover_exactly_their_share():
 
 def test_frame_that_sees_only_itself_is_rejected():
     with pytest.raises(ValueError, match=r"\[0, 0\]"):
-        CausalBlockMasker()(torch.randn(1, 40, 80), torch.tensor([40]), context=(0, 0))
+        CausalBlockMasker().draw(torch.randn(1, 40, 80), torch.tensor([40]), context=(0, 0))
 
 
 def test_mask_embedding_frozen_or_learned():
@@ -83,7 +83,7 @@ def test_mask_embedding_frozen_or_learned():
     feats = torch.randn(1, 12, 80)
     mask = torch.zeros(1, 12, dtype=torch.bool)
     mask[0, 4:8] = True
-    out = frozen.apply(feats, mask)
+    out = frozen(feats, mask)
     assert torch.equal(out[0, 4], frozen.mask_embedding) and torch.equal(out[0, :4], feats[0, :4])
 
 

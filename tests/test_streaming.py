@@ -134,7 +134,7 @@ def test_masker_follows_narrowest_layer():
     encoder.layer_left_contexts = [1, 6, 12]
     masker = CausalBlockMasker(subsampling_factor=4, mask_prob=0.9, block_size=24)
     lengths = torch.tensor([400, 240])
-    mask = masker(torch.randn(2, 400, 80), lengths, encoder.narrowest_context((16, 0)))
+    mask = masker.draw(torch.randn(2, 400, 80), lengths, encoder.narrowest_context((16, 0)))
     frame_mask = mask[:, ::4]
     for b in range(2):
         for t in frame_mask[b].nonzero().flatten().tolist():

@@ -1,0 +1,85 @@
+"""Checkpoints that survive a hard kill: atomic checkpoint folders and saved random states.
+
+SpeechBrain's ``Checkpointer`` writes the meta file ``CKPT.yaml`` first and the parameter files
+after it, so a process killed while saving leaves a folder that looks complete and is the
+newest: the next run would try to resume from it and fail (or load half a model). Here a
+checkpoint is written into a hidden folder and renamed into place once every file is in it;
+the rename is atomic, so the newest checkpoint folder is always a complete one.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+
+import numpy as np
+import torch
+from speechbrain.utils.checkpoints import (
+    Checkpoint,
+    Checkpointer,
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_PREFIX = ".partial-"  # not "CKPT...": SpeechBrain never lists these folders
+
+
+class AtomicCheckpointer(Checkpointer):
+    """A ``Checkpointer`` whose checkpoint folders appear complete or not at all.
+
+    Folders left behind by a killed save (``.partial-CKPT+...``) are removed at the next save.
+    Arguments as for SpeechBrain's ``Checkpointer``.
+    """
+
+    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None,  # noqa: B006 (parent's API)
+                        verbosity=logging.INFO):
+        if if_main_process():
+            for stale in self.checkpoints_dir.glob(PARTIAL_PREFIX + "*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        saved = super().save_checkpoint(meta, end_of_epoch, name, verbosity)
+        if saved is not None:  # the main process
+            final = saved.path.with_name(saved.path.name[len(PARTIAL_PREFIX):])
+            saved.path.rename(final)
+            saved = Checkpoint(final, saved.meta,
+                               {key: final / path.name for key, path in saved.paramfiles.items()})
+        ddp_barrier()  # every rank lists the renamed folder next (to delete old ones alike)
+        return saved
+
+    def _new_checkpoint_dirpath(self):
+        path = super()._new_checkpoint_dirpath()
+        return path.with_name(PARTIAL_PREFIX + path.name)
+
+    def _custom_checkpoint_dirpath(self, name):
+        path = super()._custom_checkpoint_dirpath(name)
+        return path.with_name(PARTIAL_PREFIX + path.name)
+
+
+@register_checkpoint_hooks
+class RandomState:
+    """The global random generators (Python, NumPy, torch CPU and CUDA) as a recoverable.
+
+    Masking, dropout and noise draw from them: restoring them with the model, optimizer and
+    data position makes a resumed run continue with the draws the interrupted one would have
+    made. Under DDP the main process saves its own states (CUDA: its own device) and every rank
+    restores them.
+    """
+
+    @mark_as_saver
+    def _save(self, path):
+        torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None},
+                   path)
+
+    @mark_as_loader
+    def _load(self, path, end_of_epoch=False):
+        state = torch.load(path, weights_only=False)
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])  # this process's device
