@@ -17,6 +17,7 @@ from speechbrain.utils.checkpoints import (
     mark_as_saver,
     register_checkpoint_hooks,
 )
+from speechbrain.utils.distributed import ddp_broadcast
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class ContextSampler:
     """Draws one streaming context per training batch, seeded and reproducible.
 
     The same draw is handed to the encoder's attention and to the masker (see
-    ``recipes/train.py``), so they never disagree.
+    ``recipes/train.py``), so they never disagree; under DDP every process gets the main
+    process's draw.
 
     Arguments
     ---------
@@ -149,8 +151,8 @@ class ContextSampler:
         logger.info("Context sampler: %s", self.describe())
 
     def sample(self) -> Context:
-        """One context for the next batch."""
-        index = int(torch.multinomial(self.probs, 1, generator=self.generator))
+        """One context for the next batch (under DDP: the main process's draw, on every rank)."""
+        index = ddp_broadcast(int(torch.multinomial(self.probs, 1, generator=self.generator)))
         self.counts[index] += 1
         return self.contexts[index]
 

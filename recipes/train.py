@@ -27,7 +27,9 @@ import yaml
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.distributed import (
+    MainProcessContext,
     ddp_all_reduce,
+    ddp_barrier,
     ddp_broadcast,
     get_local_rank,
     if_main_process,
@@ -107,10 +109,10 @@ class StreamingBrain(sb.Brain):
         return feats, frame_lengths
 
     def training_context(self, stage):
-        """One sampled context per training batch (the main process's draw, on every rank);
-        the encoder's fixed one otherwise."""
+        """One sampled context per training batch (the same on every rank); the encoder's
+        fixed one otherwise."""
         if stage == sb.Stage.TRAIN:
-            return ddp_broadcast(self.hparams.context_sampler.sample())
+            return self.hparams.context_sampler.sample()
         return self.hparams.encoder.context
 
     def log_epoch(self, epoch, stats, extra_meta=None):
@@ -413,19 +415,28 @@ def resolve_device(run_opts, overrides: dict):
 
 
 def load_hparams(hparams_file: str, overrides: dict) -> dict:
-    """Loads the hparams file with the overrides; a bad value stops with one clear line."""
-    try:
-        with open(hparams_file) as f:
-            return load_hyperpyyaml(f, overrides)
-    except (KeyError, ValueError, TypeError) as error:
-        raise SystemExit(f"error in {hparams_file} (or its overrides): {error}") from None
+    """Loads the hparams file with the overrides; a bad value stops with one clear line.
+
+    Under DDP the main process loads it first, alone: loading creates folders and trains the
+    CTC tokenizer, which the other processes then find ready (and only read).
+    """
+    hparams = None
+    for main_turn in (True, False):
+        if if_main_process() == main_turn:
+            with MainProcessContext():  # SpeechBrain's collectives inside become no-ops
+                try:
+                    with open(hparams_file) as f:
+                        hparams = load_hyperpyyaml(f, overrides)
+                except (KeyError, ValueError, TypeError) as error:
+                    raise SystemExit(f"error in {hparams_file} (or its overrides): {error}") from None
+        ddp_barrier()
+    return hparams
 
 
 def main(argv: list[str]) -> dict | None:
     """Trains (and for CTC tests); returns the summary on the main process, None on the others."""
     hparams_file, run_opts, overrides = parse_command_line(argv)
-    # Before the hparams are loaded: loading trains the CTC tokenizer (on the main process).
-    sb.utils.distributed.ddp_init_group(run_opts)
+    sb.utils.distributed.ddp_init_group(run_opts)  # before the hparams load (see load_hparams)
     hparams = load_hparams(hparams_file, overrides)
     if hparams["task"] not in BRAINS:
         raise SystemExit(f"error: task {hparams['task']!r} in {hparams_file}; known: {list(BRAINS)}")
@@ -456,6 +467,10 @@ def main(argv: list[str]) -> dict | None:
                           datasets["train"], max_batch_length=hparams["max_batch_length"],
                           num_buckets=20, length_func=lambda item: float(item["duration"]),
                           shuffle=True)}
+    # The loader's own generator: starting an epoch draws a seed from it, not from the global
+    # generator that masks and dropout use (restored with checkpoints), so a run resumed in the
+    # middle of an epoch makes the same draws as an uninterrupted one.
+    train_opts = {**train_opts, "generator": torch.Generator().manual_seed(hparams["seed"])}
     start = time.time()
     brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["valid"],
               train_loader_kwargs=train_opts, valid_loader_kwargs=hparams["valid_dataloader_opts"])

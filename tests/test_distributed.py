@@ -1,0 +1,131 @@
+"""Scale-out on CPU: torchrun with 2 gloo processes (SSL for both encoders, CTC with a test on
+averaged checkpoints), one context draw per step on every rank, the device each rank takes, and
+data pipelines that spawn-started DataLoader workers can unpickle."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from speechbrain.utils.run_opts import RunOptions
+
+from conftest import ROOT
+from modules.context import ContextSampler
+from test_ctc import CTC_TINY
+from test_recipe import CONMAMBA_TINY, CORPUS, TINY, slice_csv
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def torchrun(tmp_path, hparams, *extra, rows=8):
+    """``torchrun --standalone --nproc_per_node=2 recipes/train.py <hparams> --device cpu ...``
+    (README, "Multi-GPU and clusters") on a slice of the corpus; returns the finished process."""
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "recipes/train.py",
+               f"hparams/{hparams}", "--device", "cpu", "--data_folder", str(CORPUS),
+               "--output_folder", str(tmp_path / "out"),
+               "--train_csv", slice_csv("train", rows, tmp_path / "train.csv"),
+               "--valid_csv", slice_csv("valid", 4, tmp_path / "valid.csv"), *extra]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+def summary_lines(run) -> list[dict]:
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("encoder", ["conformer", "conmamba"])
+def test_torchrun_ssl_two_processes(tmp_path, encoder):
+    tiny = TINY if encoder == "conformer" else CONMAMBA_TINY
+    run = torchrun(tmp_path, f"SSL/{encoder}.yaml", *tiny, "--number_of_epochs", "2")
+    (summary,) = summary_lines(run)  # printed once, by the main process
+    assert summary["world_size"] == 2 and summary["epochs"] == 2
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    # 8 utterances, batches of 4, split over 2 ranks: one step per rank and epoch
+    log = (tmp_path / "out" / "train_log.txt").read_text()
+    assert log.count("epoch: ") == 2
+    for line in log.splitlines():
+        drawn = line.split("contexts_drawn: ")[1].split(", valid_context")[0]
+        assert sum(int(part.rsplit(": ", 1)[1]) for part in drawn.split("; ")) == 1
+
+
+def test_torchrun_ctc_train_valid_and_test_on_averaged_checkpoints(tmp_path):
+    run = torchrun(tmp_path, "CTC/conformer_small.yaml", *CTC_TINY, "--number_of_epochs", "2",
+                   "--test_csv", slice_csv("test", 3, tmp_path / "test.csv"),
+                   "--checkpoints_to_keep", "2", "--average_checkpoints", "2")
+    (summary,) = summary_lines(run)
+    assert summary["world_size"] == 2 and summary["epochs"] == 2
+    assert 0 <= summary["ctc_cer"] and (tmp_path / "out" / "test_wer.txt").is_file()
+    assert len(list((tmp_path / "out" / "save").glob("CKPT+*"))) == 2
+    assert (tmp_path / "out" / "save" / "tokenizer" / "26_char.model").is_file()
+
+
+def _draw_contexts(rank: int, init_file: str, queue) -> None:
+    """One gloo process: a sampler seeded with its own rank draws 30 contexts."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=2)
+    sampler = ContextSampler([[8, 0], [16, 1], [32, 3], [64, 7]], seed=rank)
+    queue.put((rank, [sampler.sample() for _ in range(30)]))
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_trains_with_the_main_process_draw(tmp_path):
+    """Samplers seeded differently on purpose: each step, both ranks use rank 0's draw."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    processes = [context.Process(target=_draw_contexts, args=(rank, str(tmp_path / "init"), queue))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    draws = dict(queue.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    main = ContextSampler([[8, 0], [16, 1], [32, 3], [64, 7]], seed=0)
+    assert draws[0] == draws[1] == [main.sample() for _ in range(30)]
+    assert len(set(draws[1])) > 1
+
+
+@pytest.mark.parametrize("device, local_rank, expected", [
+    ("cuda", "1", ("cuda:1", "nccl")), ("cuda", None, ("cuda:0", "nccl")),
+    ("cuda:3", "1", ("cuda:3", "nccl")), ("cpu", "1", ("cpu", "gloo")), ("mps", None, ("mps", "gloo"))])
+def test_each_process_takes_its_own_device(monkeypatch, device, local_rank, expected):
+    from train import resolve_device
+
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    _, run_opts, _ = RunOptions.from_command_line_args(["x.yaml"])
+    resolved = resolve_device(run_opts, {"device": device})  # the device preset's value
+    assert (resolved.device, resolved.distributed_backend) == expected
+    _, run_opts, _ = RunOptions.from_command_line_args(["x.yaml", "--device", device,
+                                                        "--distributed_backend", "mpi"])
+    assert resolve_device(run_opts, {"device": "cpu"}).distributed_backend == "mpi"
+
+
+def test_data_pipelines_load_in_spawned_workers(tmp_path):
+    """macOS / MPS start DataLoader workers with spawn: the pipelines must pickle."""
+    from hyperpyyaml import load_hyperpyyaml
+    from speechbrain.dataio.dataloader import make_dataloader
+    from train import dataio_prepare
+
+    overrides = {"data_folder": str(CORPUS), "output_folder": str(tmp_path),
+                 "train_csv": slice_csv("train", 4, tmp_path / "train.csv"),
+                 "valid_csv": slice_csv("valid", 2, tmp_path / "valid.csv"),
+                 "test_csv": slice_csv("test", 2, tmp_path / "test.csv"), "vocab_size": 26}
+    with open(ROOT / "hparams" / "CTC" / "conformer_small.yaml") as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    datasets = dataio_prepare(hparams)
+    spawned = next(iter(make_dataloader(datasets["train"], batch_size=2, num_workers=1,
+                                        multiprocessing_context="spawn")))
+    local = next(iter(make_dataloader(datasets["train"], batch_size=2)))
+    assert spawned.id == local.id and spawned.wrd == local.wrd
+    for key in ("sig", "tokens"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(spawned, key), getattr(local, key)))
