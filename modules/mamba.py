@@ -165,7 +165,8 @@ class Mamba(torch.nn.Module):
         if cache is None and self._fused_ok(x):
             out = causal_conv1d_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                    activation="silu")
-            return out.transpose(1, 2), x[:, :, x.shape[2] - (self.d_conv - 1):]
+            # the zeros before the first frame too, when x is shorter than the cache
+            return out.transpose(1, 2), F.pad(x, (self.d_conv - 1, 0))[:, :, x.shape[2]:]
         if cache is None:
             cache = x.new_zeros(x.shape[0], x.shape[1], self.d_conv - 1)
         x = torch.cat([cache, x], dim=2)
