@@ -134,17 +134,25 @@ class RotarySelfAttention(torch.nn.Module):
         y = y.view(batch, num_blocks, heads, block, head_dim).transpose(1, 2)
         return y.reshape(batch, heads, padded, head_dim)[:, :, :frames]
 
-    def forward_streaming(self, x: torch.Tensor, cache: dict, context: Context) -> torch.Tensor:
+    def forward_streaming(self, x: torch.Tensor, cache: dict, context: Context,
+                          valid: torch.Tensor | None = None) -> torch.Tensor:
         """One chunk (B, C, D) -> (B, C, D); ``cache`` holds the last ``left`` keys and values.
 
         ``cache`` (filled in place): ``position`` (frames seen), ``k`` and ``v`` (B, H, <= left,
-        head_dim). Every key in the cache and the chunk is inside the chunk's window.
+        head_dim). Every key in the cache and the chunk is inside the chunk's window. ``valid``
+        (B, C): the chunk's padding frames are not attended to (a frame keeps itself).
         """
         left = context[0]
         q, k, v = self._project(x, cache.get("position", 0))
         if "k" in cache:
             k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v)
+        mask = None
+        if valid is not None:
+            cached = k.shape[2] - x.shape[1]
+            keys = F.pad(valid, (cached, 0), value=True)  # (B, cached + C)
+            itself = F.pad(torch.eye(x.shape[1], dtype=torch.bool, device=x.device), (cached, 0))
+            mask = (keys[:, None, :] | itself)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if left > 0:
             cache["k"], cache["v"] = k[:, :, -left:], v[:, :, -left:]
         cache["position"] = cache.get("position", 0) + x.shape[1]

@@ -38,11 +38,13 @@ class MacaronBlock(torch.nn.Module):
         x = x + 0.5 * self.ffn_out(x)
         return self.norm_out(x)
 
-    def forward_streaming(self, x: torch.Tensor, state: "LayerState", context: Context) -> torch.Tensor:
-        """One chunk (B, C, D) -> (B, C, D), continuing the stream held in ``state``."""
+    def forward_streaming(self, x: torch.Tensor, state: "LayerState", context: Context,
+                          valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One chunk (B, C, D) -> (B, C, D), continuing the stream held in ``state``; ``valid``
+        (B, C) marks the frames that belong to each stream (None: all)."""
         x = x + 0.5 * self.ffn_in(x)
-        x = x + self.mixer.forward_streaming(self.mixer_norm(x), state.mixer, context)
-        conv_out, state.conv = self.conv(x, cache=state.conv)
+        x = x + self.mixer.forward_streaming(self.mixer_norm(x), state.mixer, context, valid)
+        conv_out, state.conv = self.conv(x, valid, cache=state.conv)
         x = x + conv_out
         x = x + 0.5 * self.ffn_out(x)
         return self.norm_out(x)
@@ -148,19 +150,24 @@ class StreamingEncoder(torch.nn.Module):
         """Input feature frames per chunk: ``(right + 1) * s``."""
         return (state.context[1] + 1) * self.subsampling_factor
 
-    def forward_streaming(self, feats: torch.Tensor, state: StreamingState) -> torch.Tensor:
-        """Encodes the next chunk of a stream.
+    def forward_streaming(self, feats: torch.Tensor, state: StreamingState,
+                          lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Encodes the next chunk of a stream (or of B streams side by side).
 
         Arguments
         ---------
         feats : (B, chunk_frames, n_mels) normalized features; the last chunk of a stream may
             be shorter (it is padded like the offline input, and ends the stream).
         state : from ``make_streaming_context``; updated in place.
+        lengths : (B,) how many of the chunk's feature frames belong to each stream; the rest is
+            padding (a shorter utterance that ended in a batch of streams), masked as the
+            offline ``lengths`` mask it. None: all of them.
 
         Returns
         -------
         (B, right + 1, d_model) encoder frames (fewer for a short last chunk): the frames that
-        this chunk completes, equal to the offline output under the same context.
+        this chunk completes, equal to the offline output under the same context (on each
+        stream's own frames).
         """
         expected = self.chunk_frames(state)
         if state.finished:
@@ -170,7 +177,34 @@ class StreamingEncoder(torch.nn.Module):
             raise ValueError(f"a chunk has {expected} feature frames ((right + 1) x s for context "
                              f"{list(state.context)}), got {feats.shape[1]}")
         state.finished = feats.shape[1] < expected
+        valid = None
+        if lengths is not None:
+            frames = torch.arange(feats.shape[1], device=feats.device)
+            feats = feats.masked_fill((frames[None] >= lengths[:, None])[..., None], 0.0)
         x, state.subsampling = self.subsampling(feats, state.subsampling)
+        if lengths is not None:
+            enc_lengths = -(-lengths // self.subsampling_factor)
+            valid = torch.arange(x.shape[1], device=x.device)[None] < enc_lengths[:, None]
         for layer, layer_state, context in zip(self.layers, state.layers, state.layer_contexts):
-            x = layer.forward_streaming(x, layer_state, context)
+            x = layer.forward_streaming(x, layer_state, context, valid)
         return x
+
+    def encode_in_chunks(self, feats: torch.Tensor, lengths: torch.Tensor | None = None,
+                         context: Context | None = None) -> torch.Tensor:
+        """``forward``, computed the streaming way: each row of ``feats`` is its own stream, fed
+        chunk by chunk (``lengths``: relative, as for ``forward``; None: all full).
+
+        Returns
+        -------
+        (B, ceil(T / s), d_model), equal to ``forward(feats, lengths, context)`` on each
+        stream's own frames.
+        """
+        state = self.make_streaming_context(context)
+        size = self.chunk_frames(state)
+        frames = None if lengths is None else torch.round(lengths * feats.shape[1]).long()
+        outputs = []
+        for start in range(0, feats.shape[1], size):
+            chunk_lengths = None if frames is None else (frames - start).clamp(0, size)
+            outputs.append(self.forward_streaming(feats[:, start:start + size], state,
+                                                  chunk_lengths))
+        return torch.cat(outputs, dim=1)

@@ -242,8 +242,10 @@ class Mamba(torch.nn.Module):
                                        first_state, compiled=compiled)
         return torch.cat([y[:, :start], y[:, start:] - correction.to(y.dtype)], dim=1)
 
-    def forward_streaming(self, x: torch.Tensor, cache: dict, context: Context) -> torch.Tensor:
-        """One chunk (B, C, d_model) -> (B, C, d_model), equal to the offline frames.
+    def forward_streaming(self, x: torch.Tensor, cache: dict, context: Context,
+                          valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One chunk (B, C, d_model) -> (B, C, d_model), equal to the offline frames (``valid``
+        is not needed: the layer is causal and padding comes after a stream's frames).
 
         ``cache`` (updated in place): ``conv`` (B, d_inner, d_conv - 1) and either ``state``
         (B, d_inner, d_state; ``left = -1``) or ``window`` (the last ``left`` SSM inputs).

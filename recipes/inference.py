@@ -29,16 +29,18 @@ def load_averaged_best(checkpointer, modules: dict, count: int) -> None:
 
 
 class Recognizer:
-    """Encoder + CTC head + tokenizer + feature statistics of a CTC run, in eval mode.
+    """Encoder + CTC head + tokenizer + feature statistics of a CTC run, in eval mode on ``device``.
 
     Arguments
     ---------
     hparams_file : the CTC hparams file the model was trained with.
     output_folder : the run's output folder (holds ``save/``).
     overrides : other hparams overrides used in training (e.g. model sizes).
+    device : where to decode ("cpu", "cuda", "cuda:1", "mps").
     """
 
-    def __init__(self, hparams_file: str, output_folder: str, overrides: dict | None = None):
+    def __init__(self, hparams_file: str, output_folder: str, overrides: dict | None = None,
+                 device: str = "cpu"):
         if not (Path(output_folder) / "save").is_dir():
             raise FileNotFoundError(f"{output_folder}: no save/ folder; give the output folder of "
                                     "a CTC training run")
@@ -48,8 +50,9 @@ class Recognizer:
         load_averaged_best(self.hparams["checkpointer"],
                            {"encoder": self.encoder, "ctc_head": self.hparams["ctc_head"]},
                            self.hparams["average_checkpoints"])
-        for module in (self.encoder, self.hparams["ctc_head"], self.hparams["normalize"]):
-            module.eval()
+        self.device = torch.device(device)
+        for name in ("encoder", "ctc_head", "normalize"):
+            self.hparams[name] = self.hparams[name].to(self.device).eval()
         self.sp = self.hparams["tokenizer"].sp
 
     @property
@@ -60,23 +63,39 @@ class Recognizer:
         """A preset name, ``"L,R"`` or pair -> ``(left, right)``."""
         return parse_context(spec, self.hparams["context_presets"])
 
-    def features(self, samples: torch.Tensor) -> torch.Tensor:
-        """(B, n) audio -> (B, frames, n_mels) globally normalized features."""
-        return self.normalize(self.hparams["compute_features"](samples))
-
-    def normalize(self, feats: torch.Tensor) -> torch.Tensor:
+    def normalize(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Global statistics, frame by frame (streaming-safe)."""
-        return self.hparams["normalize"](feats) if feats.shape[1] else feats
+        return self.hparams["normalize"](feats, lengths) if feats.shape[1] else feats
 
     def log_probs(self, encoded: torch.Tensor) -> torch.Tensor:
         return self.hparams["ctc_head"](encoded).log_softmax(-1)
 
     @torch.no_grad()
+    def transcribe_batch(self, wavs: torch.Tensor, wav_lens: torch.Tensor, context: Context,
+                         streaming: bool = False) -> list[str]:
+        """Greedy transcripts of a padded batch of audio under ``context``.
+
+        Arguments
+        ---------
+        wavs : (B, n) audio, zero-padded.
+        wav_lens : (B,) relative lengths.
+        streaming : encode chunk by chunk (every utterance its own stream, side by side), which
+            gives the offline outputs; False: one offline forward.
+        """
+        wavs, wav_lens = wavs.to(self.device), wav_lens.to(self.device)
+        fbank = self.hparams["compute_features"]
+        frames = fbank.num_frames(torch.round(wav_lens * wavs.shape[1]).long())
+        feats = fbank(wavs)
+        lengths = frames / feats.shape[1]
+        feats = self.normalize(feats, lengths)
+        encode = self.encoder.encode_in_chunks if streaming else self.encoder
+        encoded = encode(feats, lengths, context)
+        enc_lengths = -(-frames // self.encoder.subsampling_factor) / encoded.shape[1]
+        return greedy_transcripts(self.log_probs(encoded).cpu(), enc_lengths.cpu(), self.sp)
+
     def transcribe(self, samples: torch.Tensor, context: Context) -> str:
         """Offline greedy transcript of one (n,) utterance under ``context``."""
-        feats = self.features(samples[None])
-        log_probs = self.log_probs(self.encoder(feats, context=context))
-        return greedy_transcripts(log_probs, torch.ones(1), self.sp)[0]
+        return self.transcribe_batch(samples[None], torch.ones(1), context)[0]
 
     def stream(self, context: Context) -> "Stream":
         return Stream(self, context)
@@ -96,7 +115,8 @@ class Stream:
     @torch.no_grad()
     def push(self, samples: torch.Tensor) -> str:
         """Feeds (n,) new samples; returns the transcript of every complete chunk so far."""
-        feats = self.recognizer.normalize(self.front_end.push(samples[None]))
+        feats = self.recognizer.normalize(
+            self.front_end.push(samples[None].to(self.recognizer.device)))
         self.pending = feats if self.pending is None else torch.cat([self.pending, feats], dim=1)
         while self.pending.shape[1] >= self.chunk:
             self._encode(self.pending[:, :self.chunk])
@@ -118,8 +138,15 @@ class Stream:
     def text(self) -> str:
         if not self.outputs:
             return ""
-        return greedy_transcripts(torch.cat(self.outputs, dim=1), torch.ones(1),
+        return greedy_transcripts(torch.cat(self.outputs, dim=1).cpu(), torch.ones(1),
                                   self.recognizer.sp)[0]
+
+
+def default_device() -> str:
+    """CUDA, else MPS, else CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def run_cli(main: Callable[[list], dict]) -> None:

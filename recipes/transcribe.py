@@ -5,7 +5,7 @@ Usage::
 
     python recipes/transcribe.py hparams/CTC/conformer_small.yaml --output_folder <trained folder> \\
         --audio speech.flac [--context medium] [--mode stream|benchmark|auto] \\
-        [--latency_budget_ms 300] [--any_training_override value ...]
+        [--latency_budget_ms 300] [--device cuda] [--any_training_override value ...]
 
 - ``stream`` (default): feeds the audio one chunk at a time, prints the partial transcript as
   each chunk arrives, then the final one, which equals the offline transcript.
@@ -24,7 +24,7 @@ import time
 
 from dataio import load_audio
 from evaluate import streamable, training_overrides
-from inference import Recognizer, run_cli
+from inference import Recognizer, default_device, run_cli
 from modules.context import describe_context
 
 
@@ -90,10 +90,11 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--context", default=None, help="preset or 'L,R' (default: valid_context)")
     parser.add_argument("--mode", choices=["stream", "benchmark", "auto"], default="stream")
     parser.add_argument("--latency_budget_ms", type=float, default=None)
+    parser.add_argument("--device", default=default_device(), help="default: cuda, mps or cpu")
     args, rest = parser.parse_known_args(argv)
     if args.mode == "auto" and args.latency_budget_ms is None:
         raise ValueError("--mode auto needs --latency_budget_ms")
-    recognizer = Recognizer(args.hparams, args.output_folder, training_overrides(rest))
+    recognizer = Recognizer(args.hparams, args.output_folder, training_overrides(rest), args.device)
     samples = load_audio(args.audio, recognizer.hparams["sample_rate"])
     if args.mode == "benchmark":
         rows = benchmark(recognizer, samples)

@@ -1,13 +1,17 @@
 """evaluate.py and transcribe.py on a small trained CTC model: JSON contract, streaming == offline,
 and the latency-budget choice."""
+import csv
 import json
 import subprocess
 import sys
 
 import pytest
+from speechbrain.utils.data_utils import batch_pad_right
 
 import evaluate
 import transcribe
+from dataio import load_audio
+from inference import Recognizer
 from conftest import ROOT
 from test_ctc import CTC_TINY
 from test_recipe import CORPUS, slice_csv
@@ -52,6 +56,29 @@ def test_evaluate_several_contexts_writes_table_and_plot(trained):
     assert len(open(result["table_csv"]).read().splitlines()) == 6
     assert "| [32, 3] | [32, 3] (left 1.28 s, chunk 0.16 s) | streaming |" in open(
         result["table_md"]).read()
+
+
+def test_batched_and_streamed_decoding_give_the_same_transcripts(trained):
+    """A padded batch or one utterance at a time, offline or chunk by chunk: the same
+    transcripts (the test split's utterances have different lengths)."""
+    hparams, folder, test_csv = trained
+    recognizer = Recognizer(hparams, folder, device="cpu")
+    audio = [load_audio(row["wav"].replace("$data_root", str(CORPUS)))
+             for row in csv.DictReader(open(test_csv))]
+    wavs, wav_lens = batch_pad_right(audio)
+    context = recognizer.context("low")
+    alone = [recognizer.transcribe(samples, context) for samples in audio]
+    assert all(alone)  # the tiny model spells something: the comparison below can fail
+    for streaming in (False, True):
+        assert recognizer.transcribe_batch(wavs, wav_lens, context, streaming) == alone
+    results = [evaluate.main([hparams, "--output_folder", folder, "--test_csv", test_csv,
+                              "--context", "low", "--device", "cpu", "--batch_size", size, *mode])
+               for size in ("1", "3") for mode in ([], ["--streaming"])]
+    assert [r["streaming"] for r in results] == [False, True, False, True]
+    assert len({(r["wer"], r["cer"]) for r in results}) == 1
+    with pytest.raises(ValueError, match="--batch_size"):
+        evaluate.main([hparams, "--output_folder", folder, "--test_csv", test_csv,
+                       "--batch_size", "0"])
 
 
 def test_streaming_transcript_equals_offline(trained):
