@@ -53,9 +53,11 @@ def test_torchrun_ssl_two_processes(tmp_path, encoder):
 
 
 def test_torchrun_ctc_train_valid_and_test_on_averaged_checkpoints(tmp_path):
+    """With the CUDA preset's dynamic batches (split over the ranks by SpeechBrain's wrapper)."""
     run = torchrun(tmp_path, "CTC/conformer_small.yaml", *CTC_TINY, "--number_of_epochs", "2",
                    "--test_csv", slice_csv("test", 3, tmp_path / "test.csv"),
-                   "--checkpoints_to_keep", "2", "--average_checkpoints", "2")
+                   "--checkpoints_to_keep", "2", "--average_checkpoints", "2",
+                   "--dynamic_batching", "True", "--max_batch_length", "8")
     (summary,) = summary_lines(run)
     assert summary["world_size"] == 2 and summary["epochs"] == 2
     assert 0 <= summary["ctc_cer"] and (tmp_path / "out" / "test_wer.txt").is_file()

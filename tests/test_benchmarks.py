@@ -1,0 +1,39 @@
+"""The GPU check and the throughput benchmark run end to end (on the CPU, tiny models): their
+JSON contract, not their timings."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_script(*args):
+    run = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_gpu_check_script_runs_its_checks():
+    report = run_script("benchmarks/gpu_check.py", "--device", "cpu", "--quick")
+    assert report["passed"] and report["quantizer"]["changed_fraction"] == 0.0
+    assert not report["fused"]["available"]  # no CUDA here: reported, not guessed
+    assert {r["encoder"] for r in report["streaming"]["rows"]} == {"conformer", "conmamba"}
+    steps = report["steps"]["rows"]
+    assert {(r["task"], r["encoder"]) for r in steps} == {
+        (task, encoder) for task in ("SSL", "CTC") for encoder in ("conformer", "conmamba")}
+    assert {r["context"] for r in steps} == {"very_low", "low", "medium", "high", "unlimited"}
+    assert all(len(r["losses"]) == 3 and r["step_seconds"] > 0 for r in steps)
+    assert [r["seconds_per_utterance"] for r in report["steps"]["scaling"]] == [2, 4, 2, 4]
+
+
+def test_throughput_rows():
+    report = run_script("benchmarks/throughput.py", "--steps", "1", "--batch_size", "2",
+                        "--seconds", "3", "--contexts", "very_low", "unlimited",
+                        "--override", "d_model=32", "--override", "nhead=2",
+                        "--override", "num_encoder_layers=1", "--override", "d_ffn=64")
+    assert [(r["encoder"], r["context"]) for r in report["rows"]] == [
+        ("conformer", "very_low"), ("conformer", "unlimited"),
+        ("conmamba", "very_low"), ("conmamba", "unlimited")]
+    assert all(r["audio_seconds_per_second"] > 0 and r["batch_audio_seconds"] >= 6
+               for r in report["rows"])
