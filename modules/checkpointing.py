@@ -40,12 +40,14 @@ class AtomicCheckpointer(Checkpointer):
         if if_main_process():
             for stale in self.checkpoints_dir.glob(PARTIAL_PREFIX + "*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        saved = super().save_checkpoint(meta, end_of_epoch, name, verbosity)
+        saved = super().save_checkpoint(meta, end_of_epoch, name, verbosity=logging.DEBUG)
         if saved is not None:  # the main process
             final = saved.path.with_name(saved.path.name[len(PARTIAL_PREFIX):])
             saved.path.rename(final)
             saved = Checkpoint(final, saved.meta,
                                {key: final / path.name for key, path in saved.paramfiles.items()})
+            kind = "end-of-epoch" if end_of_epoch else "intra-epoch"
+            logger.log(verbosity, "Saved an %s checkpoint in %s", kind, final)
         ddp_barrier()  # every rank lists the renamed folder next (to delete old ones alike)
         return saved
 

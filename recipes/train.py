@@ -410,8 +410,9 @@ def resolve_device(run_opts, overrides: dict):
     backend = run_opts.distributed_backend
     if "distributed_backend" not in run_opts.overridden_args:
         backend = "nccl" if device.startswith("cuda") else "gloo"
+    chosen = run_opts.overridden_args | {"device", "distributed_backend"}
     return dataclasses.replace(run_opts, device=device, distributed_backend=backend,
-                               overridden_args=run_opts.overridden_args | {"device", "distributed_backend"})
+                               overridden_args=chosen)
 
 
 def load_hparams(hparams_file: str, overrides: dict) -> dict:
@@ -434,7 +435,7 @@ def load_hparams(hparams_file: str, overrides: dict) -> dict:
 
 
 def main(argv: list[str]) -> dict | None:
-    """Trains (and for CTC tests); returns the summary on the main process, None on the others."""
+    """Trains (CTC: then tests); returns the summary on the main process, None on the others."""
     hparams_file, run_opts, overrides = parse_command_line(argv)
     sb.utils.distributed.ddp_init_group(run_opts)  # before the hparams load (see load_hparams)
     hparams = load_hparams(hparams_file, overrides)
