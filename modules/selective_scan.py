@@ -43,6 +43,7 @@ CHUNK_FRAMES = 8            # frames per chunk inside a block: one Python step p
 # (fewer, larger kernels), at most ACCELERATOR_MAX_BLOCK_FRAMES frames.
 ACCELERATOR_BLOCK_ELEMENTS = 2 ** 26
 ACCELERATOR_MAX_BLOCK_FRAMES = 512
+KERNEL_SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
 
 
 def _block_frames(u: torch.Tensor, state: int) -> int:
@@ -52,7 +53,6 @@ def _block_frames(u: torch.Tensor, state: int) -> int:
     per_frame = u.shape[0] * u.shape[2] * state
     frames = min(ACCELERATOR_MAX_BLOCK_FRAMES, max(1, ACCELERATOR_BLOCK_ELEMENTS // per_frame))
     return max(CHUNK_FRAMES, frames // CHUNK_FRAMES * CHUNK_FRAMES)
-KERNEL_SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
 
 
 # ----------------------------------------------------------------- chunked blocks
