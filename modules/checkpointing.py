@@ -2,9 +2,11 @@
 
 SpeechBrain's ``Checkpointer`` writes the meta file ``CKPT.yaml`` first and the parameter files
 after it, so a process killed while saving leaves a folder that looks complete and is the
-newest: the next run would try to resume from it and fail (or load half a model). Here a
-checkpoint is written into a hidden folder and renamed into place once every file is in it;
-the rename is atomic, so the newest checkpoint folder is always a complete one.
+newest: the next run would try to resume from it and fail (or load half a model). It also
+deletes old checkpoints file by file, so a kill while deleting leaves a listed checkpoint with
+files missing. Here a checkpoint is written into a hidden folder and renamed into place once
+every file is in it, and renamed out of the listing before its files are removed; renames are
+atomic, so every listed checkpoint folder is a complete one.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from speechbrain.utils.checkpoints import (
     Checkpoint,
     Checkpointer,
+    ckpt_recency,
     mark_as_loader,
     mark_as_saver,
     register_checkpoint_hooks,
@@ -29,10 +32,10 @@ PARTIAL_PREFIX = ".partial-"  # not "CKPT...": SpeechBrain never lists these fol
 
 
 class AtomicCheckpointer(Checkpointer):
-    """A ``Checkpointer`` whose checkpoint folders appear complete or not at all.
+    """A ``Checkpointer`` whose checkpoint folders appear and disappear whole.
 
-    Folders left behind by a killed save (``.partial-CKPT+...``) are removed at the next save.
-    Arguments as for SpeechBrain's ``Checkpointer``.
+    Folders left behind by a killed save or deletion (``.partial-CKPT+...``) are removed at the
+    next save. Arguments as for SpeechBrain's ``Checkpointer``.
     """
 
     def save_checkpoint(self, meta={}, end_of_epoch=True, name=None,  # noqa: B006 (parent's API)
@@ -50,6 +53,34 @@ class AtomicCheckpointer(Checkpointer):
             logger.log(verbosity, "Saved an %s checkpoint in %s", kind, final)
         ddp_barrier()  # every rank lists the renamed folder next (to delete old ones alike)
         return saved
+
+    def delete_checkpoints(self, *, num_to_keep=1, min_keys=None, max_keys=None,
+                           importance_keys=(ckpt_recency,), ckpt_predicate=None,
+                           verbosity=logging.INFO):
+        """SpeechBrain's ``delete_checkpoints`` (same arguments: for each key, the best
+        ``num_to_keep`` are kept), each folder renamed out of the listing before its removal.
+
+        Written out because SpeechBrain's version calls ``Checkpointer._delete_checkpoint`` by
+        name, which a subclass cannot replace.
+        """
+        if num_to_keep < 0:
+            raise ValueError("Number of checkpoints to keep must be positive.")
+        keys = ([{"min_key": key} for key in min_keys or []]
+                + [{"max_key": key} for key in max_keys or []]
+                + [{"importance_key": key} for key in importance_keys])
+        candidates, kept = set(), set()
+        for key in keys:
+            candidates.update(self.find_checkpoints(ckpt_predicate=ckpt_predicate, **key))
+            kept.update(self.find_checkpoints(ckpt_predicate=ckpt_predicate,
+                                              max_num_checkpoints=num_to_keep, **key))
+        ddp_barrier()  # every rank has listed them before any is removed
+        if if_main_process():
+            for checkpoint in candidates - kept:
+                trash = checkpoint.path.with_name(PARTIAL_PREFIX + checkpoint.path.name)
+                checkpoint.path.rename(trash)
+                shutil.rmtree(trash)
+                logger.log(verbosity, "Deleted checkpoint in %s", checkpoint.path)
+        ddp_barrier()
 
     def _new_checkpoint_dirpath(self):
         path = super()._new_checkpoint_dirpath()

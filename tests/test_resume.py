@@ -39,8 +39,7 @@ def checkpoint_position(folder):
 
 
 def newest_checkpoint(save):
-    folders = sorted(save.glob("CKPT+*"), key=lambda f: f.stat().st_mtime)
-    return folders[-1] if folders else None
+    return AtomicCheckpointer(save).find_checkpoint().path  # by the time in its meta file
 
 
 def test_kill_9_mid_epoch_resumes_exactly(tmp_path):
@@ -78,6 +77,7 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
     import torch
     sys.path.insert(0, {root!r})
     from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+    from modules import checkpointing as checkpoint_module
     from modules.checkpointing import AtomicCheckpointer
 
     @register_checkpoint_hooks
@@ -97,6 +97,9 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
     model, dies = torch.nn.Linear(3, 3), DiesWhileSaving()
     checkpointer = AtomicCheckpointer(sys.argv[1], {{"model": model, "zz_dies": dies}})
     checkpointer.save_checkpoint(meta={{"n": 1}})
+    if sys.argv[2] == "deleting":  # killed once the old folder is out of the listing
+        checkpoint_module.shutil.rmtree = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+        checkpointer.save_and_keep_only(meta={{"n": 2}}, num_to_keep=1)
     with torch.no_grad():
         model.weight += 1
     dies.armed = True
@@ -107,8 +110,8 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
 def test_kill_while_saving_keeps_the_previous_checkpoint_newest(tmp_path):
     script = tmp_path / "save.py"
     script.write_text(KILLED_WHILE_SAVING.format(root=str(ROOT)))
-    run = subprocess.run([sys.executable, str(script), str(tmp_path / "save")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "save"), "saving"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == -9, run.stderr[-2000:]
     partial = list((tmp_path / "save").glob(".partial-CKPT+*"))
     assert len(partial) == 1 and (partial[0] / "model.ckpt").is_file()  # the interrupted save
@@ -122,3 +125,14 @@ def test_kill_while_saving_keeps_the_previous_checkpoint_newest(tmp_path):
     checkpointer.save_checkpoint(meta={"n": 3})  # the next save clears the leftover
     assert not list((tmp_path / "save").glob(".partial-*"))
     assert sorted(c.meta["n"] for c in checkpointer.list_checkpoints()) == [1, 3]
+
+
+def test_kill_while_deleting_leaves_no_checkpoint_with_missing_files(tmp_path):
+    script = tmp_path / "save.py"
+    script.write_text(KILLED_WHILE_SAVING.format(root=str(ROOT)))
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "save"), "deleting"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == -9, run.stderr[-2000:]
+    checkpoints = AtomicCheckpointer(tmp_path / "save").list_checkpoints()
+    assert [c.meta["n"] for c in checkpoints] == [2]  # the old one is out of the listing
+    assert set(checkpoints[0].paramfiles) == {"model", "zz_dies"}
