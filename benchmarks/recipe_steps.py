@@ -44,6 +44,9 @@ def recipe_brain(hparams_file: str, overrides: dict, device: str, precision: str
         run_opts={"device": device, "precision": precision, "noprogressbar": True},
         checkpointer=hparams["checkpointer"])
     brain.init_optimizers()
+    if hparams["task"] == "ctc":  # LR schedule of a 1000-step run, past the head-only phase
+        brain.plan_schedule(1000 // hparams["number_of_epochs"] or 1)
+        brain.optimizer_step = brain.head_only_steps
     brain.hparams.epoch_counter.current = 1  # in epoch 1: feature statistics frozen
     brain.on_stage_start(sb.Stage.TRAIN, 1)
     return brain

@@ -105,7 +105,8 @@ class StreamingEncoder(torch.nn.Module):
         return [self.check_context(context)] * len(self.layers)
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None,
-                context: Context | None = None, **options) -> torch.Tensor:
+                context: Context | None = None, num_layers: int | None = None,
+                **options) -> torch.Tensor:
         """Encodes features.
 
         Arguments
@@ -113,6 +114,8 @@ class StreamingEncoder(torch.nn.Module):
         feats : (B, T, n_mels) normalized features.
         lengths : (B,) relative lengths in (0, 1] (SpeechBrain convention); None = all full.
         context : ``[left, right]`` in encoder frames; None = the fixed context.
+        num_layers : run the first ``num_layers`` blocks only (e.g. to probe a middle layer);
+            None: all of them.
         options : passed to every block's mixer (e.g. ``banded=False`` for the Conformer).
 
         Returns
@@ -120,6 +123,9 @@ class StreamingEncoder(torch.nn.Module):
         (B, ceil(T / s), d_model) encoder frames. Frames past an utterance's end are padding.
         """
         context = self.context if context is None else self.check_context(context)
+        if num_layers is not None and not 1 <= num_layers <= len(self.layers):
+            raise ValueError(f"num_layers (probe_layer) must be in 1..{len(self.layers)}, "
+                             f"got {num_layers}")
         valid = enc_lengths = None
         if lengths is not None:
             abs_lengths = torch.round(lengths * feats.shape[1]).long()
@@ -129,7 +135,7 @@ class StreamingEncoder(torch.nn.Module):
         if lengths is not None:
             enc_lengths = -(-abs_lengths // self.subsampling_factor)
             valid = torch.arange(x.shape[1], device=x.device)[None] < enc_lengths[:, None]
-        for layer, layer_context in zip(self.layers, self.layer_contexts(context)):
+        for layer, layer_context in zip(self.layers[:num_layers], self.layer_contexts(context)):
             x = layer(x, layer_context, valid, enc_lengths, **options)
         return x
 

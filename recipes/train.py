@@ -14,6 +14,7 @@ The last line printed to stdout (by the main process only) is one JSON object su
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,6 +26,7 @@ import torch
 import speechbrain as sb
 import yaml
 from hyperpyyaml import load_hyperpyyaml
+from speechbrain.augment.time_domain import SpeedPerturb
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.utils.distributed import (
     MainProcessContext,
@@ -51,7 +53,7 @@ from modules.checkpointing import RandomState  # noqa: E402
 from modules.context import describe_context, set_dynamic_context  # noqa: E402
 from modules.ctc import BeamTranscriber, ctc_loss, greedy_transcripts  # noqa: E402
 from modules.heads import masked_token_loss  # noqa: E402
-from modules.masker import encoder_frame_mask  # noqa: E402
+from modules.masker import encoder_frame_mask, masked_frame_counts  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -158,13 +160,14 @@ class SSLBrain(StreamingBrain):
         # Validation: fixed context and fixed masks, so losses compare across epochs.
         generator = None if stage == sb.Stage.TRAIN else self.valid_generator
         # Same draw for both; with per-layer caps the masker respects the narrowest layer.
-        input_mask = self.hparams.masker.draw(
-            inputs, frame_lengths, self.hparams.encoder.narrowest_context(context),
-            generator=generator)
+        window = self.hparams.encoder.narrowest_context(context)
+        input_mask = self.hparams.masker.draw(inputs, frame_lengths, window, generator=generator)
         encoded = self.modules.encoder(self.modules.masker(inputs, input_mask),
                                        frame_lengths / feats.shape[1], context)
         logits = self.modules.heads(encoded)
-        frame_mask = encoder_frame_mask(input_mask, self.hparams.subsampling_factor)
+        s = self.hparams.subsampling_factor
+        frame_mask = encoder_frame_mask(input_mask, s)
+        self.mask_counts += masked_frame_counts(frame_mask, -(-frame_lengths // s), window)
         return logits, targets, frame_mask
 
     def compute_objectives(self, predictions, batch, stage):
@@ -177,7 +180,6 @@ class SSLBrain(StreamingBrain):
         with torch.no_grad():
             masked_targets = targets[frame_mask]  # (N, books)
             self.correct += (logits[frame_mask].argmax(-1) == masked_targets).sum(0).cpu()
-            self.masked_frames += masked_targets.shape[0]
             for book in range(self.num_books):
                 self.code_counts[book] += torch.bincount(
                     masked_targets[:, book].cpu(), minlength=self.hparams.num_classes)
@@ -190,7 +192,7 @@ class SSLBrain(StreamingBrain):
     def on_stage_start(self, stage, epoch=None):
         self.num_books = self.hparams.num_books
         self.correct = torch.zeros(self.num_books, dtype=torch.long)
-        self.masked_frames = 0
+        self.mask_counts = torch.zeros(3, dtype=torch.long)  # see masked_frame_counts
         self.empty_batches = 0
         self.code_counts = torch.zeros(self.num_books, self.hparams.num_classes, dtype=torch.long)
         if stage != sb.Stage.TRAIN:
@@ -201,7 +203,8 @@ class SSLBrain(StreamingBrain):
     def stage_stats(self, stage_loss):
         """Loss, masked-token accuracy per book, codebook usage and perplexity of the targets."""
         stats = {"loss": stage_loss}
-        accuracy = self.correct.float() / max(self.masked_frames, 1)
+        valid_frames, masked_frames, masked_seeing_future = self.mask_counts.tolist()
+        accuracy = self.correct.float() / max(masked_frames, 1)
         for book, value in enumerate(accuracy.tolist()):
             stats[f"acc_book{book}"] = value
         stats["masked_acc"] = accuracy.mean().item()
@@ -209,18 +212,22 @@ class SSLBrain(StreamingBrain):
         entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
         stats["code_usage"] = (self.code_counts > 0).float().mean().item()
         stats["code_perplexity"] = entropy.exp().mean().item()
+        # What masking really did: overlapping blocks mask less than mask_prob, and a masked frame
+        # with no visible frame after it in its window can only be forecast from the past.
+        stats["masked_fraction"] = masked_frames / max(valid_frames, 1)
+        stats["masked_seeing_future"] = masked_seeing_future / max(masked_frames, 1)
         if self.empty_batches:
             stats["batches_without_mask"] = self.empty_batches
         return stats
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:  # each rank saw its own shard: sum the counts
-            counts = torch.cat([self.correct, torch.tensor([self.masked_frames, self.empty_batches]),
+            counts = torch.cat([self.correct, self.mask_counts, torch.tensor([self.empty_batches]),
                                 self.code_counts.flatten()]).to(self.device)
             counts = ddp_all_reduce(counts, torch.distributed.ReduceOp.SUM).cpu()
-            books = self.num_books
-            self.correct, self.code_counts = counts[:books], counts[books + 2:].view(books, -1)
-            self.masked_frames, self.empty_batches = counts[books:books + 2].tolist()
+            self.correct, self.mask_counts, empty, codes = counts.split(
+                [self.num_books, 3, 1, self.code_counts.numel()])
+            self.empty_batches, self.code_counts = int(empty), codes.view_as(self.code_counts)
             self.train_stats = self.stage_stats(stage_loss)
             return
         stats = self.stage_stats(stage_loss)
@@ -241,6 +248,20 @@ class CTCBrain(StreamingBrain):
         super().__init__(*args, **kwargs)
         if self.hparams.freeze_encoder:  # before fit() wraps modules in DDP: a frozen one is not
             self.hparams.encoder.requires_grad_(False)
+        speeds = self.hparams.speed_perturb
+        self.speed_perturb = SpeedPerturb(self.hparams.sample_rate, list(speeds)) if speeds else None
+        self.head_only_steps = 0
+
+    def plan_schedule(self, steps_per_epoch: int) -> None:
+        """Warmup, decay and head-only phase in optimizer steps, from the hparams' fractions."""
+        total = max(1, steps_per_epoch * self.hparams.number_of_epochs)
+        for schedule in self.hparams.lr_annealing.values():
+            schedule.num_training_steps = total
+            schedule.num_warmup_steps = round(self.hparams.warmup_fraction * total)
+        if not self.hparams.freeze_encoder:
+            self.head_only_steps = round(self.hparams.head_only_fraction * total)
+        logger.info("Fine-tuning: %d optimizer steps, warmup %d, head alone for %d", total,
+                    round(self.hparams.warmup_fraction * total), self.head_only_steps)
 
     def init_optimizers(self):
         self.optimizers_dict = {"head": self.hparams.head_optimizer(self.hparams.ctc_head.parameters())}
@@ -252,9 +273,19 @@ class CTCBrain(StreamingBrain):
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
-        feats, frame_lengths = self.compute_features(*batch.sig)
-        encoded = self.modules.encoder(feats, frame_lengths / feats.shape[1],
-                                       self.training_context(stage))
+        wavs, wav_lens = batch.sig
+        training = stage == sb.Stage.TRAIN
+        if training and self.speed_perturb is not None:
+            wavs = self.speed_perturb(wavs)
+        feats, frame_lengths = self.compute_features(wavs, wav_lens)
+        lengths = frame_lengths / feats.shape[1]
+        if training:
+            feats, _ = self.hparams.spec_augment(feats, lengths)
+        # Head-only phase: the encoder runs without a graph (no gradient, no optimizer update).
+        head_only = training and self.optimizer_step < self.head_only_steps
+        with torch.no_grad() if head_only else contextlib.nullcontext():
+            encoded = self.modules.encoder(feats, lengths, self.training_context(stage),
+                                           num_layers=self.hparams.probe_layer)
         log_probs = self.modules.ctc_head(encoded).log_softmax(-1)
         enc_lengths = -(-frame_lengths // self.hparams.subsampling_factor) / encoded.shape[1]
         return log_probs, enc_lengths
@@ -284,9 +315,13 @@ class CTCBrain(StreamingBrain):
             for name, optimizer in self.optimizers_dict.items():
                 self.hparams.lr_annealing[name](optimizer)
 
+    def on_fit_batch_start(self, batch, should_step):
+        # Probing: no dropout in the frozen encoder. Here rather than in on_stage_start, whose
+        # eval() SpeechBrain undoes with modules.train() right after it.
+        if self.hparams.freeze_encoder:
+            self.hparams.encoder.eval()
+
     def on_stage_start(self, stage, epoch=None):
-        if stage == sb.Stage.TRAIN and self.hparams.freeze_encoder:
-            self.modules.encoder.eval()  # probing: no dropout in the frozen encoder
         if stage != sb.Stage.TRAIN:
             set_dynamic_context(self.modules, self.hparams.valid_context,
                                 self.hparams.context_presets)
@@ -472,9 +507,12 @@ def main(argv: list[str]) -> dict | None:
     # generator that masks and dropout use (restored with checkpoints), so a run resumed in the
     # middle of an epoch makes the same draws as an uninterrupted one.
     train_opts = {**train_opts, "generator": torch.Generator().manual_seed(hparams["seed"])}
+    train_loader = brain.make_dataloader(datasets["train"], sb.Stage.TRAIN, **train_opts)
+    if hparams["task"] == "ctc":
+        brain.plan_schedule(len(train_loader) // hparams["grad_accumulation_factor"])
     start = time.time()
-    brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["valid"],
-              train_loader_kwargs=train_opts, valid_loader_kwargs=hparams["valid_dataloader_opts"])
+    brain.fit(brain.hparams.epoch_counter, train_loader, datasets["valid"],
+              valid_loader_kwargs=hparams["valid_dataloader_opts"])
     train_seconds = round(time.time() - start, 1)
     if hparams["task"] == "ctc":
         brain.evaluate(datasets["test"], min_key="WER",

@@ -4,7 +4,7 @@ import torch
 
 from modules.context import ContextSampler
 from modules.heads import masked_token_loss
-from modules.masker import CausalBlockMasker, encoder_frame_mask
+from modules.masker import CausalBlockMasker, encoder_frame_mask, masked_frame_counts
 
 PRESETS = {"very_low": [8, 0], "low": [16, 1], "medium": [32, 3], "high": [64, 7],
            "unlimited": [-1, -1]}
@@ -104,3 +104,13 @@ def test_loss_uses_masked_frames_only():
     expected = torch.nn.functional.cross_entropy(
         torch.cat([logits[0, 1], logits[1, 4]]), torch.cat([targets[0, 1], targets[1, 4]]))
     assert torch.allclose(loss, expected)
+
+
+def test_masked_frame_counts_by_hand():
+    """6 valid frames of 8, frames 1-4 masked; chunks of 2 under [4, 1]: only frame 4 has a
+    visible frame (5) after it inside its chunk. Offline, all four see frame 5."""
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0, 1, 1]], dtype=torch.bool)  # 6-7: padding
+    lengths = torch.tensor([6])
+    assert masked_frame_counts(mask, lengths, (4, 1)).tolist() == [6, 4, 1]
+    assert masked_frame_counts(mask, lengths, (-1, -1)).tolist() == [6, 4, 4]
+    assert masked_frame_counts(mask, lengths, (4, 0)).tolist() == [6, 4, 0]

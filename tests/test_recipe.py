@@ -46,6 +46,9 @@ def test_ssl_recipe_runs_and_resumes(tmp_path):
     assert summary["epochs"] == 1 and np.isfinite(summary["ssl_valid_loss_last"])
     log = (tmp_path / "out" / "train_log.txt").read_text()
     assert "contexts_drawn" in log and " s, chunk " in log  # contexts logged in seconds
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    for stats in (history[0]["train"], history[0]["valid"]):  # what masking really did
+        assert 0.1 < stats["masked_fraction"] < 0.6 and 0 <= stats["masked_seeing_future"] <= 1
     resumed = train(tmp_path, "--number_of_epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Loading a checkpoint" in resumed.stdout + resumed.stderr
