@@ -50,7 +50,7 @@ def main() -> None:
     with open(Path(ssl["output_folder"]) / "hyperparams.yaml") as f:  # the SSL run as it ran
         ssl_hparams = load_hyperpyyaml(f)
     sizes = [arg for key in SSL_SIZES[args.encoder] for arg in (f"--{key}", str(ssl_hparams[key]))]
-    # 25 epochs on 11.7 minutes: the encoder at the head's LR (the yaml's 5x lower one leaves the
+    # 25 epochs on the 9.1-minute train split: the encoder at the head's LR (the yaml's 5x lower one leaves the
     # SSL encoder under-fitted: 73.6 vs 66.6 % CER) and no SpecAugment (too short a run for it to
     # pay: 62.4 % without); README, "CTC fine-tuning".
     ctc = run("train.py", f"hparams/CTC/{args.encoder}_small.yaml",

@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Does SSL pay off? SSL on unlabeled speech, then CTC on little labeled speech, against the same
-CTC from scratch with the same budget (``make ssl-gain``; an experiment of about 1.5 h on 2 CPU
+CTC from scratch with the same budget (``make ssl-gain``; an experiment of about 2 h on 2 CPU
 cores, not a test).
 
 1. SSL (``hparams/SSL/<encoder>.yaml``) on the unlabeled set (``make corpus-unlabeled``).
-2. CTC (``hparams/CTC/<encoder>_small.yaml`` at the SSL sizes) on the shipped train split (11.7
+2. CTC (``hparams/CTC/<encoder>_small.yaml`` at the SSL sizes) on the shipped train split (9.1
    min) and on a 3-minute subset of it (its first speakers), initialized from the SSL encoder or
    at random, with the same peak learning rates and the same number of optimizer steps, for
    every seed.
 3. Test CER of each run: the recipe's own (beam search, averaged checkpoints) and, per context,
    ``evaluate.py --context all --streaming``.
-4. Linear probes (frozen encoder, CTC head on layer ``k``) of the SSL and of a random encoder.
+4. Linear probes (frozen encoder, CTC head on layer ``k``) of the SSL and of a random encoder,
+   and the effective rank of each layer's output on the test split (dimensional collapse).
 
 Every run has its own output folder and resumes, so running the command again only finishes
 what is missing. Writes ``<output>/ssl_gain.{md,csv,png}``; the last stdout line is JSON.
@@ -29,8 +30,12 @@ import math
 import statistics
 from pathlib import Path
 
+import torch
 from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.checkpoints import Checkpointer
+from speechbrain.utils.data_utils import batch_pad_right
 
+from dataio import load_audio
 from demo import ROOT, SSL_SIZES, run
 
 LABELED = ROOT / "data" / "espeak_corpus"
@@ -63,19 +68,62 @@ def labeled_subset(minutes: float, out: Path) -> Path:
 
 def fine_tune(encoder: str, name: str, train_csv: Path, steps: int, batch_size: int, seed: int,
               sizes: list[str], folder: Path, extra: list[str]) -> dict:
-    """One CTC run of ``steps`` optimizer steps, then its per-context streaming evaluation."""
+    """One CTC run of ``steps`` optimizer steps, then its per-context streaming evaluation; a
+    finished run (its ``result.json``) is read back, not rerun."""
+    output = folder / name / str(seed)
+    if (output / "result.json").is_file():
+        return json.loads((output / "result.json").read_text())
     with open(train_csv) as f:
         utterances = sum(1 for _ in csv.DictReader(f))
     epochs = math.ceil(steps / math.ceil(utterances / batch_size))
-    output = folder / name / str(seed)
     ctc = run("train.py", f"hparams/CTC/{encoder}_small.yaml", *sizes, *extra,
-              "--train_csv", str(train_csv), "--number_of_epochs", str(epochs), "--seed",
+              "--train_csv", str(train_csv), "--tokenizer_csv", str(LABELED / "train.csv"),
+              "--number_of_epochs", str(epochs), "--seed",
               str(seed), "--batch_size", str(batch_size), "--output_folder", str(output))
     evaluation = run("evaluate.py", ctc["ctc_hparams"], "--output_folder", ctc["ctc_output_folder"],
                      "--test_csv", str(LABELED / "test.csv"), "--context", "all", "--streaming",
                      "--device", "cpu")
-    return {"test_cer": ctc["ctc_cer"], "test_wer": ctc["ctc_wer"],
-            "per_context": {str(r["context"]): r["cer"] for r in evaluation["results"]}}
+    result = {"test_cer": ctc["ctc_cer"], "test_wer": ctc["ctc_wer"],
+              "per_context": {str(r["context"]): r["cer"] for r in evaluation["results"]}}
+    (output / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy) of the normalized singular values of centered (N, D) ``x``: how many
+    directions its variance really spans (D at most)."""
+    singular = torch.linalg.svdvals(x - x.mean(0))
+    p = singular / singular.sum()
+    return float(torch.exp(-(p * p.clamp(min=1e-12).log()).sum()))
+
+
+@torch.no_grad()
+def layer_ranks(ssl_folder: Path, context=(32, 3)) -> dict:
+    """Effective rank of every layer's output on the test split, SSL encoder vs the same
+    architecture at random initialization."""
+    with open(ssl_folder / "hyperparams.yaml") as f:
+        hparams = load_hyperpyyaml(f)
+    random_encoder = hparams["encoder"]
+    with open(ssl_folder / "hyperparams.yaml") as f:
+        trained = load_hyperpyyaml(f)
+    checkpoint = Checkpointer(ssl_folder / "save").find_checkpoint(min_key="loss")
+    trained["encoder"].load_state_dict(torch.load(checkpoint.path / "encoder.ckpt"))
+    trained["normalize"]._load(checkpoint.path / "normalize.ckpt")
+    with open(LABELED / "test.csv") as f:
+        audio = [load_audio(row["wav"].replace("$data_root", str(LABELED)))
+                 for row in csv.DictReader(f)]
+    wavs, wav_lens = batch_pad_right(audio)
+    feats = trained["normalize"].eval()(trained["compute_features"](wavs))
+    frames = torch.round(wav_lens * feats.shape[1] / trained["subsampling_factor"]).long()
+    ranks = {}
+    for name, encoder in (("ssl", trained["encoder"]), ("random", random_encoder)):
+        encoder.eval()
+        ranks[name] = []
+        for layer in range(1, len(encoder.layers) + 1):
+            out = encoder(feats, wav_lens, context, num_layers=layer)
+            valid = torch.cat([out[b, :n] for b, n in enumerate(frames)])
+            ranks[name].append(round(effective_rank(valid), 1))
+    return {"context": list(context), "d_model": trained["d_model"], **ranks}
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -96,7 +144,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def write_outputs(rows: list[dict], probes: list[dict], stem: Path) -> None:
+def write_outputs(rows: list[dict], probes: list[dict], ranks: dict, stem: Path) -> None:
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -112,6 +160,11 @@ def write_outputs(rows: list[dict], probes: list[dict], stem: Path) -> None:
         lines += ["", "| probe (frozen encoder, CTC head on layer k) | layer | test CER % |",
                   "|---|---|---|"]
         lines += [f"| {p['encoder']} | {p['layer']} | {p['test_cer']:.1f} |" for p in probes]
+    layers = range(1, len(ranks["ssl"]) + 1)
+    lines += ["", f"| effective rank of layer outputs (of {ranks['d_model']}), test split | "
+              + " | ".join(f"layer {k}" for k in layers) + " |", "|---|" + "---|" * len(layers)]
+    lines += [f"| {name} encoder | " + " | ".join(f"{v:.0f}" for v in ranks[name]) + " |"
+              for name in ("ssl", "random")]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -181,8 +234,9 @@ def main() -> None:
             probes.append({"encoder": init, "layer": layer, "test_cer": result["test_cer"]})
             print(json.dumps(probes[-1]), flush=True)
     rows = summarize(runs)
-    write_outputs(rows, probes, folder / "ssl_gain")
-    print(json.dumps({"ssl": ssl, "table": rows, "probes": probes,
+    ranks = layer_ranks(Path(ssl["output_folder"]))
+    write_outputs(rows, probes, ranks, folder / "ssl_gain")
+    print(json.dumps({"ssl": ssl, "table": rows, "probes": probes, "layer_ranks": ranks,
                       "table_md": str(folder / "ssl_gain.md"), "plot": str(folder / "ssl_gain.png")}))
 
 
