@@ -1,4 +1,5 @@
-"""What the streaming encoders share: the macaron block, causal subsampling, lengths, streaming.
+"""What the streaming encoders share: the macaron block, causal subsampling, lengths, streaming,
+and the per-layer contexts of the attention encoders (Conformer, Transformer).
 
 A block's *mixer* (self-attention for the Conformer, Mamba for ConMamba) is the only part that
 looks across frames besides the causal convolution; it implements
@@ -7,6 +8,7 @@ looks across frames besides the causal convolution; it implements
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -214,3 +216,45 @@ class StreamingEncoder(torch.nn.Module):
             outputs.append(self.forward_streaming(feats[:, start:start + size], state,
                                                   chunk_lengths))
         return torch.cat(outputs, dim=1)
+
+
+class AttentionEncoder(StreamingEncoder):
+    """A streaming encoder whose blocks mix frames with chunked limited-context self-attention.
+
+    Subclasses fill ``self.layers`` with blocks built around ``RotarySelfAttention``.
+    ``layer_left_contexts``: optional per-layer cap on the left context (encoder frames), e.g.
+    growing across layers; layer ``i`` uses ``min(left, layer_left_contexts[i])`` (the cap alone
+    when ``left = -1``). The offline context ``[-1, -1]`` is never capped.
+    """
+
+    def __init__(self, n_mels: int, d_model: int, num_encoder_layers: int,
+                 subsampling_factor: int, subsampling_conv_channels: int, dropout: float,
+                 layer_left_contexts: Sequence[int] | None):
+        super().__init__(n_mels, d_model, subsampling_factor, subsampling_conv_channels, dropout)
+        if layer_left_contexts is not None and (
+                len(layer_left_contexts) != num_encoder_layers
+                or any(int(v) < 0 for v in layer_left_contexts)):
+            raise ValueError(f"layer_left_contexts needs {num_encoder_layers} values >= 0, "
+                             f"got {layer_left_contexts}")
+        self.layer_left_contexts = None if layer_left_contexts is None else [
+            int(v) for v in layer_left_contexts]
+
+    def layer_contexts(self, context: Context) -> list[Context]:
+        """The context each layer applies under ``context`` (per-layer caps included)."""
+        left, right = validate_context(context)
+        if self.layer_left_contexts is None or right == -1:
+            return [(left, right)] * len(self.layers)
+        return [(cap if left == -1 else min(left, cap), right) for cap in self.layer_left_contexts]
+
+    def narrowest_context(self, context: Context) -> Context:
+        """The layer context with the smallest left window: what the masker must respect."""
+        return min(self.layer_contexts(context), key=lambda c: float("inf") if c[0] == -1 else c[0])
+
+    def check_streamable(self, context: Context, layer_contexts: list[Context]) -> None:
+        """``left = -1`` would need a key/value cache that grows with the stream: refused."""
+        super().check_streamable(context, layer_contexts)
+        if any(left == -1 for left, _ in layer_contexts):
+            raise ValueError(
+                f"context {list(context)} cannot be streamed with a bounded cache: left = -1 keeps "
+                "all the past; use a finite pair such as [32, 3] (or per-layer caps, "
+                "layer_left_contexts)")

@@ -23,13 +23,16 @@ sys.path.insert(0, str(ROOT))  # the saved hparams name classes of modules/
 # The CTC encoder must have the SSL encoder's sizes (the CTC yamls default to larger models).
 SSL_SIZES = {"conformer": ["d_model", "nhead", "num_encoder_layers", "d_ffn", "kernel_size",
                            "subsampling_conv_channels"],
+             "transformer": ["d_model", "nhead", "num_encoder_layers", "d_ffn",
+                             "subsampling_conv_channels"],
              "conmamba": ["d_model", "num_encoder_layers", "d_ffn", "kernel_size",
                           "subsampling_conv_channels", "d_state", "d_conv", "expand"]}
 
 
-def run(script: str, *args: str) -> dict:
-    """Runs a recipe script, echoing its output; returns its last stdout line as JSON."""
-    command = [sys.executable, str(ROOT / "recipes" / script), *args]
+def run(script: str, *args: str, launcher: tuple[str, ...] = ()) -> dict:
+    """Runs a recipe script (under ``python <launcher>``, e.g. ``-m torch.distributed.run ...``),
+    echoing its output; returns its last stdout line as JSON."""
+    command = [sys.executable, *launcher, str(ROOT / "recipes" / script), *args]
     print("$", " ".join(command), flush=True)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     last = ""

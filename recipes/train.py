@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import resource
 import sys
 import time
 from pathlib import Path
@@ -469,6 +470,14 @@ def load_hparams(hparams_file: str, overrides: dict) -> dict:
     return hparams
 
 
+def peak_memory(device: str) -> float:
+    """Peak memory of this process in MB: allocated GPU memory on CUDA, resident memory else."""
+    if str(device).startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 def main(argv: list[str]) -> dict | None:
     """Trains (CTC: then tests); returns the summary on the main process, None on the others."""
     hparams_file, run_opts, overrides = parse_command_line(argv)
@@ -522,6 +531,7 @@ def main(argv: list[str]) -> dict | None:
     history = json.loads((Path(hparams["output_folder"]) / "history.json").read_text())
     output_folder = str(Path(hparams["output_folder"]).resolve())
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    peak_memory_mb = peak_memory(brain.device)
     if hparams["task"] == "ssl":
         return {
             "ssl_valid_loss_first": history[0]["valid"]["loss"],
@@ -532,6 +542,7 @@ def main(argv: list[str]) -> dict | None:
             "epochs": len(history),
             "train_seconds": train_seconds,
             "world_size": world_size,
+            "peak_memory_mb": peak_memory_mb,
             "output_folder": output_folder,
         }
     return {
@@ -539,7 +550,7 @@ def main(argv: list[str]) -> dict | None:
         "ctc_valid_wer_first": history[0]["valid"]["WER"],
         "ctc_valid_wer_last": history[-1]["valid"]["WER"],
         "epochs": len(history), "train_seconds": train_seconds, "world_size": world_size,
-        "ctc_hparams": str(Path(output_folder) / "hyperparams.yaml"),
+        "peak_memory_mb": peak_memory_mb, "ctc_hparams": str(Path(output_folder) / "hyperparams.yaml"),
         "ctc_output_folder": output_folder,
     }
 

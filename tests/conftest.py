@@ -27,11 +27,14 @@ def _chunked_scan_by_default(request, monkeypatch):
         monkeypatch.setattr("modules.mamba.compiled_scan_available", lambda device: False)
 
 
-def tiny_encoder(subsampling_factor: int = 4, num_layers: int = 2, kernel_size: int = 5):
-    """A small causal Conformer in eval mode (no dropout)."""
+def tiny_encoder(subsampling_factor: int = 4, num_layers: int = 2, kernel_size: int = 5,
+                 kind: str = "conformer"):
+    """A small causal Conformer (or, ``kind="transformer"``, Transformer) in eval mode."""
     from modules.conformer import CausalConformerEncoder
+    from modules.transformer import CausalTransformerEncoder
 
-    return CausalConformerEncoder(n_mels=80, d_model=32, nhead=4, num_encoder_layers=num_layers,
-                                  d_ffn=64, kernel_size=kernel_size,
-                                  subsampling_factor=subsampling_factor,
-                                  subsampling_conv_channels=8, dropout=0.0).eval()
+    sizes = dict(n_mels=80, d_model=32, nhead=4, num_encoder_layers=num_layers, d_ffn=64,
+                 subsampling_factor=subsampling_factor, subsampling_conv_channels=8, dropout=0.0)
+    if kind == "transformer":
+        return CausalTransformerEncoder(**sizes).eval()
+    return CausalConformerEncoder(kernel_size=kernel_size, **sizes).eval()

@@ -15,10 +15,11 @@ def stream(encoder, feats, context):
                       for i in range(0, feats.shape[1], size)], dim=1)
 
 
+@pytest.mark.parametrize("kind", ["conformer", "transformer"])
 @pytest.mark.parametrize("s", [4, 8])
 @pytest.mark.parametrize("context", [(0, 0), (6, 0), (1, 1), (5, 2), (8, 3), (2, 7)])
-def test_streaming_equals_offline_float64(s, context):
-    encoder = tiny_encoder(subsampling_factor=s, num_layers=3).double()
+def test_streaming_equals_offline_float64(s, context, kind):
+    encoder = tiny_encoder(subsampling_factor=s, num_layers=3, kind=kind).double()
     feats = torch.randn(2, 41 * s + 3, 80, dtype=torch.float64)  # last chunk is partial
     offline = encoder(feats, context=context)
     streamed = stream(encoder, feats, context)
@@ -33,13 +34,13 @@ def test_streaming_equals_offline_float32():
         assert (stream(encoder, feats, context) - encoder(feats, context=context)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["conformer", "conmamba"])
+@pytest.mark.parametrize("name", ["conformer", "transformer", "conmamba"])
 @pytest.mark.parametrize("context", [(0, 0), (6, 0), (5, 2), (2, 7)])
 def test_streams_of_different_lengths_side_by_side(name, context):
     """A padded batch streamed at once (evaluation) equals each utterance's offline output."""
     from modules.conmamba import ConMambaEncoder
 
-    encoder = tiny_encoder(num_layers=3) if name == "conformer" else ConMambaEncoder(
+    encoder = tiny_encoder(num_layers=3, kind=name) if name != "conmamba" else ConMambaEncoder(
         d_model=32, num_encoder_layers=2, d_ffn=64, kernel_size=5, subsampling_conv_channels=8,
         dropout=0.0, d_state=4).eval()
     encoder = encoder.double()
