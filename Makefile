@@ -37,7 +37,7 @@ data/unlabeled_corpus/train.csv: $(VENV)/.installed recipes/synthesize_unlabeled
 	$(PY) recipes/synthesize_unlabeled.py --out data/unlabeled_corpus
 
 # SSL on the unlabeled set, then CTC on 9.1 and 2.6 labeled minutes vs from scratch, 2 seeds,
-# probes, layer ranks (about 2 h on 2 CPU cores); table and plot in results/ssl_gain/.
+# probes, layer ranks (about 2.5 h on 2 CPU cores); table and plot in results/ssl_gain/.
 ssl-gain: corpus-unlabeled
 	$(PY) recipes/ssl_gain.py
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Does SSL pay off? SSL on unlabeled speech, then CTC on little labeled speech, against the same
-CTC from scratch with the same budget (``make ssl-gain``; an experiment of about 2 h on 2 CPU
+CTC from scratch with the same budget (``make ssl-gain``; an experiment of about 2.5 h on 2 CPU
 cores, not a test).
 
 1. SSL (``hparams/SSL/<encoder>.yaml``) on the unlabeled set (``make corpus-unlabeled``).
