@@ -327,8 +327,10 @@ def write_plots(results: list[dict], output: Path) -> None:
 
 
 def error_line(error: BaseException) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+    """One line for the table: the recipe's own ``error: ...`` line when the message has one."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    recipe_errors = [line for line in lines if line.startswith("error")]
+    return f"{type(error).__name__}: {(recipe_errors or lines or [''])[-1]}"
 
 
 def slurm_parameters(grid: dict) -> dict:
