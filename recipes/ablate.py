@@ -12,8 +12,14 @@ Every cell (``<encoder>-<context set>-<size>``) runs, in its own folder of the g
 with the cell's encoder sizes (``equalize_parameters``: each encoder's ``d_ffn`` set so that its
 parameter count matches the reference encoder's), its training contexts, and the grid's epochs,
 batch size and overrides; then the encoder's training step time (forward + backward) at several
-sequence lengths. A finished cell has ``result.json`` and is not rerun; a failed cell is reported
-and the grid goes on (running the command again retries it).
+sequence lengths. Each cell validates (and so selects its checkpoints) at the widest streaming
+context it trains on (longest chunk, then longest left context), not at a preset it never saw.
+
+A finished cell has ``result.json``, which records the CTC run that made it (commit, command,
+SSL checkpoint: ``recipes/provenance.py``), and is read back, not rerun, if that record matches
+the CTC command the grid would run now at this code commit (and SSL checkpoint); a mismatched
+one is refused and reported like a failed cell (delete its folder to rerun it). A failed cell is
+reported and the grid goes on (running the command again retries it).
 
 Launchers: ``local`` (default) runs the cells one after another here; ``slurm`` submits each as a
 Slurm job through submitit (settings under ``slurm:`` in the grid file; ``nproc_per_node > 1``
@@ -34,6 +40,7 @@ import argparse
 import csv
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -47,7 +54,8 @@ import yaml
 from hyperpyyaml import load_hyperpyyaml
 
 from demo import ROOT, SSL_SIZES, run
-from modules.context import describe_context, parse_context
+from modules.context import ContextSpec, parse_context
+from provenance import check_result, current_code_commit, ssl_checkpoint_fields, write_result
 
 ENCODERS = list(SSL_SIZES)
 GRID_KEYS = {"encoders", "context_sets", "sizes", "seed", "ssl_epochs", "ctc_epochs",
@@ -179,30 +187,68 @@ def step_times(encoder: torch.nn.Module, n_mels: int, seconds: list[float], cont
     return times
 
 
-def run_cell(grid: dict, cell: dict) -> dict:
-    """SSL (optional), CTC, per-context streaming evaluation, latency and step times of one
-    cell; writes ``<cell folder>/result.json``."""
+def widest_context(contexts: list[ContextSpec], presets: dict) -> ContextSpec:
+    """The widest streaming context of ``contexts`` (longest chunk, then longest left; -1 is
+    unlimited), as given (preset name or pair); the widest of all if none streams (an
+    offline-only cell)."""
+    def width(spec) -> tuple[float, float]:
+        left, right = parse_context(spec, presets)
+        return (math.inf if right < 0 else right, math.inf if left < 0 else left)
+
+    streaming = [spec for spec in contexts if parse_context(spec, presets)[1] >= 0]
+    return max(streaming or contexts, key=width)
+
+
+def cell_plan(grid: dict, cell: dict) -> dict:
+    """What a cell runs: its encoder ``sizes``, the ``valid_context`` it validates at (a pair),
+    and the ``train.py`` arguments of its ``ssl`` (None without SSL) and ``ctc`` runs."""
     folder = Path(cell["folder"])
     encoder = cell["encoder"]
     sizes = encoder_sizes(grid, encoder, cell["size"])
+    presets = ssl_hparams(encoder, sizes)["context_presets"]
+    valid = widest_context(cell["contexts"], presets)
     # the cell's contexts, uniformly drawn, for SSL and CTC alike
     common = ["--data_folder", grid["data_folder"], "--train_csv", grid["train_csv"],
               "--valid_csv", grid["valid_csv"], "--seed", str(grid["seed"]),
               "--batch_size", str(grid["batch_size"]), "--device_preset", grid["device"],
               *as_arguments({"att_context_size": cell["contexts"], "att_context_probs": None,
-                             **sizes})]
-    ctc_extra, ssl = [], None
+                             "valid_context": valid, **sizes})]
+    ssl, ctc_extra = None, []
     if grid["ssl_epochs"] > 0:
-        ssl = run_training(grid, f"hparams/SSL/{encoder}.yaml", *common,
-                           "--number_of_epochs", str(grid["ssl_epochs"]),
-                           "--output_folder", str(folder / "ssl"),
-                           *as_arguments(grid["ssl_overrides"]))
-        ctc_extra = ["--pretrained_ssl", ssl["output_folder"]]
-    ctc = run_training(grid, f"hparams/CTC/{encoder}_small.yaml", *common, *ctc_extra,
-                       "--test_csv", grid["test_csv"],
-                       "--number_of_epochs", str(grid["ctc_epochs"]),
-                       "--output_folder", str(folder / "ctc"),
-                       *as_arguments(grid["ctc_overrides"]))
+        ssl = [f"hparams/SSL/{encoder}.yaml", *common,
+               "--number_of_epochs", str(grid["ssl_epochs"]),
+               "--output_folder", str(folder / "ssl"),
+               *as_arguments(grid["ssl_overrides"])]
+        ctc_extra = ["--pretrained_ssl", str(folder / "ssl")]
+    ctc = [f"hparams/CTC/{encoder}_small.yaml", *common, *ctc_extra,
+           "--test_csv", grid["test_csv"], "--number_of_epochs", str(grid["ctc_epochs"]),
+           "--output_folder", str(folder / "ctc"), *as_arguments(grid["ctc_overrides"])]
+    return {"sizes": sizes, "valid_context": list(parse_context(valid, presets)), "ssl": ssl,
+            "ctc": ctc}
+
+
+def expected_record(grid: dict, cell: dict) -> dict:
+    """The record a cell's ``result.json`` must carry to be read back: the CTC command it would
+    run now, this code commit (when git knows it) and, with SSL, the SSL checkpoint in its
+    folder."""
+    expected = {"command": ["recipes/train.py", *cell_plan(grid, cell)["ctc"]]}
+    code_commit = current_code_commit()
+    if code_commit is not None:
+        expected["code_commit"] = code_commit
+    ssl_folder = Path(cell["folder"]) / "ssl" if grid["ssl_epochs"] > 0 else None
+    expected["ssl_checkpoint_sha256"] = ssl_checkpoint_fields(ssl_folder)["ssl_checkpoint_sha256"]
+    return expected
+
+
+def run_cell(grid: dict, cell: dict) -> dict:
+    """SSL (optional), CTC, per-context streaming evaluation, latency and step times of one
+    cell; writes ``<cell folder>/result.json`` with the CTC run's record."""
+    folder = Path(cell["folder"])
+    encoder = cell["encoder"]
+    plan = cell_plan(grid, cell)
+    sizes = plan["sizes"]
+    ssl = run_training(grid, *plan["ssl"]) if plan["ssl"] else None
+    ctc = run_training(grid, *plan["ctc"])
     test_csv = grid["test_csv"]
     evaluation = run("evaluate.py", ctc["ctc_hparams"], "--output_folder", ctc["ctc_output_folder"],
                      "--test_csv", test_csv, "--context", "all", "--streaming",
@@ -214,45 +260,62 @@ def run_cell(grid: dict, cell: dict) -> dict:
                   "--audio", first_test, "--mode", "benchmark", "--device", grid["device"])
     architecture = ssl_hparams(encoder, sizes)
     context = parse_context(grid["step_time_context"], architecture["context_presets"])
-    with open(grid["train_csv"]) as f:
-        train_audio = sum(float(row["duration"]) for row in csv.DictReader(f))
     result = {
         **{k: cell[k] for k in ("name", "encoder", "context_set", "contexts", "size")},
         "sizes": sizes, "parameters": parameter_count(architecture["encoder"]),
+        "valid_context": plan["valid_context"],
         "ssl_epochs": grid["ssl_epochs"], "ctc_epochs": ctc["epochs"],
-        "train_audio_per_second": round(ctc["epochs"] * train_audio / ctc["train_seconds"], 2),
+        # the training stages alone: validation, the statistics pass and the test left out
+        "train_audio_per_second": round(ctc["train_audio_seconds"]
+                                        / max(ctc["train_stage_seconds"], 1e-9), 2),
         "peak_memory_mb": max(r["peak_memory_mb"] for r in (ssl, ctc) if r),
         "test_cer": ctc["ctc_cer"], "test_wer": ctc["ctc_wer"],
+        # rtf: evaluate.py's, compute over audio of the test set decoded in batches
         "per_context": [{k: r[k] for k in ("context", "wer", "cer", "rtf", "chunk_seconds")}
                         for r in evaluation["results"]],
+        # latency_ms (chunk + measured compute) and rtf of one stream: transcribe.py's benchmark
         "latency": latency["benchmark"],
         "step_time_context": list(context),
         "step_seconds": step_times(architecture["encoder"], architecture["n_mels"],
                                    grid["step_time_seconds"], context, grid["device"]),
     }
-    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    write_result(folder / "result.json", result, ctc["record"])
     return result
 
 
+RTF_BATCHED = "RTF (evaluate.py, batched)"
+RTF_STREAM = "RTF (transcribe.py --mode benchmark, one stream)"
+LATENCY = "chunk + measured compute ms"
+
+
 def flat_row(result: dict) -> dict:
-    """One CSV row: the cell, its costs, and CER / WER / RTF / latency per context."""
+    """One CSV row: the cell, its costs, and per context CER / WER, the two RTFs (evaluate.py's
+    on the batched test set, transcribe.py's benchmark of one stream) and the latency (chunk
+    duration + measured compute per chunk; none offline)."""
     row = {"cell": result["name"], "encoder": result["encoder"],
            "context_set": result["context_set"], "size": result["size"],
-           "parameters": result["parameters"], "ssl_epochs": result["ssl_epochs"],
-           "ctc_epochs": result["ctc_epochs"],
+           "parameters": result["parameters"],
+           "valid_context": str(result.get("valid_context", "")),
+           "ssl_epochs": result["ssl_epochs"], "ctc_epochs": result["ctc_epochs"],
            "train_audio_per_second": result["train_audio_per_second"],
            "peak_memory_mb": result["peak_memory_mb"],
            "test_cer": round(result["test_cer"], 2), "test_wer": round(result["test_wer"], 2)}
-    latency = {str(r["context"]): r["latency_ms"] for r in result["latency"]}
+    benchmark = {str(r["context"]): r for r in result["latency"]}
     for r in result["per_context"]:
         context = str(r["context"])
         row[f"cer {context}"] = round(r["cer"], 2)
         row[f"wer {context}"] = round(r["wer"], 2)
-        row[f"rtf {context}"] = r["rtf"]
-        row[f"latency_ms {context}"] = latency.get(context, "")
+        row[f"rtf_evaluate_batched {context}"] = r["rtf"]
+        row[f"rtf_benchmark_stream {context}"] = benchmark.get(context, {}).get("rtf", "")
+        row[f"chunk_plus_compute_ms {context}"] = benchmark.get(context, {}).get("latency_ms", "")
     for length, seconds in result["step_seconds"].items():
         row[f"step_s {length}s"] = seconds
     return row
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(v) for v in row) + " |" for row in rows)]
 
 
 def write_tables(results: list[dict], failures: dict, output: Path) -> None:
@@ -263,25 +326,33 @@ def write_tables(results: list[dict], failures: dict, output: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     contexts = list(dict.fromkeys(str(r["context"]) for res in results for r in res["per_context"]))
+    streamed = [c for c in contexts if any(row.get(f"chunk_plus_compute_ms {c}") for row in rows)]
     lengths = list(dict.fromkeys(k for res in results for k in res["step_seconds"]))
-    lines = ["| cell | parameters | train audio s/s | peak memory MB | test CER (beam) | "
-             + " | ".join(f"CER / WER {c}" for c in contexts) + " |",
-             "|---|---|---|---|---|" + "---|" * len(contexts)]
-    for row in rows:
-        lines.append(f"| {row['cell']} | {row['parameters'] / 1e6:.2f} M | "
-                     f"{row['train_audio_per_second']:.1f} | {row['peak_memory_mb']:.0f} | "
-                     f"{row['test_cer']:.1f} | " + " | ".join(
-                         f"{row[f'cer {c}']:.1f} / {row[f'wer {c}']:.1f}" if f"cer {c}" in row
-                         else "" for c in contexts) + " |")
-    lines += ["", "| cell | " + " | ".join(f"latency ms / RTF {c}" for c in contexts) + " | "
-              + " | ".join(f"step s at {n} s" for n in lengths) + " |",
-              "|---|" + "---|" * (len(contexts) + len(lengths))]
-    for row in rows:
-        lines.append(f"| {row['cell']} | " + " | ".join(
-            f"{row.get(f'latency_ms {c}') or '-'} / {row.get(f'rtf {c}', '-')}" for c in contexts)
-            + " | " + " | ".join(str(row.get(f"step_s {n}s", "")) for n in lengths) + " |")
+
+    def cell(row, key, form="{}"):
+        value = row.get(key, "")
+        return "-" if value in ("", None) else form.format(value)
+
+    lines = markdown_table(
+        ["cell", "parameters", "valid context", "train audio s/s (training stages only)",
+         "peak memory MB", "test CER (beam)", *(f"CER / WER {c}" for c in contexts)],
+        [[row["cell"], f"{row['parameters'] / 1e6:.2f} M", row["valid_context"],
+          f"{row['train_audio_per_second']:.1f}", f"{row['peak_memory_mb']:.0f}",
+          f"{row['test_cer']:.1f}",
+          *(f"{row[f'cer {c}']:.1f} / {row[f'wer {c}']:.1f}" if f"cer {c}" in row else ""
+            for c in contexts)] for row in rows])
+    lines += ["", *markdown_table(
+        ["cell", *(f"{LATENCY} {c}" for c in streamed), *(f"step s at {n} s" for n in lengths)],
+        [[row["cell"], *(cell(row, f"chunk_plus_compute_ms {c}") for c in streamed),
+          *(cell(row, f"step_s {n}s") for n in lengths)] for row in rows])]
+    lines += ["", *markdown_table(
+        ["cell", *(f"{RTF_BATCHED} {c}" for c in contexts),
+         *(f"{RTF_STREAM} {c}" for c in streamed)],
+        [[row["cell"], *(cell(row, f"rtf_evaluate_batched {c}") for c in contexts),
+          *(cell(row, f"rtf_benchmark_stream {c}") for c in streamed)] for row in rows])]
     if failures:
-        lines += ["", "Failed cells (run the command again to retry them):", ""]
+        lines += ["", "Failed cells (run the command again to retry them; a refused result "
+                  "says what to delete):", ""]
         lines += [f"- {name}: {error}" for name, error in failures.items()]
     (output / "ablation.md").write_text("\n".join(lines) + "\n")
 
@@ -302,7 +373,7 @@ def write_plots(results: list[dict], output: Path) -> None:
         axis.plot(*zip(*points), marker="o", color=colors[result["encoder"]],
                   linestyle=styles[variants.index((result["context_set"], result["size"]))
                                    % len(styles)], label=result["name"])
-    axis.set_xlabel("measured latency per chunk, ms (chunk + compute)")
+    axis.set_xlabel("latency per chunk, ms (chunk + measured compute)")
     axis.set_ylabel("test CER, % (greedy, streaming)")
     axis.legend(fontsize=7)
     figure.tight_layout()
@@ -377,6 +448,23 @@ def launch(grid: dict, cells: list[dict], launcher: str, grid_path: Path,
     return failures
 
 
+def read_back(grid: dict, cells: list[dict]) -> tuple[dict, dict]:
+    """``({cell: result}, {cell: error})``: the finished cells whose result was made by the run
+    asked for now, and those whose result was not (refused: not rerun over, not tabulated)."""
+    finished, stale = {}, {}
+    for cell in cells:
+        path = Path(cell["folder"]) / "result.json"
+        if not path.is_file():
+            continue
+        try:
+            finished[cell["name"]] = check_result(path, expected_record(grid, cell))
+            print(f"{cell['name']}: finished before ({path}), not rerun")
+        except (Exception, SystemExit) as error:  # one stale cell must not stop the grid
+            stale[cell["name"]] = error_line(error)
+            print(f"{cell['name']}: {stale[cell['name']]}", file=sys.stderr)
+    return finished, stale
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("grid", type=Path, help="hparams/ablations/<grid>.yaml")
@@ -398,13 +486,16 @@ def main() -> None:
         raise SystemExit(f"error: cells {sorted(unknown)} are not in {args.grid}; its cells: {names}")
     cells = [c for c in cells if wanted is None or c["name"] in wanted]
     if args.run_cell is not None:
-        run_cell(grid, cells[0])
+        finished = Path(cells[0]["folder"]) / "result.json"
+        if finished.is_file():  # read back (a stale one is refused), not rerun over
+            check_result(finished, expected_record(grid, cells[0]))
+        else:
+            run_cell(grid, cells[0])
         return
-    todo = [c for c in cells if not (Path(c["folder"]) / "result.json").is_file()]
-    for cell in cells:
-        if cell not in todo:
-            print(f"{cell['name']}: finished before ({cell['folder']}/result.json), not rerun")
+    finished, stale = read_back(grid, cells)
+    todo = [c for c in cells if c["name"] not in finished and c["name"] not in stale]
     failures = launch(grid, todo, args.launcher, args.grid.resolve(), output) if todo else {}
+    failures = {**stale, **failures}
     results = [json.loads((Path(c["folder"]) / "result.json").read_text()) for c in cells
                if c["name"] not in failures]
     if results:

@@ -37,7 +37,8 @@ from modules.context import describe_context
 
 def decode_set(recognizer: Recognizer, dataset, context, streaming: bool,
                batch_size: int = 8) -> dict:
-    """WER / CER (percent), audio duration and real-time factor of one pass over ``dataset``."""
+    """WER / CER (percent), audio duration and real-time factor of one pass over ``dataset``,
+    and under ``utterances`` each utterance's hypothesis and its word and character edits."""
     wer, cer = ErrorRateStats(), ErrorRateStats(split_tokens=True)
     audio_seconds = compute_seconds = 0.0
     sample_rate = recognizer.hparams["sample_rate"]
@@ -56,11 +57,27 @@ def decode_set(recognizer: Recognizer, dataset, context, streaming: bool,
         wer.append(ids, words, targets)
         cer.append(ids, words, targets)
     frame = recognizer.encoder.frame_seconds
+    utterances = [{"id": w["key"], "hyp": " ".join(w["hyp_tokens"]),
+                   "word_edits": w["num_edits"], "words": w["num_ref_tokens"],
+                   "char_edits": c["num_edits"], "chars": c["num_ref_tokens"]}
+                  for w, c in zip(wer.scores, cer.scores)]
     return {"wer": wer.summarize("error_rate"), "cer": cer.summarize("error_rate"),
             "context": list(context), "context_seconds": describe_context(context, frame),
             "chunk_seconds": None if context[1] == -1 else round((context[1] + 1) * frame, 3),
             "streaming": streaming, "audio_seconds": round(audio_seconds, 2),
-            "rtf": round(compute_seconds / audio_seconds, 4)}
+            "rtf": round(compute_seconds / audio_seconds, 4), "utterances": utterances}
+
+
+def write_utterances(results: list[dict], path: Path) -> None:
+    """One JSON line per (context, utterance): hypothesis and edits, for paired statistics."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        for result in results:
+            for utterance in result["utterances"]:
+                f.write(json.dumps({"context": result["context"],
+                                    "streaming": result["streaming"], **utterance}) + "\n")
+    partial.replace(path)
 
 
 def write_table_and_plot(results: list[dict], stem: Path) -> dict:
@@ -126,6 +143,8 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--streaming", action="store_true", help="decode chunk by chunk")
     parser.add_argument("--device", default=default_device(), help="default: cuda, mps or cpu")
     parser.add_argument("--batch_size", type=int, default=8, help="utterances decoded at once")
+    parser.add_argument("--utterances", type=Path,
+                        help="also write each utterance's hypothesis and edits here (JSON lines)")
     args, rest = parser.parse_known_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -141,7 +160,12 @@ def main(argv: list[str]) -> dict:
         # A context that cannot be streamed (offline; all-past attention) is decoded offline.
         streaming = args.streaming and streamable(recognizer, context)
         results.append(decode_set(recognizer, dataset, context, streaming, args.batch_size))
-        print(json.dumps(results[-1]), file=sys.stderr)
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "utterances"}),
+              file=sys.stderr)
+    if args.utterances:
+        write_utterances(results, args.utterances)
+    for result in results:
+        del result["utterances"]
     if len(results) == 1:
         return results[0]
     stem = Path(args.output_folder) / f"eval_{Path(args.test_csv).stem}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Callable
@@ -18,12 +19,31 @@ from modules.context import Context, parse_context  # noqa: E402
 from modules.ctc import greedy_transcripts  # noqa: E402
 from modules.features import FbankStream  # noqa: E402
 
+logger = logging.getLogger(__name__)
 
-def load_averaged_best(checkpointer, modules: dict, count: int) -> None:
-    """Loads the average of the ``count`` best checkpoints (lowest valid WER) into ``modules``."""
-    checkpoints = checkpointer.find_checkpoints(min_key="WER", max_num_checkpoints=count)
+
+def selection_key(checkpointer) -> str:
+    """The meta key that ranks a CTC run's checkpoints: its valid ``"CER"``.
+
+    Checkpoints of runs older than CER selection have only a ``"WER"``: those are ranked by it,
+    with a one-line warning.
+    """
+    checkpoints = checkpointer.list_checkpoints()
+    if any("CER" in c.meta for c in checkpoints) or not any("WER" in c.meta for c in checkpoints):
+        return "CER"
+    logger.warning("%s: checkpoints of an older run, without a valid CER: selected by valid WER",
+                   checkpointer.checkpoints_dir)
+    return "WER"
+
+
+def load_averaged_best(checkpointer, modules: dict, count: int, key: str | None = None) -> None:
+    """Loads the average of the ``count`` best checkpoints into ``modules``, ranked by ``key``
+    (lowest first; default :func:`selection_key`: valid CER)."""
+    key = key or selection_key(checkpointer)
+    checkpoints = checkpointer.find_checkpoints(min_key=key, max_num_checkpoints=count)
     if not checkpoints:
-        raise FileNotFoundError(f"no checkpoint with a WER under {checkpointer.checkpoints_dir}")
+        raise FileNotFoundError(f"no checkpoint with a valid {key} under "
+                                f"{checkpointer.checkpoints_dir}")
     for name, module in modules.items():
         module.load_state_dict(sb.utils.checkpoints.average_checkpoints(checkpoints, name))
 
@@ -46,10 +66,11 @@ class Recognizer:
                                     "a CTC training run")
         with open(hparams_file) as f:
             self.hparams = load_hyperpyyaml(f, {"output_folder": output_folder, **(overrides or {})})
-        self.hparams["checkpointer"].recover_if_possible(min_key="WER")  # statistics, etc.
+        key = selection_key(self.hparams["checkpointer"])
+        self.hparams["checkpointer"].recover_if_possible(min_key=key)  # statistics, etc.
         load_averaged_best(self.hparams["checkpointer"],
                            {"encoder": self.encoder, "ctc_head": self.hparams["ctc_head"]},
-                           self.hparams["average_checkpoints"])
+                           self.hparams["average_checkpoints"], key)
         self.device = torch.device(device)
         for name in ("encoder", "ctc_head", "normalize"):
             self.hparams[name] = self.hparams[name].to(self.device).eval()

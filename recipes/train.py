@@ -49,12 +49,20 @@ from dataio import (  # noqa: E402
     check_manifest,
     dataset_from_manifest,
 )
-from inference import load_averaged_best  # noqa: E402
+from inference import load_averaged_best, selection_key  # noqa: E402
+from provenance import (  # noqa: E402
+    best_ssl_checkpoint,
+    check_resume,
+    resolved_hparams_text,
+    run_record,
+    write_json_atomic,
+)
 from modules.checkpointing import RandomState  # noqa: E402
 from modules.context import describe_context, set_dynamic_context  # noqa: E402
 from modules.ctc import BeamTranscriber, ctc_loss, greedy_transcripts  # noqa: E402
 from modules.heads import masked_token_loss  # noqa: E402
 from modules.masker import encoder_frame_mask, masked_frame_counts  # noqa: E402
+from modules.schedulers import warmup_steps  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,8 @@ class StreamingBrain(sb.Brain):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.stepping = {}  # {name: (schedule, optimizer)} of the step under way
+        self.stage_start, self.stage_audio = time.time(), 0.0
         if self.debug and self.checkpointer is not None:
             # --debug checkpoints go to a temporary folder made by each process: share the main
             # one, so that every rank lists (and deletes) the same checkpoints.
@@ -111,6 +121,48 @@ class StreamingBrain(sb.Brain):
         feats = self.modules.normalize(feats, frame_lengths / feats.shape[1], epoch=epoch)
         return feats, frame_lengths
 
+    def lr_schedules(self) -> dict:
+        """``{name: (schedule, optimizer)}`` of the optimizers the next step updates."""
+        raise NotImplementedError
+
+    def on_fit_batch_start(self, batch, should_step):
+        # The schedule's rate of this very step, set before it: also the first step of each
+        # optimizer, and the first after a resume (the schedules' step counts are checkpointed).
+        self.stepping = self.lr_schedules() if should_step else {}
+        for schedule, optimizer in self.stepping.values():
+            schedule.set_lr(optimizer)
+
+    def freeze_optimizers(self, optimizers):
+        """Only the optimizers whose schedule runs at this step (CTC: not the encoder's while
+        the head trains alone)."""
+        stepping = [optimizer for _, optimizer in self.stepping.values()]
+        return {name: opt for name, opt in optimizers.items() if any(opt is s for s in stepping)}
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        for schedule, optimizer in self.stepping.values():
+            schedule(optimizer)  # counts the step (and sets the next step's rate)
+
+    def fit_batch(self, batch):
+        wavs, wav_lens = batch.sig
+        self.stage_audio += float(wav_lens.sum()) * wavs.shape[1] / self.hparams.sample_rate
+        return super().fit_batch(batch)
+
+    def on_stage_start(self, stage, epoch=None):
+        if stage == sb.Stage.TRAIN:  # the training stage's own time and audio, for throughput
+            self.stage_start, self.stage_audio = time.time(), 0.0
+
+    def end_train_stage(self) -> None:
+        """Wall time and audio seconds (all ranks) of the training stage, without validation.
+
+        A resumed epoch counts only what this process trained: time and audio alike.
+        """
+        audio = self.stage_audio
+        if torch.distributed.is_initialized():  # float32: MPS has no float64
+            audio = float(ddp_all_reduce(torch.tensor([audio], device=self.device),
+                                         torch.distributed.ReduceOp.SUM))
+        self.train_timing = {"train_stage_seconds": round(time.time() - self.stage_start, 3),
+                             "train_audio_seconds": round(audio, 3)}
+
     def training_context(self, stage):
         """One sampled context per training batch (the same on every rank); the encoder's
         fixed one otherwise."""
@@ -127,7 +179,8 @@ class StreamingBrain(sb.Brain):
         self.hparams.train_logger.log_stats(stats_meta={**meta, **(extra_meta or {})},
                                             train_stats=self.train_stats, valid_stats=stats)
         if if_main_process():
-            self._append_history({"epoch": epoch, "train": self.train_stats, "valid": stats})
+            self._append_history({"epoch": epoch, "train": self.train_stats, "valid": stats,
+                                  **getattr(self, "train_timing", {})})
 
     def optimizer_lrs(self):
         lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers_dict.values()]
@@ -186,11 +239,11 @@ class SSLBrain(StreamingBrain):
                     masked_targets[:, book].cpu(), minlength=self.hparams.num_classes)
         return loss
 
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        if should_step:
-            self.hparams.lr_annealing(self.optimizer)
+    def lr_schedules(self) -> dict:
+        return {"optimizer": (self.hparams.lr_annealing, self.optimizer)}
 
     def on_stage_start(self, stage, epoch=None):
+        super().on_stage_start(stage, epoch)
         self.num_books = self.hparams.num_books
         self.correct = torch.zeros(self.num_books, dtype=torch.long)
         self.mask_counts = torch.zeros(3, dtype=torch.long)  # see masked_frame_counts
@@ -230,6 +283,7 @@ class SSLBrain(StreamingBrain):
                 [self.num_books, 3, 1, self.code_counts.numel()])
             self.empty_batches, self.code_counts = int(empty), codes.view_as(self.code_counts)
             self.train_stats = self.stage_stats(stage_loss)
+            self.end_train_stage()
             return
         stats = self.stage_stats(stage_loss)
         if stage == sb.Stage.VALID:
@@ -254,15 +308,36 @@ class CTCBrain(StreamingBrain):
         self.head_only_steps = 0
 
     def plan_schedule(self, steps_per_epoch: int) -> None:
-        """Warmup, decay and head-only phase in optimizer steps, from the hparams' fractions."""
+        """The head-only phase and each optimizer's schedule in optimizer steps, from the
+        hparams' fractions of the run's ``steps_per_epoch * number_of_epochs`` steps.
+
+        The head's schedule spans the whole run. The encoder's starts when the encoder starts
+        training, after the head-only phase (``head_only_fraction`` of the steps): its warmup is
+        ``warmup_fraction`` of its own steps and it decays to 0 at the end of the run; it is not
+        stepped while the encoder is frozen, so its first update (fresh Adam state) runs at a
+        warmup rate, not at the peak. Rates per step: ``modules/schedulers.py``.
+        """
         total = max(1, steps_per_epoch * self.hparams.number_of_epochs)
-        for schedule in self.hparams.lr_annealing.values():
-            schedule.num_training_steps = total
-            schedule.num_warmup_steps = round(self.hparams.warmup_fraction * total)
         if not self.hparams.freeze_encoder:
-            self.head_only_steps = round(self.hparams.head_only_fraction * total)
-        logger.info("Fine-tuning: %d optimizer steps, warmup %d, head alone for %d", total,
-                    round(self.hparams.warmup_fraction * total), self.head_only_steps)
+            self.head_only_steps = min(total, round(self.hparams.head_only_fraction * total))
+        steps = {"head": total, "encoder": total - self.head_only_steps}
+        for name, schedule in self.hparams.lr_annealing.items():
+            schedule.num_training_steps = steps[name]
+            schedule.num_warmup_steps = warmup_steps(self.hparams.warmup_fraction, steps[name])
+        encoder = self.hparams.lr_annealing["encoder"]
+        logger.info("Fine-tuning: %d optimizer steps; head: warmup %d; encoder: frozen for %d, "
+                    "then warmup %d of its %d", total,
+                    self.hparams.lr_annealing["head"].num_warmup_steps, self.head_only_steps,
+                    encoder.num_warmup_steps, encoder.num_training_steps)
+
+    def encoder_training(self) -> bool:
+        """Whether the next step updates the encoder (past the head-only phase, not probing)."""
+        return not self.hparams.freeze_encoder and self.optimizer_step >= self.head_only_steps
+
+    def lr_schedules(self) -> dict:
+        names = ["head"] + (["encoder"] if self.encoder_training() else [])
+        return {name: (self.hparams.lr_annealing[name], self.optimizers_dict[name])
+                for name in names}
 
     def init_optimizers(self):
         self.optimizers_dict = {"head": self.hparams.head_optimizer(self.hparams.ctc_head.parameters())}
@@ -283,7 +358,7 @@ class CTCBrain(StreamingBrain):
         if training:
             feats, _ = self.hparams.spec_augment(feats, lengths)
         # Head-only phase: the encoder runs without a graph (no gradient, no optimizer update).
-        head_only = training and self.optimizer_step < self.head_only_steps
+        head_only = training and not self.encoder_training()
         with torch.no_grad() if head_only else contextlib.nullcontext():
             encoded = self.modules.encoder(feats, lengths, self.training_context(stage),
                                            num_layers=self.hparams.probe_layer)
@@ -311,18 +386,15 @@ class CTCBrain(StreamingBrain):
             return self.beam_transcriber(log_probs, enc_lengths)
         return greedy_transcripts(log_probs, enc_lengths, sp)
 
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        if should_step:
-            for name, optimizer in self.optimizers_dict.items():
-                self.hparams.lr_annealing[name](optimizer)
-
     def on_fit_batch_start(self, batch, should_step):
+        super().on_fit_batch_start(batch, should_step)
         # Probing: no dropout in the frozen encoder. Here rather than in on_stage_start, whose
         # eval() SpeechBrain undoes with modules.train() right after it.
         if self.hparams.freeze_encoder:
             self.hparams.encoder.eval()
 
     def on_stage_start(self, stage, epoch=None):
+        super().on_stage_start(stage, epoch)
         if stage != sb.Stage.TRAIN:
             set_dynamic_context(self.modules, self.hparams.valid_context,
                                 self.hparams.context_presets)
@@ -332,13 +404,17 @@ class CTCBrain(StreamingBrain):
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:
             self.train_stats = {"loss": stage_loss}
+            self.end_train_stage()
             return
         stats = {"loss": stage_loss, "WER": self.wer_metric.summarize("error_rate"),
                  "CER": self.cer_metric.summarize("error_rate")}
         if stage == sb.Stage.VALID:
             self.log_epoch(epoch, stats)
-            self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"]}, min_keys=["WER"],
-                                                 num_to_keep=self.hparams.checkpoints_to_keep)
+            # Kept and averaged by valid CER: on small data the WER sits near 100 % and ranks
+            # checkpoints by noise. The WER stays in the meta for reference.
+            self.checkpointer.save_and_keep_only(
+                meta={"CER": stats["CER"], "WER": stats["WER"]}, min_keys=["CER"],
+                num_to_keep=self.hparams.checkpoints_to_keep)
         else:
             self.test_stats = stats
             self.hparams.train_logger.log_stats(
@@ -349,11 +425,12 @@ class CTCBrain(StreamingBrain):
                     self.wer_metric.write_stats(f)
 
     def on_evaluate_start(self, max_key=None, min_key=None):
-        """Test with the average of the best ``average_checkpoints`` checkpoints (by WER)."""
+        """Test with the average of the best ``average_checkpoints`` checkpoints (by valid CER;
+        WER for checkpoints of older runs)."""
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
         load_averaged_best(self.checkpointer, {"encoder": self.hparams.encoder,
                                                "ctc_head": self.hparams.ctc_head},
-                           self.hparams.average_checkpoints)
+                           self.hparams.average_checkpoints, min_key)
 
 
 BRAINS = {"ssl": SSLBrain, "ctc": CTCBrain}
@@ -397,18 +474,17 @@ def dataio_prepare(hparams: dict) -> dict:
 
 def load_pretrained_ssl(hparams: dict, ssl_folder: str) -> None:
     """Loads the encoder and the feature statistics of the best SSL checkpoint (Pretrainer)."""
-    checkpoint = sb.utils.checkpoints.Checkpointer(Path(ssl_folder) / "save").find_checkpoint(
-        min_key="loss")
+    checkpoint = best_ssl_checkpoint(ssl_folder)
     if checkpoint is None:
         raise FileNotFoundError(f"--pretrained_ssl {ssl_folder}: no checkpoint under "
                                 f"{Path(ssl_folder) / 'save'}; give an SSL output folder")
     pretrainer = sb.utils.parameter_transfer.Pretrainer(
         collect_in=Path(hparams["save_folder"]) / "pretrained_ssl",
         loadables={"encoder": hparams["encoder"], "normalize": hparams["normalize"]},
-        paths={name: str(checkpoint.path / f"{name}.ckpt") for name in ("encoder", "normalize")})
+        paths={name: str(checkpoint / f"{name}.ckpt") for name in ("encoder", "normalize")})
     run_on_main(pretrainer.collect_files)
     pretrainer.load_collected()
-    logger.info("Encoder and feature statistics loaded from %s", checkpoint.path)
+    logger.info("Encoder and feature statistics loaded from %s", checkpoint)
 
 
 def parse_command_line(argv: list[str]) -> tuple[str, object, dict]:
@@ -420,6 +496,9 @@ def parse_command_line(argv: list[str]) -> tuple[str, object, dict]:
         preset = argv[index + 1] if index + 1 < len(argv) else ""
         argv = argv[:index] + argv[index + 2:]
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    if isinstance(run_opts.optimizer_step_limit, str):  # SpeechBrain 1.1.2 leaves it a string
+        run_opts = dataclasses.replace(run_opts,
+                                       optimizer_step_limit=int(run_opts.optimizer_step_limit))
     if preset == "auto":
         preset = "cuda" if torch.cuda.is_available() else (
             "mps" if torch.backends.mps.is_available() else "cpu")
@@ -449,6 +528,14 @@ def resolve_device(run_opts, overrides: dict):
     chosen = run_opts.overridden_args | {"device", "distributed_backend"}
     return dataclasses.replace(run_opts, device=device, distributed_backend=backend,
                                overridden_args=chosen)
+
+
+def resolve_hparams(hparams_file: str, overrides: dict) -> str:
+    """The resolved hparams text (what ``hyperparams.yaml`` holds); a bad value: one line."""
+    try:
+        return resolved_hparams_text(hparams_file, overrides)
+    except (KeyError, ValueError, TypeError) as error:
+        raise SystemExit(f"error in {hparams_file} (or its overrides): {error}") from None
 
 
 def load_hparams(hparams_file: str, overrides: dict) -> dict:
@@ -482,13 +569,21 @@ def main(argv: list[str]) -> dict | None:
     """Trains (CTC: then tests); returns the summary on the main process, None on the others."""
     hparams_file, run_opts, overrides = parse_command_line(argv)
     sb.utils.distributed.ddp_init_group(run_opts)  # before the hparams load (see load_hparams)
+    # Before loading (which writes into the output folder): a folder with checkpoints is resumed
+    # only under the hparams it ran with.
+    resuming = check_resume(resolve_hparams(hparams_file, overrides))
     hparams = load_hparams(hparams_file, overrides)
     if hparams["task"] not in BRAINS:
         raise SystemExit(f"error: task {hparams['task']!r} in {hparams_file}; known: {list(BRAINS)}")
     # <output_folder>/hyperparams.yaml: the experiment as run (overrides applied), which
-    # evaluate.py and transcribe.py take as their hparams file.
+    # evaluate.py and transcribe.py take as their hparams file; written once, not on a resume.
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
-                                   hyperparams_to_save=hparams_file, overrides=overrides)
+                                   hyperparams_to_save=None if resuming else hparams_file,
+                                   overrides=overrides)
+    record = None
+    if if_main_process():  # what produced this run; also in the summary
+        record = run_record(argv, hparams_file, overrides, hparams.get("pretrained_ssl"))
+        write_json_atomic(Path(hparams["output_folder"]) / "run_record.json", record)
     if hparams["task"] == "ctc":
         pieces = hparams["tokenizer"].sp.get_piece_size()
         if pieces != hparams["vocab_size"]:
@@ -524,7 +619,7 @@ def main(argv: list[str]) -> dict | None:
               valid_loader_kwargs=hparams["valid_dataloader_opts"])
     train_seconds = round(time.time() - start, 1)
     if hparams["task"] == "ctc":
-        brain.evaluate(datasets["test"], min_key="WER",
+        brain.evaluate(datasets["test"], min_key=selection_key(brain.checkpointer),
                        test_loader_kwargs=hparams["valid_dataloader_opts"])
     if not if_main_process():
         return None
@@ -532,6 +627,10 @@ def main(argv: list[str]) -> dict | None:
     output_folder = str(Path(hparams["output_folder"]).resolve())
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     peak_memory_mb = peak_memory(brain.device)
+    # The training stages alone (no validation, statistics pass or test): for throughput.
+    common = {key: round(sum(h.get(key, 0.0) for h in history), 1)
+              for key in ("train_stage_seconds", "train_audio_seconds")}
+    common["record"] = record
     if hparams["task"] == "ssl":
         return {
             "ssl_valid_loss_first": history[0]["valid"]["loss"],
@@ -544,14 +643,17 @@ def main(argv: list[str]) -> dict | None:
             "world_size": world_size,
             "peak_memory_mb": peak_memory_mb,
             "output_folder": output_folder,
+            **common,
         }
     return {
         "ctc_wer": brain.test_stats["WER"], "ctc_cer": brain.test_stats["CER"],
         "ctc_valid_wer_first": history[0]["valid"]["WER"],
         "ctc_valid_wer_last": history[-1]["valid"]["WER"],
+        "ctc_valid_cer_first": history[0]["valid"]["CER"],
+        "ctc_valid_cer_last": history[-1]["valid"]["CER"],
         "epochs": len(history), "train_seconds": train_seconds, "world_size": world_size,
         "peak_memory_mb": peak_memory_mb, "ctc_hparams": str(Path(output_folder) / "hyperparams.yaml"),
-        "ctc_output_folder": output_folder,
+        "ctc_output_folder": output_folder, **common,
     }
 
 

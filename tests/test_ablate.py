@@ -1,6 +1,8 @@
 """recipes/ablate.py: a grid end to end (submitit's local executor, the Slurm launcher's code
-path), resume, a failing cell, the table's columns, equalized parameter counts, bad grid files."""
+path), resume, a stale result refused, a failing cell, the table's columns, equalized parameter
+counts, each cell validated at a context it trains on, bad grid files."""
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,8 +12,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ablate import build_encoder, cells_of, encoder_sizes, load_grid, parameter_count
+from ablate import (
+    build_encoder,
+    cell_plan,
+    cells_of,
+    encoder_sizes,
+    load_grid,
+    parameter_count,
+    widest_context,
+)
 from conftest import ROOT
+from modules.context import parse_context
+from provenance import current_code_commit
 from test_recipe import CORPUS, slice_csv
 
 GRID = {"encoders": ["conformer", "transformer"], "context_sets": {"low": ["low"]},
@@ -50,16 +62,37 @@ def test_grid_end_to_end_resume_and_a_failing_cell(tmp_path):
     with open(out / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
     contexts = ["[8, 0]", "[16, 1]", "[32, 3]", "[64, 7]", "[-1, -1]"]
-    expected = {"cell", "parameters", "train_audio_per_second", "peak_memory_mb", "test_cer",
-                "test_wer", "step_s 1s", "step_s 2s"} | {
-        f"{metric} {c}" for c in contexts for metric in ("cer", "wer", "rtf", "latency_ms")}
+    expected = {"cell", "parameters", "valid_context", "train_audio_per_second", "peak_memory_mb",
+                "test_cer", "test_wer", "step_s 1s", "step_s 2s"} | {
+        f"{metric} {c}" for c in contexts for metric in (
+            "cer", "wer", "rtf_evaluate_batched", "rtf_benchmark_stream", "chunk_plus_compute_ms")}
     assert expected <= set(rows[0]), expected - set(rows[0])
     for row in rows:
-        assert float(row["cer [16, 1]"]) >= 0 and float(row["latency_ms [16, 1]"]) > 80
-        assert row["latency_ms [-1, -1]"] == ""  # offline: no chunk latency
+        assert float(row["cer [16, 1]"]) >= 0 and float(row["chunk_plus_compute_ms [16, 1]"]) > 80
+        assert row["chunk_plus_compute_ms [-1, -1]"] == ""  # offline: no chunk latency
+        assert row["rtf_benchmark_stream [-1, -1]"] == ""  # no stream benchmark offline
+        assert float(row["rtf_evaluate_batched [-1, -1]"]) > 0
+        assert float(row["rtf_benchmark_stream [16, 1]"]) > 0
         assert float(row["peak_memory_mb"]) > 0 and float(row["step_s 2s"]) > 0
+        assert float(row["train_audio_per_second"]) > 0
+        assert row["valid_context"] == "[16, 1]"  # the cell trains at "low" only: validated there
     for name in ("ablation.md", "cer_vs_latency.png", "step_time_vs_length.png"):
         assert (out / name).stat().st_size > 0
+    table = (out / "ablation.md").read_text()
+    for label in ("chunk + measured compute ms [16, 1]", "RTF (evaluate.py, batched) [-1, -1]",
+                  "RTF (transcribe.py --mode benchmark, one stream) [16, 1]",
+                  "train audio s/s (training stages only)"):
+        assert label in table, label
+    cell = out / "conformer-low-tiny"
+    assert "valid_context: low" in (cell / "ctc" / "hyperparams.yaml").read_text()
+    # each result records the CTC run that made it (train.py's summary)
+    result = json.loads((cell / "result.json").read_text())
+    assert result["record"]["command"][:2] == ["recipes/train.py",
+                                               "hparams/CTC/conformer_small.yaml"]
+    assert result["record"]["code_commit"] == current_code_commit()
+    ssl_encoder = next((cell / "ssl" / "save").glob("CKPT+*")) / "encoder.ckpt"
+    assert result["record"]["ssl_checkpoint_sha256"] == hashlib.sha256(
+        ssl_encoder.read_bytes()).hexdigest()
     # each cell really trained its own encoder: SSL and CTC outputs, the transformer's yaml
     saved = (out / "transformer-low-tiny" / "ctc" / "hyperparams.yaml").read_text()
     assert "modules.transformer.CausalTransformerEncoder" in saved
@@ -80,6 +113,37 @@ def test_grid_end_to_end_resume_and_a_failing_cell(tmp_path):
     assert [c["cell"] for c in report["cells"]] == ["conformer-low-tiny"]
     assert "conformer-broken-tiny" in (out / "ablation.md").read_text()
     assert "1 of 2 cells failed" in run.stderr
+
+    # a result made by another command (here: other CTC epochs) is refused, not read back or
+    # rerun over; the other cell is read back
+    stale = out / "transformer-low-tiny" / "result.json"
+    before = stale.read_text()
+    run, report = ablate(tmp_path, {**grid, "ctc_epochs": 2})
+    assert run.returncode == 1
+    assert list(report["failed"]) == ["conformer-low-tiny", "transformer-low-tiny"]
+    message = report["failed"]["transformer-low-tiny"]
+    assert str(stale) in message and "command found" in message and "delete" in message
+    assert stale.read_text() == before and not report["cells"]
+
+
+def test_each_cell_validates_at_its_widest_trained_streaming_context(tmp_path):
+    presets = {"very_low": [8, 0], "low": [16, 1], "medium": [32, 3], "high": [64, 7],
+               "unlimited": [-1, -1]}
+    assert widest_context(["low"], presets) == "low"
+    assert widest_context(["very_low", "low", "medium", "high"], presets) == "high"
+    assert widest_context(["low", "unlimited"], presets) == "low"  # streaming first
+    assert widest_context([[16, 1], [32, 1]], presets) == [32, 1]  # same chunk: longer left
+    assert widest_context([[-1, 3], [64, 7]], presets) == [64, 7]  # longer chunk first
+    assert widest_context(["unlimited"], presets) == "unlimited"  # an offline-only cell
+    grid = load_grid_from({**GRID, "ssl_epochs": 0, "context_sets": {
+        "low": ["low"], "multi": ["very_low", "low", "medium"], "pair": [[4, 0]]}})
+    for cell in cells_of(grid, tmp_path):
+        plan = cell_plan(grid, cell)
+        trained = [list(parse_context(c, presets)) for c in cell["contexts"]]
+        assert plan["valid_context"] in trained, (cell["name"], plan["valid_context"])
+        assert "--valid_context" in plan["ctc"] and plan["ssl"] is None
+    assert [cell_plan(grid, c)["valid_context"] for c in cells_of(grid, tmp_path)[:3]] == [
+        [16, 1], [32, 3], [4, 0]]
 
 
 def test_parameter_counts_are_equalized():

@@ -1,4 +1,5 @@
 """CTC: decoders, the recipe's JSON contract, and fine-tuning from an SSL run (Pretrainer)."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.tokenizers.SentencePiece import SentencePiece
+from speechbrain.utils.checkpoints import Checkpointer
 
 from conftest import ROOT
 from modules.ctc import BeamTranscriber, greedy_transcripts
@@ -55,6 +57,10 @@ def test_ctc_recipe_from_scratch_and_from_ssl(tmp_path):
     assert 0 <= scratch["ctc_cer"] and scratch["epochs"] == 2
     assert (tmp_path / "scratch" / "save" / "tokenizer" / "26_char.model").is_file()
     assert (tmp_path / "scratch" / "test_wer.txt").is_file()
+    # checkpoints kept (and averaged) by valid CER; the WER stays in their meta
+    checkpoints = Checkpointer(tmp_path / "scratch" / "save").list_checkpoints()
+    assert len(checkpoints) == 2 and all({"CER", "WER"} <= set(c.meta) for c in checkpoints)
+    assert 0 <= scratch["ctc_valid_cer_last"] and scratch["record"]["ssl_checkpoint"] is None
 
     run_recipe("SSL/conformer.yaml", tmp_path, "ssl", *TINY, "--number_of_epochs", "1")
     run, tuned = run_recipe("CTC/conformer_small.yaml", tmp_path, "tuned", *CTC_TINY,
@@ -62,6 +68,31 @@ def test_ctc_recipe_from_scratch_and_from_ssl(tmp_path):
                             "--pretrained_ssl", str(tmp_path / "ssl"), "--freeze_encoder", "True")
     assert "Encoder and feature statistics loaded" in run.stdout + run.stderr
     assert tuned["epochs"] == 1
+    # the record names the SSL checkpoint the run started from
+    ssl_checkpoint = next((tmp_path / "ssl" / "save").glob("CKPT+*"))
+    assert tuned["record"]["ssl_checkpoint"] == str(ssl_checkpoint.resolve())
+    assert tuned["record"]["ssl_checkpoint_sha256"] == hashlib.sha256(
+        (ssl_checkpoint / "encoder.ckpt").read_bytes()).hexdigest()
+    assert json.loads((tmp_path / "tuned" / "run_record.json").read_text()) == tuned["record"]
+
+
+def test_checkpoints_of_older_runs_are_selected_by_wer(tmp_path, caplog):
+    """Runs older than CER selection have only "WER" in their meta: still loadable, by WER,
+    with a one-line warning; as soon as checkpoints have a CER, it ranks them."""
+    from inference import load_averaged_best, selection_key
+
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(tmp_path / "save", {"ctc_head": model})
+    for wer in (90.0, 80.0):
+        torch.nn.init.constant_(model.weight, wer)
+        checkpointer.save_checkpoint(meta={"WER": wer})
+    with caplog.at_level("WARNING"):
+        assert selection_key(checkpointer) == "WER"
+    assert "selected by valid WER" in caplog.text
+    load_averaged_best(checkpointer, {"ctc_head": model}, 1)
+    assert torch.all(model.weight == 80.0)  # the lowest WER
+    checkpointer.save_checkpoint(meta={"CER": 40.0, "WER": 99.0})
+    assert selection_key(checkpointer) == "CER"
 
 
 def test_pretrained_ssl_loads_encoder_and_statistics(tmp_path):
@@ -121,15 +152,27 @@ def test_probe_layer_feeds_the_head_from_a_middle_layer(tmp_path):
             encoder(feats, num_layers=bad)
 
 
+def record_step_lrs(brain) -> dict:
+    """``{optimizer name: [the LR of each of its steps]}``, read when each step runs."""
+    used = {name: [] for name in brain.optimizers_dict}
+    for name, optimizer in brain.optimizers_dict.items():
+        optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs, name=name: used[name].append(opt.param_groups[0]["lr"]))
+    return used
+
+
 def test_fine_tuning_schedule_has_its_phases(tmp_path):
-    """8 steps: warmup 2 (linear up to the peak), then linear decay to 0; the head alone for the
-    first 2 steps (the encoder does not move), then both; encoder peak 5x below the head's."""
+    """8 steps: the head alone for the first 2 (the encoder does not move, its optimizer and
+    schedule do not step), then both. Head: warmup 2 of 8 steps; encoder: its schedule starts
+    with its training, warmup 2 of its 6 steps; both decay to 0 at the end of the run. Rates are
+    those of the step that uses them: no optimizer starts at its peak or takes a step at 0."""
     brain, batch = recipe_brain(tmp_path, number_of_epochs=1, warmup_fraction=0.25,
                                 head_only_fraction=0.25, lr_encoder=0.0004, lr_head=0.002)
     brain.plan_schedule(8)
     brain.optimizer_step = 0
+    used = record_step_lrs(brain)
     encoder, head = brain.hparams.encoder, brain.hparams.ctc_head
-    lrs, encoder_moved, head_moved = [], [], []
+    encoder_moved, head_moved = [], []
     for _ in range(8):
         before = [p.detach().clone() for p in (*encoder.parameters(), *head.parameters())]
         brain.fit_batch(batch)
@@ -138,9 +181,30 @@ def test_fine_tuning_schedule_has_its_phases(tmp_path):
         count = len(list(encoder.parameters()))
         encoder_moved.append(any(changed[:count]))
         head_moved.append(all(changed[count:]))
-        lrs.append({name: opt.param_groups[0]["lr"] for name, opt in brain.optimizers_dict.items()})
     assert encoder_moved == [False, False] + [True] * 6 and all(head_moved)
-    head_lrs = [lr["head"] for lr in lrs]
-    assert head_lrs[:3] == pytest.approx([0.001, 0.002, 0.002 * 5 / 6])  # up, peak, decay
-    assert head_lrs[-1] == 0.0 and all(a > b for a, b in zip(head_lrs[1:], head_lrs[2:]))
-    assert [lr["encoder"] * 5 for lr in lrs] == pytest.approx(head_lrs)
+    # head, step k of 8 (warmup 2): 0.002 * min((k + 1) / 3, (8 - k) / 6)
+    assert used["head"] == pytest.approx([0.002 * v for v in (1 / 3, 2 / 3, 1, 5 / 6, 4 / 6,
+                                                              3 / 6, 2 / 6, 1 / 6)])
+    # encoder, its step j of 6 (warmup round(0.25 * 6) = 2): 0.0004 * min((j + 1) / 3, (6 - j) / 4)
+    assert used["encoder"] == pytest.approx([0.0004 * v for v in (1 / 3, 2 / 3, 1, 3 / 4, 2 / 4,
+                                                                  1 / 4)])
+    first, second = used["encoder"][:2]
+    assert 0 < first < 0.0004 and second > first  # its first update: warming up, not at peak
+    assert 0 < used["head"][0] < 0.002
+    assert brain.hparams.lr_annealing["head"].current_step == 8
+    assert brain.hparams.lr_annealing["encoder"].current_step == 6
+    assert brain.hparams.lr_annealing["encoder"].calculate_lr(6) == 0.0  # 0 at the end
+
+
+def test_head_only_phase_equal_to_warmup_leaves_the_encoder_its_own_warmup(tmp_path):
+    """The default protocol (head_only_fraction == warmup_fraction): the encoder's first update,
+    right after the head-only phase, is below its peak and the next ones rise."""
+    brain, batch = recipe_brain(tmp_path, number_of_epochs=1, warmup_fraction=0.1,
+                                head_only_fraction=0.1, lr_encoder=0.0004)
+    brain.plan_schedule(20)  # head alone for 2 steps; encoder: 18 steps, warmup 2
+    brain.optimizer_step = 0
+    used = record_step_lrs(brain)
+    for _ in range(5):
+        brain.fit_batch(batch)
+    assert len(used["head"]) == 5 and len(used["encoder"]) == 3
+    assert 0 < used["encoder"][0] < used["encoder"][1] < used["encoder"][2] == pytest.approx(0.0004)

@@ -37,18 +37,36 @@ def train(tmp_path, *extra, hparams="conformer.yaml", tiny=TINY):
 
 
 def test_ssl_recipe_runs_and_resumes(tmp_path):
-    run = train(tmp_path, "--number_of_epochs", "1")
+    """A run stopped after its first epoch (8 utterances in batches of 4: 2 steps an epoch) is
+    resumed by the same command; the same folder under other hparams is refused, untouched."""
+    run = train(tmp_path, "--number_of_epochs", "2", "--optimizer_step_limit", "2")
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     for key in ("ssl_valid_loss_first", "ssl_valid_loss_last", "ssl_masked_acc",
                 "train_seconds", "output_folder"):
         assert key in summary
     assert summary["epochs"] == 1 and np.isfinite(summary["ssl_valid_loss_last"])
+    assert summary["train_audio_seconds"] > 0 and summary["train_stage_seconds"] > 0
+    record = json.loads((tmp_path / "out" / "run_record.json").read_text())
+    assert summary["record"] == record and record["ssl_checkpoint"] is None
+    hparams_file = str(ROOT / "hparams" / "SSL" / "conformer.yaml")
+    assert record["command"][:2] == ["recipes/train.py", hparams_file]
+    assert record["command"][-2:] == ["--optimizer_step_limit", "2"]
     log = (tmp_path / "out" / "train_log.txt").read_text()
     assert "contexts_drawn" in log and " s, chunk " in log  # contexts logged in seconds
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     for stats in (history[0]["train"], history[0]["valid"]):  # what masking really did
         assert 0.1 < stats["masked_fraction"] < 0.6 and 0 <= stats["masked_seeing_future"] <= 1
+    saved = tmp_path / "out" / "hyperparams.yaml"
+    written = (saved.read_text(), saved.stat().st_mtime_ns)
+
+    changed = train(tmp_path, "--number_of_epochs", "3", "--lr", "0.001")
+    assert changed.returncode != 0 and "Traceback" not in changed.stderr
+    error = changed.stderr.strip().splitlines()[-1]
+    assert "number_of_epochs (2 -> 3)" in error and "lr (0.0005 -> 0.001)" in error
+    assert "another --output_folder" in error
+    assert (saved.read_text(), saved.stat().st_mtime_ns) == written
+
     resumed = train(tmp_path, "--number_of_epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Loading a checkpoint" in resumed.stdout + resumed.stderr
@@ -56,6 +74,7 @@ def test_ssl_recipe_runs_and_resumes(tmp_path):
     assert summary["epochs"] == 2
     assert summary["ssl_valid_loss_first"] == json.loads(run.stdout.strip().splitlines()[-1])[
         "ssl_valid_loss_first"]
+    assert (saved.read_text(), saved.stat().st_mtime_ns) == written  # not rewritten
 
 
 def test_ssl_recipe_debug_with_denoising_and_nemo_manifest(tmp_path):

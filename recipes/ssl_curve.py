@@ -1,0 +1,545 @@
+#!/usr/bin/env python3
+"""Does SSL pay off? The low-resource curve on the benchmark corpus, SSL-initialized against
+from-scratch CTC, each arm tuned on dev on its own (``make ssl-curve``; hours, not a test).
+
+For every encoder of the grid file (``hparams/curves/*.yaml``) and every labeled size:
+
+1. **SSL** (``hparams/SSL/<encoder>.yaml``) on ``unlabeled_train``, one run per SSL seed (only
+   the seeds a step needs are trained, when it needs them).
+2. **Grid, on dev.** Each arm (``ssl``: from the first SSL seed's encoder; ``scratch``: random
+   init) fine-tunes with CTC at every grid point (peak LR x SpecAugment ...) with the first
+   fine-tuning seed, the same optimizer steps for both arms; ``train.py``'s own test set is
+   ``dev.csv``, so a run's ``ctc_cer`` is its dev CER (greedy, averaged best checkpoints, which
+   are also chosen by dev CER). The arm's setting is its lowest dev CER. Test is never read here.
+3. **Final runs, on test.** The chosen setting of each arm with every fine-tuning seed (x every
+   SSL seed for ``ssl``; the grid's run is one of them), each decoded on ``test.csv`` by
+   ``evaluate.py --streaming`` at the ``test_contexts`` with per-utterance edits.
+4. **Statistics**: per size, arm and context, the test CER/WER mean over runs with a 95 %
+   t-interval; the SSL-minus-scratch CER difference (per-utterance edits averaged over runs) with
+   a 95 % paired bootstrap interval that resamples test speakers.
+5. **Diagnostics on dev**: frozen-encoder CTC probes (SSL vs random encoder) and the effective
+   rank of every layer's output.
+
+Every run is its own folder with ``result.json`` (metrics, cost, and the record of the command,
+commit and SSL checkpoint that made it): the command resumes, and refuses a stored result whose
+record differs from the run it would start now. Writes ``<output>/curve.{md,csv,json,png}``
+after every size; the last stdout line is JSON.
+
+Usage::
+
+    python recipes/ssl_curve.py hparams/curves/benchmark.yaml [--output_folder ...] \\
+        [--encoders conformer] [--sizes train_10min]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import itertools
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from demo import ROOT, SSL_SIZES, run
+from provenance import check_result, current_code_commit, ssl_checkpoint_fields, write_result
+from stats import paired_speaker_bootstrap, per_utterance_errors, t_interval
+
+GRID_KEYS = {"corpus", "output_folder", "encoders", "ssl", "steps", "validations", "fine_tune",
+             "arms", "test_contexts", "probe_layers", "bootstrap_resamples"}
+
+
+def load_grid(path: Path) -> dict:
+    """The curve's grid file, checked: each problem named with its key."""
+    if not path.is_file():
+        raise SystemExit(f"error: grid file {path} not found (see hparams/curves/)")
+    grid = yaml.safe_load(path.read_text())
+    unknown = set(grid) - GRID_KEYS
+    missing = GRID_KEYS - set(grid)
+    if unknown or missing:
+        raise SystemExit(f"error: {path}: unknown keys {sorted(unknown)}, missing keys "
+                         f"{sorted(missing)}")
+    for encoder, sizes in grid["encoders"].items():
+        if encoder not in SSL_SIZES:
+            raise SystemExit(f"error: {path}: encoders: {encoder!r} is not one of {list(SSL_SIZES)}")
+        for size in sizes:
+            if size not in grid["steps"]:
+                raise SystemExit(f"error: {path}: size {size!r} of {encoder} has no steps")
+    if set(grid["arms"]) != {"ssl", "scratch"}:
+        raise SystemExit(f"error: {path}: arms must be ssl and scratch")
+    return grid
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rel(path: Path) -> str:
+    """A path as the commands write it: relative to the repository when inside it (links are
+    kept, so a linked corpus folder still reads as ``data/benchmark``)."""
+    path = Path(os.path.abspath(path))
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def repeated_manifest(source: Path, out: Path, min_utterances: int) -> int:
+    """Writes ``source``'s rows repeated (IDs suffixed ``_r<k>``) until at least
+    ``min_utterances``; returns the number of rows written."""
+    with open(source) as f:
+        rows = list(csv.DictReader(f))
+    repeats = max(1, math.ceil(min_utterances / len(rows)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for k in range(repeats):
+            writer.writerows({**row, "ID": f"{row['ID']}_r{k}" if repeats > 1 else row["ID"]}
+                             for row in rows)
+    return repeats * len(rows)
+
+
+class Curve:
+    """Runs (or reads back) the SSL, fine-tuning and test runs of one grid file."""
+
+    def __init__(self, grid: dict, folder: Path, arms: tuple[str, ...] = ("scratch", "ssl")):
+        self.grid, self.folder, self.arms = grid, folder, arms
+        self.corpus = Path(grid["corpus"])
+        self.code_commit = current_code_commit()
+        self.ssl_runs: dict[tuple[str, int], dict] = {}
+        self.costs: dict[str, dict] = {}
+
+    # ------------------------------ runs ----------------------------------
+    def _run(self, name: str, script: str, args: list[str], ssl_sha256: str | None) -> dict:
+        """``recipes/<script> args`` once: a stored result with the same record (command, code
+        commit, SSL checkpoint) is read back; one with another record is refused."""
+        path = self.folder / name / "result.json"
+        expected = {"command": [f"recipes/{script}", *args], "code_commit": self.code_commit,
+                    "ssl_checkpoint_sha256": ssl_sha256}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Curves may run side by side (e.g. --ssl_only and --arms scratch): a run another process
+        # is training is waited for, then read back, never trained twice.
+        with open(path.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stored = check_result(path, expected)
+            if stored is None:
+                start_wall, start_cpu = time.time(), cpu_seconds()
+                summary = run(script, *args)
+                cost = {"wall_seconds": round(time.time() - start_wall, 1),
+                        "cpu_seconds": round(cpu_seconds() - start_cpu, 1)}
+                stored = {**{k: v for k, v in summary.items() if k != "record"}, "cost": cost}
+                write_result(path, stored, summary["record"])
+        self.costs[name] = stored["cost"]
+        return stored
+
+    def ssl(self, encoder: str, seed: int) -> dict:
+        """The SSL run of ``encoder`` with ``seed`` (trained the first time it is needed)."""
+        if (encoder, seed) not in self.ssl_runs:
+            spec = self.grid["ssl"]
+            name = f"{encoder}/ssl/seed{seed}"
+            args = [spec["hparams"].format(encoder=encoder), "--data_folder", rel(self.corpus),
+                    "--train_csv", rel(self.corpus / "unlabeled_train.csv"),
+                    "--valid_csv", rel(self.corpus / "unlabeled_valid.csv"),
+                    "--seed", str(seed), *overrides(spec["overrides"]),
+                    "--output_folder", rel(self.folder / name / "run")]
+            self.ssl_runs[(encoder, seed)] = self._run(name, "train.py", args, None)
+        return self.ssl_runs[(encoder, seed)]
+
+    def encoder_sizes(self, encoder: str) -> list[str]:
+        """``--key value`` of the SSL encoder's sizes: every CTC run (both arms) uses them."""
+        path = ROOT / self.grid["ssl"]["hparams"].format(encoder=encoder)
+        hparams = {**plain_yaml(path.read_text()), **self.grid["ssl"]["overrides"]}
+        return [a for key in SSL_SIZES[encoder] for a in (f"--{key}", str(hparams[key]))]
+
+    def train_manifest(self, size: str) -> tuple[Path, int]:
+        """The size's manifest, repeated to make up an epoch of steps / validations; and the
+        number of epochs that gives the size's optimizer steps."""
+        batch = self.grid["fine_tune"]["batch_size"]
+        steps, validations = self.grid["steps"][size], self.grid["validations"]
+        source = self.corpus / f"{size}.csv"
+        manifest = self.folder / "manifests" / f"{size}.csv"
+        rows = repeated_manifest(source, manifest, math.ceil(steps / validations) * batch)
+        return manifest, math.ceil(steps / math.ceil(rows / batch))
+
+    def fine_tune(self, name: str, encoder: str, size: str, arm: str, setting: dict, seed: int,
+                  ssl_seed: int | None, extra: dict | None = None) -> dict:
+        """One CTC run; its test set is dev, so its ``ctc_cer`` is the dev CER."""
+        spec = self.grid["fine_tune"]
+        manifest, epochs = self.train_manifest(size)
+        args = [spec["hparams"].format(encoder=encoder), *self.encoder_sizes(encoder),
+                "--data_folder", rel(self.corpus), "--train_csv", rel(manifest),
+                "--valid_csv", rel(self.corpus / "dev.csv"),
+                "--test_csv", rel(self.corpus / "dev.csv"),
+                "--tokenizer_csv", rel(self.corpus / "train.csv"),
+                "--number_of_epochs", str(epochs), "--batch_size", str(spec["batch_size"]),
+                "--seed", str(seed), "--lr_encoder", str(setting["lr"]),
+                "--lr_head", str(setting["lr"]),
+                *overrides({k: v for k, v in setting.items() if k != "lr"}),
+                *overrides(spec["overrides"]), *overrides(self.grid["arms"][arm]),
+                *overrides(extra or {})]
+        ssl_sha256 = None
+        if ssl_seed is not None:
+            ssl_folder = Path(self.ssl(encoder, ssl_seed)["output_folder"])
+            ssl_sha256 = ssl_checkpoint_fields(ssl_folder)["ssl_checkpoint_sha256"]
+            args += ["--pretrained_ssl", rel(ssl_folder)]
+        args += ["--output_folder", rel(self.folder / name / "run")]
+        return {**self._run(name, "train.py", args, ssl_sha256), "name": name}
+
+    def test(self, name: str, trained: dict) -> dict:
+        """Streaming test decode at the test contexts (``evaluate.py``): CER/WER per context,
+        and every utterance's edits in ``<run>/test_utterances.jsonl``."""
+        run_folder = Path(trained["ctc_output_folder"])
+        utterances = self.folder / name / "test_utterances.jsonl"
+        args = [rel(run_folder / "hyperparams.yaml"), "--output_folder", rel(run_folder),
+                "--test_csv", rel(self.corpus / "test.csv"), "--streaming", "--device", "cpu",
+                "--utterances", rel(utterances)]
+        for context in self.grid["test_contexts"]:
+            args += ["--context", context]
+        path = self.folder / name / "test.json"
+        command = ["recipes/evaluate.py", *args]
+        if path.is_file() and utterances.is_file():
+            stored = json.loads(path.read_text())
+            if stored["command"] == command and stored["trained"] == trained["cost"]:
+                self.costs[f"{name} (test)"] = stored["cost"]
+                return stored
+        start_wall, start_cpu = time.time(), cpu_seconds()
+        evaluation = run("evaluate.py", *args)
+        results = evaluation.get("results", [evaluation])
+        stored = {"command": command, "trained": trained["cost"],
+                  "cost": {"wall_seconds": round(time.time() - start_wall, 1),
+                           "cpu_seconds": round(cpu_seconds() - start_cpu, 1)},
+                  "contexts": [{"name": spec, "pair": r["context"], "cer": r["cer"],
+                                "wer": r["wer"], "rtf": r["rtf"]}
+                               for spec, r in zip(self.grid["test_contexts"], results)]}
+        path.write_text(json.dumps(stored, indent=1))
+        self.costs[f"{name} (test)"] = stored["cost"]
+        return stored
+
+    # --------------------------- the curve --------------------------------
+    def grid_points(self) -> list[dict]:
+        grid = self.grid["fine_tune"]["grid"]
+        return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+    def size_point(self, encoder: str, size: str) -> dict:
+        """Grid on dev, then the chosen settings' final runs on test, for one labeled size."""
+        seeds, ssl_seeds = self.grid["fine_tune"]["seeds"], self.grid["ssl"]["seeds"]
+        point = {"encoder": encoder, "size": size, "grid": [], "arms": {},
+                 "labeled_hours": round(hours_of(self.corpus / f"{size}.csv"), 3)}
+        for arm in self.arms:
+            first_ssl = ssl_seeds[0] if arm == "ssl" else None
+            dev = []
+            for setting in self.grid_points():
+                result = self.fine_tune(run_name(encoder, size, arm, setting, seeds[0], first_ssl),
+                                        encoder, size, arm, setting, seeds[0], first_ssl)
+                dev.append((result["ctc_cer"], setting))
+                point["grid"].append({"arm": arm, **setting, "dev_cer": result["ctc_cer"]})
+            chosen = min(dev, key=lambda pair: pair[0])[1]
+            runs = []
+            for ssl_seed in (ssl_seeds if arm == "ssl" else [None]):
+                for seed in seeds:
+                    name = run_name(encoder, size, arm, chosen, seed, ssl_seed)
+                    result = self.fine_tune(name, encoder, size, arm, chosen, seed, ssl_seed)
+                    runs.append({"name": name, "seed": seed, "ssl_seed": ssl_seed,
+                                 "dev_cer": result["ctc_cer"], "test": self.test(name, result)})
+            point["arms"][arm] = {"setting": chosen, "runs": runs}
+        point["summary"] = self.summarize(point) if len(point["arms"]) == 2 else []
+        return point
+
+    def summarize(self, point: dict) -> list[dict]:
+        """Per test context: each arm's CER/WER mean with a t-interval over its runs, and the
+        paired speaker bootstrap of SSL minus scratch (edits averaged over each arm's runs)."""
+        speaker_of = speakers(self.corpus / "test.csv")
+        rows = []
+        for index, context in enumerate(self.grid["test_contexts"]):
+            row, errors = {"context": context}, {}
+            for arm, data in point["arms"].items():
+                measured = [r["test"]["contexts"][index] for r in data["runs"]]
+                row["pair"] = measured[0]["pair"]
+                row[f"{arm}_cer"] = t_interval([m["cer"] for m in measured])
+                row[f"{arm}_wer"] = t_interval([m["wer"] for m in measured])
+                errors[arm] = per_utterance_errors(
+                    [utterance_edits(self.folder / r["name"] / "test_utterances.jsonl", row["pair"])
+                     for r in data["runs"]])
+            row["ssl_minus_scratch"] = paired_speaker_bootstrap(
+                errors["ssl"], errors["scratch"], speaker_of,
+                resamples=self.grid["bootstrap_resamples"])
+            rows.append(row)
+        return rows
+
+    def probes(self, encoder: str) -> list[dict]:
+        """Frozen-encoder CTC probes on the smallest size (dev CER): SSL vs random encoder."""
+        size = min(self.grid["encoders"][encoder], key=lambda s: self.grid["steps"][s])
+        setting = {"lr": max(self.grid["fine_tune"]["grid"]["lr"]), "spec_augment_prob": 0.0}
+        found = []
+        for init, ssl_seed in (("ssl", self.grid["ssl"]["seeds"][0]), ("random", None)):
+            for layer in self.grid["probe_layers"]:
+                name = f"{encoder}/probes/{init}_layer{layer}"
+                result = self.fine_tune(name, encoder, size, "scratch", setting,
+                                        self.grid["fine_tune"]["seeds"][0], ssl_seed,
+                                        {"freeze_encoder": True, "probe_layer": layer})
+                found.append({"encoder": encoder, "init": init, "layer": layer,
+                              "size": size, "dev_cer": result["ctc_cer"]})
+        return found
+
+    def ranks(self, encoder: str) -> dict:
+        """Effective rank of every layer's output on dev: each SSL seed's encoder and a random
+        one (``layer_ranks``)."""
+        ranks = {}
+        for seed in self.grid["ssl"]["seeds"]:
+            if (encoder, seed) in self.ssl_runs:
+                folder = Path(self.ssl_runs[(encoder, seed)]["output_folder"])
+                ranks.update(layer_ranks(folder, self.corpus / "dev.csv", f"ssl seed {seed}"))
+        return ranks
+
+
+def run_name(encoder: str, size: str, arm: str, setting: dict, seed: int,
+             ssl_seed: int | None) -> str:
+    tag = "_".join(f"{key}{value}" for key, value in setting.items())
+    return f"{encoder}/{size}/{arm}" + (f"_ssl{ssl_seed}" if ssl_seed else "") + f"/{tag}/seed{seed}"
+
+
+def plain_yaml(text: str) -> dict:
+    """The top-level ``key: plain value`` lines of a HyperPyYAML file (its tags skipped)."""
+    lines = [line for line in text.splitlines()
+             if line[:1].isalpha() and ":" in line and "!" not in line.split("#")[0]]
+    return yaml.safe_load("\n".join(lines)) or {}
+
+
+def overrides(values: dict) -> list[str]:
+    """``--key value`` arguments (lists in YAML flow style)."""
+    return [a for key, value in values.items()
+            for a in (f"--{key}", json.dumps(value) if isinstance(value, list) else str(value))]
+
+
+def hours_of(manifest: Path) -> float:
+    with open(manifest) as f:
+        return sum(float(row["duration"]) for row in csv.DictReader(f)) / 3600
+
+
+def speakers(manifest: Path) -> dict[str, str]:
+    with open(manifest) as f:
+        return {row["ID"]: row["spk_id"] for row in csv.DictReader(f)}
+
+
+def utterance_edits(path: Path, pair: list[int]) -> dict[str, tuple[int, int]]:
+    """``{id: (character edits, reference characters)}`` of one test decode at one context."""
+    edits = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if record["context"] == pair:
+                edits[record["id"]] = (record["char_edits"], record["chars"])
+    return edits
+
+
+def effective_rank(x) -> float:
+    """exp(entropy) of the normalized singular values of centered (N, D) ``x``: how many
+    directions its variance really spans (D at most)."""
+    import torch
+
+    singular = torch.linalg.svdvals(x - x.mean(0))
+    p = singular / singular.sum()
+    return float(torch.exp(-(p * p.clamp(min=1e-12).log()).sum()))
+
+
+def layer_ranks(ssl_folder: Path, manifest: Path, label: str, utterances: int = 200,
+                context=(32, 3)) -> dict:
+    """Effective rank of each layer's output over ``utterances`` of ``manifest``: the SSL
+    encoder (best checkpoint) and the same architecture at random initialization."""
+    import torch
+    from hyperpyyaml import load_hyperpyyaml
+    from speechbrain.utils.checkpoints import Checkpointer
+    from speechbrain.utils.data_utils import batch_pad_right
+
+    from dataio import load_audio
+
+    def load():
+        with open(ssl_folder / "hyperparams.yaml") as f:
+            return load_hyperpyyaml(f)
+
+    random_init, trained = load(), load()
+    checkpoint = Checkpointer(ssl_folder / "save").find_checkpoint(min_key="loss")
+    trained["encoder"].load_state_dict(torch.load(checkpoint.path / "encoder.ckpt"))
+    trained["normalize"]._load(checkpoint.path / "normalize.ckpt")
+    with open(manifest) as f:
+        rows = list(csv.DictReader(f))[:utterances]
+    audio = [load_audio(row["wav"].replace("$data_root", str(manifest.parent))) for row in rows]
+    wavs, wav_lens = batch_pad_right(audio)
+    ranks = {}
+    with torch.no_grad():
+        feats = trained["normalize"].eval()(trained["compute_features"](wavs))
+        frames = torch.round(wav_lens * feats.shape[1] / trained["subsampling_factor"]).long()
+        for name, encoder in ((label, trained["encoder"]), ("random init", random_init["encoder"])):
+            encoder.eval()
+            ranks[name] = []
+            for layer in range(1, len(encoder.layers) + 1):
+                out = encoder(feats, wav_lens, context, num_layers=layer)
+                valid = torch.cat([out[b, :n] for b, n in enumerate(frames)])
+                ranks[name].append(round(effective_rank(valid), 1))
+    return ranks
+
+
+# ------------------------------ outputs ---------------------------------
+def interval_text(interval: dict) -> str:
+    if interval["half_width"] is None:
+        return f"{interval['mean']:.1f} (n=1)"
+    return f"{interval['mean']:.1f} ± {interval['half_width']:.1f} (n={interval['n']})"
+
+
+def write_outputs(points: list[dict], probes: list[dict], ranks: dict, costs: dict,
+                  header: dict, stem: Path) -> None:
+    """``curve.md`` (tables), ``curve.csv`` (one row per size, arm and context), ``curve.json``
+    (everything) and ``curve.png`` (CER against labeled hours, both arms, intervals)."""
+    lines = [f"# SSL low-resource curve ({header['grid']})", "",
+             f"Code commit {header['code_commit']}; command `{header['command']}`.",
+             f"Cost: {header['cpu_hours']:.2f} CPU-hours, {header['wall_hours']:.2f} h wall "
+             f"({len(costs)} runs).", "",
+             "Test CER % (streaming, greedy; mean ± 95 % t-interval over runs) and SSL minus "
+             "scratch (pooled CER of per-utterance edits averaged over runs; 95 % paired "
+             "bootstrap interval over test speakers):", "",
+             "| encoder | labeled | context | SSL | scratch | SSL - scratch [95 % CI] | "
+             "relative [95 % CI] | p |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for point in points:
+        for row in point["summary"]:
+            d = row["ssl_minus_scratch"]
+            lines.append(
+                f"| {point['encoder']} | {point['size']} ({point['labeled_hours']:.2f} h) | "
+                f"{row['context']} {row['pair']} | {interval_text(row['ssl_cer'])} | "
+                f"{interval_text(row['scratch_cer'])} | {d['difference']:+.1f} "
+                f"[{d['low']:+.1f}, {d['high']:+.1f}] | {100 * d['relative']:+.0f} % "
+                f"[{100 * d['relative_low']:+.0f}, {100 * d['relative_high']:+.0f}] | "
+                f"{d['p_value']:.3f} |")
+            for arm in ("ssl", "scratch"):
+                rows.append({"encoder": point["encoder"], "size": point["size"],
+                             "labeled_hours": point["labeled_hours"], "context": row["context"],
+                             "arm": arm, **{f"setting_{k}": v for k, v in
+                                            point["arms"][arm]["setting"].items()},
+                             "runs": row[f"{arm}_cer"]["n"],
+                             "test_cer_mean": round(row[f"{arm}_cer"]["mean"], 2),
+                             "test_cer_half_width": row[f"{arm}_cer"]["half_width"],
+                             "test_wer_mean": round(row[f"{arm}_wer"]["mean"], 2),
+                             "ssl_minus_scratch": round(d["difference"], 2),
+                             "difference_low": round(d["low"], 2),
+                             "difference_high": round(d["high"], 2)})
+    lines += ["", "Grid (dev CER %, first seeds; each arm's lowest is its setting):", "",
+              "| encoder | labeled | arm | setting | dev CER |", "|---|---|---|---|---|"]
+    for point in points:
+        for g in point["grid"]:
+            setting = ", ".join(f"{k} {v}" for k, v in g.items() if k not in ("arm", "dev_cer"))
+            lines.append(f"| {point['encoder']} | {point['size']} | {g['arm']} | {setting} | "
+                         f"{g['dev_cer']:.1f} |")
+    if probes:
+        lines += ["", "Probes (frozen encoder, CTC head on layer k; dev CER %):", "",
+                  "| encoder | trained on | init | layer | dev CER |", "|---|---|---|---|---|"]
+        lines += [f"| {p['encoder']} | {p['size']} | {p['init']} | {p['layer']} | "
+                  f"{p['dev_cer']:.1f} |" for p in probes]
+    for encoder, found in ranks.items():
+        layers = len(next(iter(found.values())))
+        lines += ["", f"Effective rank of {encoder} layer outputs (dev, 200 utterances):", "",
+                  "| encoder | " + " | ".join(f"layer {k}" for k in range(1, layers + 1)) + " |",
+                  "|---|" + "---|" * layers]
+        lines += [f"| {name} | " + " | ".join(f"{v:.0f}" for v in values) + " |"
+                  for name, values in found.items()]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if rows:
+        with open(stem.with_suffix(".csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {**header, "points": points, "probes": probes, "ranks": ranks, "costs": costs},
+        indent=1))
+    plot(points, stem.with_suffix(".png"))
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for p in points if p["summary"]]  # both arms measured
+    if not points:
+        return
+    contexts = [row["context"] for row in points[0]["summary"]]
+    figure, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), sharey=True,
+                                squeeze=False)
+    for axis, index in zip(axes[0], range(len(contexts))):
+        for encoder in dict.fromkeys(p["encoder"] for p in points):
+            mine = sorted((p for p in points if p["encoder"] == encoder),
+                          key=lambda p: p["labeled_hours"])
+            for arm, style in (("ssl", "o-"), ("scratch", "s--")):
+                values = [p["summary"][index][f"{arm}_cer"] for p in mine]
+                axis.errorbar([p["labeled_hours"] for p in mine], [v["mean"] for v in values],
+                              yerr=[v["half_width"] or 0 for v in values], fmt=style, capsize=4,
+                              label=f"{encoder}, {'from SSL' if arm == 'ssl' else 'from scratch'}")
+        row = points[0]["summary"][index]
+        axis.set_title(f"test, streaming {row['context']} {row['pair']}")
+        axis.set_xscale("log")
+        axis.set_xlabel("labeled speech, hours")
+        axis.set_ylabel("CER %, mean and 95 % t-interval")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("grid", type=Path, help="hparams/curves/<name>.yaml")
+    parser.add_argument("--output_folder", type=Path, help="default: the grid's output_folder")
+    parser.add_argument("--encoders", nargs="+", help="only these encoders of the grid")
+    parser.add_argument("--sizes", nargs="+", help="only these labeled sizes of the grid")
+    parser.add_argument("--arms", nargs="+", choices=["scratch", "ssl"],
+                        default=["scratch", "ssl"],
+                        help="only these arms (e.g. scratch here while --ssl_only runs beside)")
+    parser.add_argument("--ssl_only", action="store_true",
+                        help="only the SSL pretraining runs (all SSL seeds of the encoders)")
+    args = parser.parse_args()
+    grid = load_grid(args.grid)
+    corpus = Path(grid["corpus"])
+    if not (corpus / "test.csv").is_file():
+        raise SystemExit(f"error: {corpus}/test.csv not found: run `make corpus-labeled`")
+    folder = args.output_folder or Path(grid["output_folder"])
+    curve = Curve(grid, folder, tuple(args.arms))
+    header = {"grid": rel(args.grid), "code_commit": curve.code_commit,
+              "command": " ".join(["python", "recipes/ssl_curve.py", *sys.argv[1:]])}
+    points, probes, ranks = [], [], {}
+    start = time.time()
+
+    def save():
+        header["cpu_hours"] = sum(c["cpu_seconds"] for c in curve.costs.values()) / 3600
+        header["wall_hours"] = (time.time() - start) / 3600
+        write_outputs(points, probes, ranks, curve.costs, header, folder / "curve")
+
+    for encoder, sizes in grid["encoders"].items():
+        if args.encoders and encoder not in args.encoders:
+            continue
+        if args.ssl_only:
+            for seed in grid["ssl"]["seeds"]:
+                curve.ssl(encoder, seed)
+            continue
+        for size in sizes:
+            if args.sizes and size not in args.sizes:
+                continue
+            points.append(curve.size_point(encoder, size))
+            save()
+            print(json.dumps({"point": f"{encoder} {size}", "summary": points[-1]["summary"]}),
+                  flush=True)
+        if grid["probe_layers"] and "ssl" in args.arms:
+            probes += curve.probes(encoder)
+        found = curve.ranks(encoder)
+        if found:
+            ranks[encoder] = found
+        save()
+    print(json.dumps({"table_md": str(folder / "curve.md"), "plot": str(folder / "curve.png"),
+                      "cpu_hours": round(header["cpu_hours"], 3), "points": len(points)}))
+
+
+if __name__ == "__main__":
+    main()

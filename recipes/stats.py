@@ -1,0 +1,90 @@
+"""Statistics for comparing recognizers: t-intervals over seeds, and a paired bootstrap over
+test utterances that resamples speakers (utterances of one voice are not independent).
+
+SciPy's ``stats.t`` gives the quantiles; the speaker-level (cluster) bootstrap of a difference of
+pooled error rates is written here because neither SciPy's ``bootstrap`` nor SpeechBrain resamples
+clusters of utterances for a ratio of sums.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> dict:
+    """Mean of ``values`` with its Student-t confidence interval (``half_width`` None for one
+    value).
+
+    >>> r = t_interval([10.0, 12.0, 14.0])
+    >>> r["mean"], round(r["half_width"], 2)
+    (12.0, 4.97)
+    """
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "half_width": None, "low": None, "high": None, "n": len(values)}
+    sem = statistics.stdev(values) / math.sqrt(len(values))
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * sem
+    return {"mean": mean, "half_width": half, "low": mean - half, "high": mean + half,
+            "n": len(values)}
+
+
+def per_utterance_errors(runs: list[dict[str, tuple[int, int]]]) -> dict[str, tuple[float, int]]:
+    """Edits averaged over runs (seeds) per utterance: ``{id: (mean edits, reference length)}``.
+
+    ``runs``: one ``{utterance id: (edits, reference length)}`` per run, all on the same set.
+    """
+    ids = set(runs[0])
+    for run in runs[1:]:
+        if set(run) != ids:
+            raise ValueError("runs were scored on different utterances")
+    return {uid: (statistics.fmean(run[uid][0] for run in runs), runs[0][uid][1]) for uid in ids}
+
+
+def paired_speaker_bootstrap(errors_a: dict[str, tuple[float, int]],
+                             errors_b: dict[str, tuple[float, int]], speaker_of: dict[str, str],
+                             resamples: int = 10000, confidence: float = 0.95,
+                             seed: int = 0) -> dict:
+    """Bootstrap of the difference of pooled error rates ``A - B`` (percent), resampling speakers
+    with replacement and keeping each drawn speaker's utterances paired between A and B.
+
+    Returns the observed difference, its percentile interval, the relative difference
+    ``(A - B) / B`` with its interval, and the two-sided bootstrap p-value of "no difference".
+
+    >>> a = {f"s{s}-{u}": (1.0, 10) for s in range(8) for u in range(5)}
+    >>> b = {k: (2.0, 10) for k in a}
+    >>> r = paired_speaker_bootstrap(a, b, {k: k.split("-")[0] for k in a}, resamples=200)
+    >>> round(r["difference"], 6), round(r["low"], 6), round(r["high"], 6), r["p_value"]
+    (-10.0, -10.0, -10.0, 0.0)
+    """
+    if set(errors_a) != set(errors_b):
+        raise ValueError("A and B were scored on different utterances")
+    by_speaker: dict[str, list[str]] = defaultdict(list)
+    for uid in sorted(errors_a):
+        by_speaker[speaker_of[uid]].append(uid)
+    speakers = sorted(by_speaker)
+    # Per speaker: summed edits of A, of B, and reference length; a resample sums rows.
+    table = np.array([[sum(errors_a[u][0] for u in by_speaker[s]),
+                       sum(errors_b[u][0] for u in by_speaker[s]),
+                       sum(errors_a[u][1] for u in by_speaker[s])] for s in speakers])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(speakers), size=(resamples, len(speakers)))
+    sums = table[draws].sum(axis=1)  # (resamples, 3)
+    rate_a, rate_b = 100 * sums[:, 0] / sums[:, 2], 100 * sums[:, 1] / sums[:, 2]
+    total = table.sum(axis=0)
+    observed_a, observed_b = float(100 * total[0] / total[2]), float(100 * total[1] / total[2])
+    tail = (1 - confidence) / 2 * 100
+    difference = rate_a - rate_b
+    relative = difference / np.maximum(rate_b, 1e-9)
+    p_value = min(1.0, 2 * min((difference >= 0).mean(), (difference <= 0).mean()))
+    return {"a": observed_a, "b": observed_b, "difference": observed_a - observed_b,
+            "low": float(np.percentile(difference, tail)),
+            "high": float(np.percentile(difference, 100 - tail)),
+            "relative": (observed_a - observed_b) / observed_b,
+            "relative_low": float(np.percentile(relative, tail)),
+            "relative_high": float(np.percentile(relative, 100 - tail)),
+            "p_value": float(p_value), "speakers": len(speakers),
+            "utterances": len(errors_a), "resamples": resamples}

@@ -1,0 +1,152 @@
+"""recipes/ssl_curve.py end to end on a tiny benchmark-shaped corpus made from the shipped one
+(two sizes, both arms, two seeds, tiny model): dev-only grids, test-only finals, intervals and
+the paired bootstrap, resume by read-back, refusal of a stale result; and its statistics."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT
+from ssl_curve import effective_rank, repeated_manifest
+from stats import paired_speaker_bootstrap, per_utterance_errors, t_interval
+
+SHIPPED = ROOT / "data" / "espeak_corpus"
+TINY = {"d_model": 32, "nhead": 2, "num_encoder_layers": 2, "d_ffn": 64, "kernel_size": 5,
+        "subsampling_conv_channels": 4}
+
+
+def tiny_benchmark(folder):
+    """Manifests shaped like data/benchmark's, over the shipped audio."""
+    folder.mkdir()
+    (folder / "audio").symlink_to(SHIPPED / "audio")
+    rows = {}
+    for split in ("train", "valid", "test"):
+        with open(SHIPPED / f"{split}.csv") as f:
+            rows[split] = list(csv.DictReader(f))
+    manifests = {"unlabeled_train": rows["train"][80:112], "unlabeled_valid": rows["valid"][:4],
+                 "train": rows["train"], "train_small": rows["train"][:8],
+                 "train_mid": rows["train"][:16], "dev": rows["valid"][:8],
+                 "test": rows["test"]}
+    for name, subset in manifests.items():
+        with open(folder / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(subset[0]))
+            writer.writeheader()
+            writer.writerows(subset)
+    return folder
+
+
+def curve(tmp_path, grid):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "ssl_curve.py"), str(path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_curve(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("curve")
+    grid = {"corpus": str(tiny_benchmark(tmp_path / "corpus")),
+            "output_folder": str(tmp_path / "out"),
+            "encoders": {"conformer": ["train_small", "train_mid"]},
+            "ssl": {"hparams": "hparams/SSL/{encoder}.yaml", "seeds": [1],
+                    "overrides": {**TINY, "num_classes": 32, "number_of_epochs": 1}},
+            "steps": {"train_small": 2, "train_mid": 4}, "validations": 2,
+            "fine_tune": {"hparams": "hparams/CTC/{encoder}_small.yaml", "batch_size": 4,
+                          "seeds": [1, 2], "grid": {"lr": [0.001],
+                                                    "spec_augment_prob": [0.0, 1.0]},
+                          "overrides": {"beam_size": 1}},
+            "arms": {"ssl": {"head_only_fraction": 0.25}, "scratch": {"head_only_fraction": 0.0}},
+            "test_contexts": ["very_low", "high"], "probe_layers": [],
+            "bootstrap_resamples": 200}
+    run = curve(tmp_path, grid)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return tmp_path, grid, run
+
+
+def test_tiny_curve_tunes_on_dev_tests_on_test_and_reports_intervals(tiny_curve):
+    tmp_path, grid, run = tiny_curve
+    out = tmp_path / "out"
+    report = json.loads((out / "curve.json").read_text())
+    assert [p["size"] for p in report["points"]] == ["train_small", "train_mid"]
+    for point in report["points"]:
+        for arm in ("ssl", "scratch"):
+            final = point["arms"][arm]
+            chosen = [g for g in point["grid"] if g["arm"] == arm]
+            assert len(chosen) == 2  # its own grid
+            best = min(chosen, key=lambda g: g["dev_cer"])
+            assert final["setting"]["spec_augment_prob"] == best["spec_augment_prob"]
+            assert [r["seed"] for r in final["runs"]] == [1, 2]
+        for row in point["summary"]:
+            assert row["ssl_cer"]["n"] == row["scratch_cer"]["n"] == 2
+            d = row["ssl_minus_scratch"]
+            assert d["low"] <= d["difference"] <= d["high"] and d["speakers"] == 2
+            assert d["utterances"] == 20
+    # Grid runs never see test; final runs are decoded on test at the lowest / highest preset.
+    for result in out.rglob("result.json"):
+        record = json.loads(result.read_text())["record"]
+        command = record["command"]
+        assert command[command.index("--test_csv") + 1].endswith("dev.csv") if "--test_csv" \
+            in command else True
+        assert record["code_commit"] is None or len(record["code_commit"]) == 40
+    tests = list(out.rglob("test.json"))
+    assert tests and all(json.loads(t.read_text())["contexts"][0]["pair"] == [8, 0]
+                         for t in tests)
+    assert "SSL - scratch" in (out / "curve.md").read_text()
+    assert (out / "curve.png").is_file() and report["cpu_hours"] > 0
+    assert "random init" in report["ranks"]["conformer"]
+
+
+def test_rerun_reads_back_and_a_stale_result_is_refused(tiny_curve):
+    tmp_path, grid, _ = tiny_curve
+    out = tmp_path / "out"
+    before = json.loads((out / "curve.json").read_text())
+    again = curve(tmp_path, grid)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "recipes/train.py" not in again.stdout  # nothing retrained
+    after = json.loads((out / "curve.json").read_text())
+    assert after["points"] == before["points"]
+    stale = next(out.rglob("train_small/scratch/*/seed2/result.json"))
+    stored = json.loads(stale.read_text())
+    stored["record"]["command"][-1] = "somewhere/else"
+    stale.write_text(json.dumps(stored))
+    refused = curve(tmp_path, grid)
+    assert refused.returncode != 0
+    assert str(stale) in refused.stderr + refused.stdout and "command" in refused.stderr
+
+
+def test_repeated_manifest_keeps_ids_unique(tmp_path):
+    rows = repeated_manifest(SHIPPED / "valid.csv", tmp_path / "x.csv", 45)
+    with open(tmp_path / "x.csv") as f:
+        ids = [r["ID"] for r in csv.DictReader(f)]
+    assert rows == len(ids) == 60 and len(set(ids)) == 60
+
+
+def test_t_interval_and_paired_bootstrap():
+    interval = t_interval([40.0, 42.0, 44.0])
+    assert interval["mean"] == 42.0 and 4.9 < interval["half_width"] < 5.0  # t(2) = 4.30
+    assert t_interval([40.0])["half_width"] is None
+    # B is worse by 2 edits in every utterance of 10 speakers: the interval excludes zero.
+    a = {f"s{s}-{u}": (s % 3, 20) for s in range(10) for u in range(4)}
+    b = {k: (edits + 2, chars) for k, (edits, chars) in a.items()}
+    speaker_of = {k: k.split("-")[0] for k in a}
+    result = paired_speaker_bootstrap(a, b, speaker_of, resamples=500)
+    assert result["high"] < 0 and result["p_value"] < 0.01 and result["speakers"] == 10
+    # Identical systems: the difference is 0 and the interval contains it.
+    same = paired_speaker_bootstrap(a, dict(a), speaker_of, resamples=500)
+    assert same["low"] <= 0 <= same["high"] and same["p_value"] == 1.0
+    averaged = per_utterance_errors([{"u": (1, 10)}, {"u": (3, 10)}])
+    assert averaged == {"u": (2.0, 10)}
+    with pytest.raises(ValueError):
+        per_utterance_errors([{"u": (1, 10)}, {"v": (1, 10)}])
+
+
+def test_effective_rank_counts_the_directions_variance_spans():
+    g = torch.Generator().manual_seed(0)
+    assert abs(effective_rank(torch.randn(4000, 16, generator=g)) - 16) < 1
+    collapsed = torch.randn(4000, 2, generator=g) @ torch.randn(2, 16, generator=g)
+    assert effective_rank(collapsed) < 2.5
