@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import fcntl
 import itertools
@@ -107,25 +108,27 @@ def repeated_manifest(source: Path, out: Path, min_utterances: int) -> int:
 class Curve:
     """Runs (or reads back) the SSL, fine-tuning and test runs of one grid file."""
 
-    def __init__(self, grid: dict, folder: Path, arms: tuple[str, ...] = ("scratch", "ssl")):
+    def __init__(self, grid: dict, folder: Path, arms: tuple[str, ...] = ("scratch", "ssl"),
+                 ssl_seeds: list[int] | None = None):
         self.grid, self.folder, self.arms = grid, folder, arms
+        self.ssl_seeds = ssl_seeds or grid["ssl"]["seeds"]
         self.corpus = Path(grid["corpus"])
         self.code_commit = current_code_commit()
         self.ssl_runs: dict[tuple[str, int], dict] = {}
         self.costs: dict[str, dict] = {}
 
     # ------------------------------ runs ----------------------------------
-    def _run(self, name: str, script: str, args: list[str], ssl_sha256: str | None) -> dict:
+    def _run(self, name: str, script: str, args: list[str], ssl_sha256: str | None,
+             wait: bool = True) -> dict | None:
         """``recipes/<script> args`` once: a stored result with the same record (command, code
-        commit, SSL checkpoint) is read back; one with another record is refused."""
+        commit, SSL checkpoint) is read back; one with another record is refused. None when
+        another process holds the run and ``wait`` is False."""
         path = self.folder / name / "result.json"
         expected = {"command": [f"recipes/{script}", *args], "code_commit": self.code_commit,
                     "ssl_checkpoint_sha256": ssl_sha256}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Curves may run side by side (e.g. --ssl_only and --arms scratch): a run another process
-        # is training is waited for, then read back, never trained twice.
-        with open(path.parent / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked(path.parent / ".lock", wait) as owned:
+            if not owned:
+                return None
             stored = check_result(path, expected)
             if stored is None:
                 start_wall, start_cpu = time.time(), cpu_seconds()
@@ -137,8 +140,9 @@ class Curve:
         self.costs[name] = stored["cost"]
         return stored
 
-    def ssl(self, encoder: str, seed: int) -> dict:
-        """The SSL run of ``encoder`` with ``seed`` (trained the first time it is needed)."""
+    def ssl(self, encoder: str, seed: int, wait: bool = True) -> dict | None:
+        """The SSL run of ``encoder`` with ``seed`` (trained the first time it is needed; None
+        while another process trains it and ``wait`` is False)."""
         if (encoder, seed) not in self.ssl_runs:
             spec = self.grid["ssl"]
             name = f"{encoder}/ssl/seed{seed}"
@@ -147,7 +151,10 @@ class Curve:
                     "--valid_csv", rel(self.corpus / "unlabeled_valid.csv"),
                     "--seed", str(seed), *overrides(spec["overrides"]),
                     "--output_folder", rel(self.folder / name / "run")]
-            self.ssl_runs[(encoder, seed)] = self._run(name, "train.py", args, None)
+            result = self._run(name, "train.py", args, None, wait)
+            if result is None:
+                return None
+            self.ssl_runs[(encoder, seed)] = result
         return self.ssl_runs[(encoder, seed)]
 
     def encoder_sizes(self, encoder: str) -> list[str]:
@@ -167,8 +174,10 @@ class Curve:
         return manifest, math.ceil(steps / math.ceil(rows / batch))
 
     def fine_tune(self, name: str, encoder: str, size: str, arm: str, setting: dict, seed: int,
-                  ssl_seed: int | None, extra: dict | None = None) -> dict:
-        """One CTC run; its test set is dev, so its ``ctc_cer`` is the dev CER."""
+                  ssl_seed: int | None, extra: dict | None = None, wait: bool = True
+                  ) -> dict | None:
+        """One CTC run; its test set is dev, so its ``ctc_cer`` is the dev CER (None while
+        another process holds it, or the SSL run it needs, and ``wait`` is False)."""
         spec = self.grid["fine_tune"]
         manifest, epochs = self.train_manifest(size)
         args = [spec["hparams"].format(encoder=encoder), *self.encoder_sizes(encoder),
@@ -184,15 +193,24 @@ class Curve:
                 *overrides(extra or {})]
         ssl_sha256 = None
         if ssl_seed is not None:
-            ssl_folder = Path(self.ssl(encoder, ssl_seed)["output_folder"])
+            ssl = self.ssl(encoder, ssl_seed, wait)
+            if ssl is None:
+                return None
+            ssl_folder = Path(ssl["output_folder"])
             ssl_sha256 = ssl_checkpoint_fields(ssl_folder)["ssl_checkpoint_sha256"]
             args += ["--pretrained_ssl", rel(ssl_folder)]
         args += ["--output_folder", rel(self.folder / name / "run")]
-        return {**self._run(name, "train.py", args, ssl_sha256), "name": name}
+        result = self._run(name, "train.py", args, ssl_sha256, wait)
+        return None if result is None else {**result, "name": name}
 
-    def test(self, name: str, trained: dict) -> dict:
+    def test(self, name: str, trained: dict, wait: bool = True) -> dict | None:
         """Streaming test decode at the test contexts (``evaluate.py``): CER/WER per context,
-        and every utterance's edits in ``<run>/test_utterances.jsonl``."""
+        and every utterance's edits in ``<run>/test_utterances.jsonl`` (None while another
+        process decodes it and ``wait`` is False)."""
+        with locked(self.folder / name / ".test.lock", wait) as owned:
+            return self._test(name, trained) if owned else None
+
+    def _test(self, name: str, trained: dict) -> dict:
         run_folder = Path(trained["ctc_output_folder"])
         utterances = self.folder / name / "test_utterances.jsonl"
         args = [rel(run_folder / "hyperparams.yaml"), "--output_folder", rel(run_folder),
@@ -226,27 +244,56 @@ class Curve:
         return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
     def size_point(self, encoder: str, size: str) -> dict:
-        """Grid on dev, then the chosen settings' final runs on test, for one labeled size."""
-        seeds, ssl_seeds = self.grid["fine_tune"]["seeds"], self.grid["ssl"]["seeds"]
+        """Grid on dev, then the chosen settings' final runs on test, for one labeled size.
+
+        Runs held by another process (a second curve started beside this one) are skipped and
+        taken up again later: this process blocks only when nothing else is left to do.
+        """
+        seeds, ssl_seeds = self.grid["fine_tune"]["seeds"], self.ssl_seeds
         point = {"encoder": encoder, "size": size, "grid": [], "arms": {},
                  "labeled_hours": round(hours_of(self.corpus / f"{size}.csv"), 3)}
+        done: dict[tuple, dict] = {}
+        wait = False
+        while True:
+            before, complete = len(done), True
+            for arm in self.arms:
+                first_ssl = ssl_seeds[0] if arm == "ssl" else None
+                for index, setting in enumerate(self.grid_points()):
+                    if ("grid", arm, index) not in done:
+                        name = run_name(encoder, size, arm, setting, seeds[0], first_ssl)
+                        result = self.fine_tune(name, encoder, size, arm, setting, seeds[0],
+                                                first_ssl, wait=wait)
+                        if result is not None:
+                            done[("grid", arm, index)] = result
+                dev = [(done[("grid", arm, i)]["ctc_cer"], i, setting)
+                       for i, setting in enumerate(self.grid_points()) if ("grid", arm, i) in done]
+                if len(dev) < len(self.grid_points()):
+                    complete = False
+                    continue
+                chosen = min(dev)[2]
+                for ssl_seed in (ssl_seeds if arm == "ssl" else [None]):
+                    for seed in seeds:
+                        key = ("final", arm, ssl_seed, seed)
+                        if key in done:
+                            continue
+                        name = run_name(encoder, size, arm, chosen, seed, ssl_seed)
+                        result = self.fine_tune(name, encoder, size, arm, chosen, seed, ssl_seed,
+                                                wait=wait)
+                        test = result and self.test(name, result, wait)
+                        if test is None:
+                            complete = False
+                            continue
+                        done[key] = {"name": name, "seed": seed, "ssl_seed": ssl_seed,
+                                     "dev_cer": result["ctc_cer"], "test": test}
+                point["arms"][arm] = {"setting": chosen, "runs": [
+                    done[("final", arm, s_, seed)] for s_ in (ssl_seeds if arm == "ssl" else [None])
+                    for seed in seeds if ("final", arm, s_, seed) in done]}
+            if complete:
+                break
+            wait = len(done) == before  # nothing moved: block on what the others hold
         for arm in self.arms:
-            first_ssl = ssl_seeds[0] if arm == "ssl" else None
-            dev = []
-            for setting in self.grid_points():
-                result = self.fine_tune(run_name(encoder, size, arm, setting, seeds[0], first_ssl),
-                                        encoder, size, arm, setting, seeds[0], first_ssl)
-                dev.append((result["ctc_cer"], setting))
-                point["grid"].append({"arm": arm, **setting, "dev_cer": result["ctc_cer"]})
-            chosen = min(dev, key=lambda pair: pair[0])[1]
-            runs = []
-            for ssl_seed in (ssl_seeds if arm == "ssl" else [None]):
-                for seed in seeds:
-                    name = run_name(encoder, size, arm, chosen, seed, ssl_seed)
-                    result = self.fine_tune(name, encoder, size, arm, chosen, seed, ssl_seed)
-                    runs.append({"name": name, "seed": seed, "ssl_seed": ssl_seed,
-                                 "dev_cer": result["ctc_cer"], "test": self.test(name, result)})
-            point["arms"][arm] = {"setting": chosen, "runs": runs}
+            point["grid"] += [{"arm": arm, **setting, "dev_cer": done[("grid", arm, i)]["ctc_cer"]}
+                              for i, setting in enumerate(self.grid_points())]
         point["summary"] = self.summarize(point) if len(point["arms"]) == 2 else []
         return point
 
@@ -276,7 +323,7 @@ class Curve:
         size = min(self.grid["encoders"][encoder], key=lambda s: self.grid["steps"][s])
         setting = {"lr": max(self.grid["fine_tune"]["grid"]["lr"]), "spec_augment_prob": 0.0}
         found = []
-        for init, ssl_seed in (("ssl", self.grid["ssl"]["seeds"][0]), ("random", None)):
+        for init, ssl_seed in (("ssl", self.ssl_seeds[0]), ("random", None)):
             for layer in self.grid["probe_layers"]:
                 name = f"{encoder}/probes/{init}_layer{layer}"
                 result = self.fine_tune(name, encoder, size, "scratch", setting,
@@ -290,11 +337,28 @@ class Curve:
         """Effective rank of every layer's output on dev: each SSL seed's encoder and a random
         one (``layer_ranks``)."""
         ranks = {}
-        for seed in self.grid["ssl"]["seeds"]:
+        for seed in self.ssl_seeds:
             if (encoder, seed) in self.ssl_runs:
                 folder = Path(self.ssl_runs[(encoder, seed)]["output_folder"])
                 ranks.update(layer_ranks(folder, self.corpus / "dev.csv", f"ssl seed {seed}"))
         return ranks
+
+
+@contextlib.contextmanager
+def locked(path: Path, wait: bool):
+    """An exclusive lock on ``path`` (a file, made if needed) for the ``with`` block; yields
+    whether it was taken (always, when ``wait``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def run_name(encoder: str, size: str, arm: str, setting: dict, seed: int,
@@ -498,6 +562,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=["scratch", "ssl"],
                         default=["scratch", "ssl"],
                         help="only these arms (e.g. scratch here while --ssl_only runs beside)")
+    parser.add_argument("--ssl_seeds", nargs="+", type=int,
+                        help="only these of the grid's SSL seeds (e.g. a first pass with one)")
     parser.add_argument("--ssl_only", action="store_true",
                         help="only the SSL pretraining runs (all SSL seeds of the encoders)")
     args = parser.parse_args()
@@ -506,7 +572,10 @@ def main() -> None:
     if not (corpus / "test.csv").is_file():
         raise SystemExit(f"error: {corpus}/test.csv not found: run `make corpus-labeled`")
     folder = args.output_folder or Path(grid["output_folder"])
-    curve = Curve(grid, folder, tuple(args.arms))
+    if args.ssl_seeds and not set(args.ssl_seeds) <= set(grid["ssl"]["seeds"]):
+        raise SystemExit(f"error: --ssl_seeds {args.ssl_seeds}: the grid's are "
+                         f"{grid['ssl']['seeds']}")
+    curve = Curve(grid, folder, tuple(args.arms), args.ssl_seeds)
     header = {"grid": rel(args.grid), "code_commit": curve.code_commit,
               "command": " ".join(["python", "recipes/ssl_curve.py", *sys.argv[1:]])}
     points, probes, ranks = [], [], {}
@@ -521,7 +590,7 @@ def main() -> None:
         if args.encoders and encoder not in args.encoders:
             continue
         if args.ssl_only:
-            for seed in grid["ssl"]["seeds"]:
+            for seed in curve.ssl_seeds:
                 curve.ssl(encoder, seed)
             continue
         for size in sizes:
