@@ -19,7 +19,7 @@ demo: install
 	$(PY) recipes/demo.py --encoder $(ENCODER)
 
 test: install
-	$(PY) -m pytest -q tests --doctest-modules modules
+	$(PY) -m pytest -q tests --doctest-modules modules recipes/stats.py
 
 # Regenerates data/espeak_corpus (needs: apt-get install espeak-ng dict-devil).
 corpus: install

@@ -96,12 +96,15 @@ def repeated_manifest(source: Path, out: Path, min_utterances: int) -> int:
         rows = list(csv.DictReader(f))
     repeats = max(1, math.ceil(min_utterances / len(rows)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
+    # Written aside and renamed: a run of a curve beside this one may be reading it.
+    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
+    with open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for k in range(repeats):
             writer.writerows({**row, "ID": f"{row['ID']}_r{k}" if repeats > 1 else row["ID"]}
                              for row in rows)
+    partial.replace(out)
     return repeats * len(rows)
 
 
