@@ -242,4 +242,12 @@ def check_resume(resolved_text: str) -> bool:
         raise SystemExit(f"error: {output} holds a run with other hparams (checkpoints in {save}); "
                          f"they differ in {', '.join(differing)}; resuming would mix two "
                          "experiments: use another --output_folder (or the run's own hparams)")
+    record_file = output / "run_record.json"
+    started = json.loads(record_file.read_text()).get("code_commit") if record_file.is_file() \
+        else None
+    now = current_code_commit()
+    if started and now and started != now:
+        raise SystemExit(f"error: {output} holds a run started with code commit {started[:12]}; "
+                         f"this is {now[:12]}: resuming would train one run with two versions of "
+                         "the code; use another --output_folder (or check that commit out)")
     return True

@@ -16,7 +16,7 @@ For every encoder of the grid file (``hparams/curves/*.yaml``) and every labeled
    ``evaluate.py --streaming`` at the ``test_contexts`` with per-utterance edits.
 4. **Statistics**: per size, arm and context, the test CER/WER mean over runs with a 95 %
    t-interval; the SSL-minus-scratch CER difference (per-utterance edits averaged over runs) with
-   a 95 % paired bootstrap interval that resamples test speakers.
+   a 95 % paired bootstrap interval that resamples test voices (base voices: timbres).
 5. **Diagnostics on dev**: frozen-encoder CTC probes (SSL vs random encoder) and the effective
    rank of every layer's output.
 
@@ -48,8 +48,9 @@ from pathlib import Path
 import yaml
 
 from demo import ROOT, SSL_SIZES, run
-from provenance import check_result, current_code_commit, ssl_checkpoint_fields, write_result
-from stats import paired_speaker_bootstrap, per_utterance_errors, t_interval
+from provenance import (check_result, current_code_commit, ssl_checkpoint_fields,
+                        write_json_atomic, write_result)
+from stats import paired_cluster_bootstrap, per_utterance_errors, t_interval
 
 GRID_KEYS = {"corpus", "output_folder", "encoders", "ssl", "steps", "validations", "fine_tune",
              "arms", "test_contexts", "probe_layers", "bootstrap_resamples"}
@@ -112,8 +113,8 @@ class Curve:
     """Runs (or reads back) the SSL, fine-tuning and test runs of one grid file."""
 
     def __init__(self, grid: dict, folder: Path, arms: tuple[str, ...] = ("scratch", "ssl"),
-                 ssl_seeds: list[int] | None = None):
-        self.grid, self.folder, self.arms = grid, folder, arms
+                 ssl_seeds: list[int] | None = None, dev_only: bool = False):
+        self.grid, self.folder, self.arms, self.dev_only = grid, folder, arms, dev_only
         self.ssl_seeds = ssl_seeds or grid["ssl"]["seeds"]
         self.corpus = Path(grid["corpus"])
         self.code_commit = current_code_commit()
@@ -237,7 +238,7 @@ class Curve:
                   "contexts": [{"name": spec, "pair": r["context"], "cer": r["cer"],
                                 "wer": r["wer"], "rtf": r["rtf"]}
                                for spec, r in zip(self.grid["test_contexts"], results)]}
-        path.write_text(json.dumps(stored, indent=1))
+        write_json_atomic(path, stored)
         self.costs[f"{name} (test)"] = stored["cost"]
         return stored
 
@@ -253,6 +254,9 @@ class Curve:
         taken up again later: this process blocks only when nothing else is left to do.
         """
         seeds, ssl_seeds = self.grid["fine_tune"]["seeds"], self.ssl_seeds
+        # Grid runs: their own seed (finals never reuse a run that won on dev), and always the
+        # grid's first SSL seed (every process and every --ssl_seeds choose on the same runs).
+        grid_seed, grid_ssl = self.grid["fine_tune"]["grid_seed"], self.grid["ssl"]["seeds"][0]
         point = {"encoder": encoder, "size": size, "grid": [], "arms": {},
                  "labeled_hours": round(hours_of(self.corpus / f"{size}.csv"), 3)}
         done: dict[tuple, dict] = {}
@@ -260,11 +264,11 @@ class Curve:
         while True:
             before, complete = len(done), True
             for arm in self.arms:
-                first_ssl = ssl_seeds[0] if arm == "ssl" else None
+                first_ssl = grid_ssl if arm == "ssl" else None
                 for index, setting in enumerate(self.grid_points()):
                     if ("grid", arm, index) not in done:
-                        name = run_name(encoder, size, arm, setting, seeds[0], first_ssl)
-                        result = self.fine_tune(name, encoder, size, arm, setting, seeds[0],
+                        name = run_name(encoder, size, arm, setting, grid_seed, first_ssl)
+                        result = self.fine_tune(name, encoder, size, arm, setting, grid_seed,
                                                 first_ssl, wait=wait)
                         if result is not None:
                             done[("grid", arm, index)] = result
@@ -274,6 +278,9 @@ class Curve:
                     complete = False
                     continue
                 chosen = min(dev)[2]
+                point["arms"][arm] = {"setting": chosen, "runs": []}
+                if self.dev_only:
+                    continue
                 for ssl_seed in (ssl_seeds if arm == "ssl" else [None]):
                     for seed in seeds:
                         key = ("final", arm, ssl_seed, seed)
@@ -297,26 +304,27 @@ class Curve:
         for arm in self.arms:
             point["grid"] += [{"arm": arm, **setting, "dev_cer": done[("grid", arm, i)]["ctc_cer"]}
                               for i, setting in enumerate(self.grid_points())]
-        point["summary"] = self.summarize(point) if len(point["arms"]) == 2 else []
+        both = len(point["arms"]) == 2 and all(a["runs"] for a in point["arms"].values())
+        point["summary"] = self.summarize(point) if both else []
         return point
 
     def summarize(self, point: dict) -> list[dict]:
         """Per test context: each arm's CER/WER mean with a t-interval over its runs, and the
-        paired speaker bootstrap of SSL minus scratch (edits averaged over each arm's runs)."""
-        speaker_of = speakers(self.corpus / "test.csv")
+        paired voice bootstrap of SSL minus scratch (edits averaged over each arm's runs)."""
+        voice_of = voices(self.corpus / "test.csv")
         rows = []
         for index, context in enumerate(self.grid["test_contexts"]):
             row, errors = {"context": context}, {}
             for arm, data in point["arms"].items():
                 measured = [r["test"]["contexts"][index] for r in data["runs"]]
                 row["pair"] = measured[0]["pair"]
-                row[f"{arm}_cer"] = t_interval([m["cer"] for m in measured])
-                row[f"{arm}_wer"] = t_interval([m["wer"] for m in measured])
+                for metric in ("cer", "wer"):
+                    row[f"{arm}_{metric}"] = t_interval(seed_means(data["runs"], index, metric))
                 errors[arm] = per_utterance_errors(
                     [utterance_edits(self.folder / r["name"] / "test_utterances.jsonl", row["pair"])
                      for r in data["runs"]])
-            row["ssl_minus_scratch"] = paired_speaker_bootstrap(
-                errors["ssl"], errors["scratch"], speaker_of,
+            row["ssl_minus_scratch"] = paired_cluster_bootstrap(
+                errors["ssl"], errors["scratch"], voice_of,
                 resamples=self.grid["bootstrap_resamples"])
             rows.append(row)
         return rows
@@ -364,6 +372,18 @@ def locked(path: Path, wait: bool):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def seed_means(runs: list[dict], index: int, metric: str) -> list[float]:
+    """The values a t-interval is taken over: one per SSL seed (the mean of its fine-tuning
+    seeds) when the runs come from several SSL encoders, whose spread dominates; one per run
+    otherwise (scratch, or a single SSL seed: the interval then covers fine-tuning only)."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(r["ssl_seed"], []).append(r["test"]["contexts"][index][metric])
+    if len(groups) > 1:
+        return [sum(values) / len(values) for values in groups.values()]
+    return next(iter(groups.values()))
+
+
 def run_name(encoder: str, size: str, arm: str, setting: dict, seed: int,
              ssl_seed: int | None) -> str:
     tag = "_".join(f"{key}{value}" for key, value in setting.items())
@@ -388,9 +408,12 @@ def hours_of(manifest: Path) -> float:
         return sum(float(row["duration"]) for row in csv.DictReader(f)) / 3600
 
 
-def speakers(manifest: Path) -> dict[str, str]:
+def voices(manifest: Path) -> dict[str, str]:
+    """Utterance id -> its base voice (the bootstrap's cluster: speakers that are settings of
+    one timbre are not independent); the speaker id where the manifest has no ``voice``."""
     with open(manifest) as f:
-        return {row["ID"]: row["spk_id"] for row in csv.DictReader(f)}
+        return {row["ID"]: row["voice"].split("|")[-1] if row.get("voice") else row["spk_id"]
+                for row in csv.DictReader(f)}
 
 
 def utterance_edits(path: Path, pair: list[int]) -> dict[str, tuple[int, int]]:
@@ -468,7 +491,7 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, costs: di
              f"({len(costs)} runs).", "",
              "Test CER % (streaming, greedy; mean ± 95 % t-interval over runs) and SSL minus "
              "scratch (pooled CER of per-utterance edits averaged over runs; 95 % paired "
-             "bootstrap interval over test speakers):", "",
+             "bootstrap interval over test voices):", "",
              "| encoder | labeled | context | SSL | scratch | SSL - scratch [95 % CI] | "
              "relative [95 % CI] | p |", "|---|---|---|---|---|---|---|---|"]
     rows = []
@@ -567,6 +590,9 @@ def main() -> None:
                         help="only these arms (e.g. scratch here while --ssl_only runs beside)")
     parser.add_argument("--ssl_seeds", nargs="+", type=int,
                         help="only these of the grid's SSL seeds (e.g. a first pass with one)")
+    parser.add_argument("--dev_only", action="store_true",
+                        help="stop after the grids (dev CER only): for iterating on the recipe "
+                             "without seeing test")
     parser.add_argument("--ssl_only", action="store_true",
                         help="only the SSL pretraining runs (all SSL seeds of the encoders)")
     args = parser.parse_args()
@@ -578,7 +604,7 @@ def main() -> None:
     if args.ssl_seeds and not set(args.ssl_seeds) <= set(grid["ssl"]["seeds"]):
         raise SystemExit(f"error: --ssl_seeds {args.ssl_seeds}: the grid's are "
                          f"{grid['ssl']['seeds']}")
-    curve = Curve(grid, folder, tuple(args.arms), args.ssl_seeds)
+    curve = Curve(grid, folder, tuple(args.arms), args.ssl_seeds, args.dev_only)
     header = {"grid": rel(args.grid), "code_commit": curve.code_commit,
               "command": " ".join(["python", "recipes/ssl_curve.py", *sys.argv[1:]])}
     points, probes, ranks = [], [], {}

@@ -1,7 +1,8 @@
 """Statistics for comparing recognizers: t-intervals over seeds, and a paired bootstrap over
-test utterances that resamples speakers (utterances of one voice are not independent).
+test utterances that resamples clusters of utterances (voices: utterances of one voice are not
+independent).
 
-SciPy's ``stats.t`` gives the quantiles; the speaker-level (cluster) bootstrap of a difference of
+SciPy's ``stats.t`` gives the quantiles; the cluster bootstrap of a difference of
 pooled error rates is written here because neither SciPy's ``bootstrap`` nor SpeechBrain resamples
 clusters of utterances for a ratio of sums.
 """
@@ -44,34 +45,34 @@ def per_utterance_errors(runs: list[dict[str, tuple[int, int]]]) -> dict[str, tu
     return {uid: (statistics.fmean(run[uid][0] for run in runs), runs[0][uid][1]) for uid in ids}
 
 
-def paired_speaker_bootstrap(errors_a: dict[str, tuple[float, int]],
-                             errors_b: dict[str, tuple[float, int]], speaker_of: dict[str, str],
+def paired_cluster_bootstrap(errors_a: dict[str, tuple[float, int]],
+                             errors_b: dict[str, tuple[float, int]], cluster_of: dict[str, str],
                              resamples: int = 10000, confidence: float = 0.95,
                              seed: int = 0) -> dict:
-    """Bootstrap of the difference of pooled error rates ``A - B`` (percent), resampling speakers
-    with replacement and keeping each drawn speaker's utterances paired between A and B.
+    """Bootstrap of the difference of pooled error rates ``A - B`` (percent), resampling clusters
+    (voices) with replacement and keeping each drawn cluster's utterances paired between A and B.
 
     Returns the observed difference, its percentile interval, the relative difference
     ``(A - B) / B`` with its interval, and the two-sided bootstrap p-value of "no difference".
 
     >>> a = {f"s{s}-{u}": (1.0, 10) for s in range(8) for u in range(5)}
     >>> b = {k: (2.0, 10) for k in a}
-    >>> r = paired_speaker_bootstrap(a, b, {k: k.split("-")[0] for k in a}, resamples=200)
+    >>> r = paired_cluster_bootstrap(a, b, {k: k.split("-")[0] for k in a}, resamples=200)
     >>> round(r["difference"], 6), round(r["low"], 6), round(r["high"], 6), r["p_value"]
-    (-10.0, -10.0, -10.0, 0.0)
+    (-10.0, -10.0, -10.0, 0.005)
     """
     if set(errors_a) != set(errors_b):
         raise ValueError("A and B were scored on different utterances")
-    by_speaker: dict[str, list[str]] = defaultdict(list)
+    members: dict[str, list[str]] = defaultdict(list)
     for uid in sorted(errors_a):
-        by_speaker[speaker_of[uid]].append(uid)
-    speakers = sorted(by_speaker)
-    # Per speaker: summed edits of A, of B, and reference length; a resample sums rows.
-    table = np.array([[sum(errors_a[u][0] for u in by_speaker[s]),
-                       sum(errors_b[u][0] for u in by_speaker[s]),
-                       sum(errors_a[u][1] for u in by_speaker[s])] for s in speakers])
+        members[cluster_of[uid]].append(uid)
+    clusters = sorted(members)
+    # Per cluster: summed edits of A, of B, and reference length; a resample sums rows.
+    table = np.array([[sum(errors_a[u][0] for u in members[c]),
+                       sum(errors_b[u][0] for u in members[c]),
+                       sum(errors_a[u][1] for u in members[c])] for c in clusters])
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(speakers), size=(resamples, len(speakers)))
+    draws = rng.integers(0, len(clusters), size=(resamples, len(clusters)))
     sums = table[draws].sum(axis=1)  # (resamples, 3)
     rate_a, rate_b = 100 * sums[:, 0] / sums[:, 2], 100 * sums[:, 1] / sums[:, 2]
     total = table.sum(axis=0)
@@ -79,12 +80,14 @@ def paired_speaker_bootstrap(errors_a: dict[str, tuple[float, int]],
     tail = (1 - confidence) / 2 * 100
     difference = rate_a - rate_b
     relative = difference / np.maximum(rate_b, 1e-9)
-    p_value = min(1.0, 2 * min((difference >= 0).mean(), (difference <= 0).mean()))
+    # Two-sided percentile p-value, floored at 1 / resamples (never reported as exactly 0).
+    p_value = max(1 / resamples,
+                  min(1.0, 2 * min((difference >= 0).mean(), (difference <= 0).mean())))
     return {"a": observed_a, "b": observed_b, "difference": observed_a - observed_b,
             "low": float(np.percentile(difference, tail)),
             "high": float(np.percentile(difference, 100 - tail)),
             "relative": (observed_a - observed_b) / observed_b,
             "relative_low": float(np.percentile(relative, tail)),
             "relative_high": float(np.percentile(relative, 100 - tail)),
-            "p_value": float(p_value), "speakers": len(speakers),
+            "p_value": float(p_value), "clusters": len(clusters),
             "utterances": len(errors_a), "resamples": resamples}

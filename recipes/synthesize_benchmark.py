@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import random
 import re
@@ -73,6 +74,13 @@ ESPEAK_VARIANTS = [  # espeak-ng's human-sounding variants (no whisper or sound 
     "gustave", "iven", "iven2", "iven3", "iven4", "john", "linda", "max", "michel", "miguel",
     "norbert", "pablo", "paul", "pedro", "quincy", "rob", "robert", "sandro", "shelby", "steph",
     "steph2", "steph3", "travis", "victor", "zac"]
+# espeak-ng variants that share one vocal tract (the same formant lines in espeak-ng-data/voices/!v;
+# the klatt variants and caleb set none, so they share the default one): one timbre each, kept in
+# one partition. Checked against the installed files by tests/test_benchmark_corpus.py.
+SAME_TIMBRE = [["klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6", "caleb"],
+               ["Diogo", "Henrique", "Hugo", "michel", "miguel"], ["Gene", "Gene2"],
+               ["edward", "edward2"], ["iven", "iven2", "iven3", "iven4"], ["steph", "steph3"]]
+ESPEAK_VOICES = Path("/usr/lib/x86_64-linux-gnu/espeak-ng-data/voices/!v")
 FLITE_MEAN_F0 = {"kal16": 100, "awb": 110, "rms": 100, "slt": 180}
 TOOLS = {"espeak-ng": "espeak-ng", "flite": "flite", "text2wave": "festival"}
 PARTITIONS = ("test", "dev", "train", "unlabeled")  # sentences are dealt in this order
@@ -82,8 +90,8 @@ PARTITIONS = ("test", "dev", "train", "unlabeled")  # sentences are dealt in thi
 class Partition:
     """What one partition gets: base voices, speakers and utterances per speaker."""
 
-    espeak_variants: int        # espeak-ng base voices (variants), each with several accents
-    espeak_speakers: int        # (accent, variant, pitch, rate) settings drawn from them
+    espeak_timbres: int         # espeak-ng base voices (timbres: groups of SAME_TIMBRE variants)
+    espeak_speakers: int        # (accent, variant, pitch, rate) settings of their variants
     flite: tuple[str, ...]      # flite base voices: 4 settings each (2 rates x 2 pitches)
     festival: tuple[str, ...]   # festival base voices: 3 settings each (3 rates)
     per_speaker: int            # utterances per speaker
@@ -92,8 +100,8 @@ class Partition:
 PLAN = {
     "test": Partition(8, 20, ("rms",), (), 20),
     "dev": Partition(8, 20, ("awb",), (), 20),
-    "train": Partition(30, 108, ("slt",), ("cmu_us_slt_arctic_hts", "ked_diphone"), 25),
-    "unlabeled": Partition(31, 150, ("kal16",), ("kal_diphone",), 32),
+    "train": Partition(22, 108, ("slt",), ("cmu_us_slt_arctic_hts", "ked_diphone"), 25),
+    "unlabeled": Partition(23, 150, ("kal16",), ("kal_diphone",), 32),
 }
 # One person, two synthesizers: the same base voice (kept in one partition).
 BASE_VOICE = {("flite", "kal16"): "kal", ("text2wave", "kal_diphone"): "kal",
@@ -115,12 +123,25 @@ class Speaker:
     def base_voice(self) -> str:
         """The timbre: espeak-ng variant, or flite / festival voice (one person, one name)."""
         if self.synthesizer == "espeak-ng":
-            return "espeak:" + self.voice.split("+")[1]
+            return "espeak:" + timbre_of(self.voice.split("+")[1])
         return BASE_VOICE.get((self.synthesizer, self.voice), f"{self.synthesizer}:{self.voice}")
 
     @property
     def setting(self) -> str:
         return f"{self.synthesizer}:{self.voice}:p{self.pitch}:r{self.rate}"
+
+
+def timbre_of(variant: str) -> str:
+    """The timbre (first variant of its SAME_TIMBRE group) of an espeak-ng variant."""
+    return next((group[0] for group in SAME_TIMBRE if variant in group), variant)
+
+
+def timbres() -> list[list[str]]:
+    """espeak-ng variants grouped by timbre, in ESPEAK_VARIANTS order."""
+    groups: dict[str, list[str]] = {}
+    for variant in ESPEAK_VARIANTS:
+        groups.setdefault(timbre_of(variant), []).append(variant)
+    return list(groups.values())
 
 
 # ------------------------------- text ---------------------------------------
@@ -151,7 +172,16 @@ def select_sentences(entries: list[str], avoid: list[str], min_words: int = 4,
                 continue
             seen.add(transcript)
             pairs.append((sentence, transcript))
-    return pairs
+    # A sentence inside another (as whole words) would put the same words in two partitions.
+    inside = set().union(*map(word_spans, seen)) if seen else set()
+    return [(sentence, transcript) for sentence, transcript in pairs if transcript not in inside]
+
+
+def word_spans(text: str) -> set[str]:
+    """Every run of whole words of ``text`` shorter than ``text`` itself."""
+    words = text.split()
+    return {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)
+            if j - i < len(words)}
 
 
 def load_fortunes() -> list[str]:
@@ -176,12 +206,16 @@ def shipped_transcripts(corpus: Path) -> list[str]:
 # ------------------------------- plan ---------------------------------------
 def make_speakers(rng: random.Random, plan: dict[str, Partition]) -> list[Speaker]:
     """Every partition's speakers, base voices disjoint between partitions."""
-    variants = ESPEAK_VARIANTS.copy()
-    rng.shuffle(variants)
+    groups = timbres()
+    rng.shuffle(groups)
+    if sum(plan[name].espeak_timbres for name in PARTITIONS) > len(groups):
+        raise ValueError(f"the plan asks for more than the {len(groups)} espeak-ng timbres")
     speakers = []
     for name in PARTITIONS:
         part = plan[name]
-        mine, variants = variants[:part.espeak_variants], variants[part.espeak_variants:]
+        # Timbres in turn (each one's first variant, then the seconds, ...): all are used.
+        taken, groups = groups[:part.espeak_timbres], groups[part.espeak_timbres:]
+        mine = [group[i] for i in range(max(map(len, taken))) for group in taken if i < len(group)]
         # Variants in turn, each with its accents in a random order: every variant is used.
         accents = {variant: rng.sample(ACCENTS, len(ACCENTS)) for variant in mine}
         pairs = [f"{accents[variant][round_]}+{variant}" for round_ in range(len(ACCENTS))
@@ -264,11 +298,15 @@ def partition_errors(splits: dict[str, list[dict]], lm_text: list[str] | None = 
             for value in {key(r) for r in rows}:
                 if owners.setdefault(value, partition) != partition:
                     errors.append(f"{what} {value!r} in {owners[value]} and {partition}")
-    if lm_text is not None:
-        lm = set(lm_text)
-        for partition in ("dev", "test"):
-            errors += [f"{partition} sentence {r['wrd']!r} in the LM text"
-                       for r in by_partition.get(partition, []) if r["wrd"] in lm]
+    training = {r["wrd"] for name in ("train", "unlabeled") for r in by_partition.get(name, [])}
+    training |= set(lm_text or [])
+    inside_training = set().union(*map(word_spans, training)) if training else set()
+    for partition in ("dev", "test"):
+        for text in {r["wrd"] for r in by_partition.get(partition, [])}:
+            if text in training or text in inside_training:
+                errors.append(f"{partition} sentence {text!r} in the LM or training text")
+            elif word_spans(text) & training:
+                errors.append(f"{partition} sentence {text!r} contains a training sentence")
     train_ids = [r["ID"] for r in by_partition.get("train", [])]
     subsets = sorted((stem for stem in splits if stem.startswith("train_")),
                      key=lambda stem: len(splits[stem]))
@@ -355,8 +393,8 @@ def main() -> None:
     missing = [package for tool, package in TOOLS.items() if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"missing synthesizers: apt-get install {' '.join(missing)}")
-    plan = {name: Partition(p.espeak_variants, p.espeak_speakers, p.flite, p.festival,
-                            max(1, round(p.per_speaker * args.scale))) for name, p in PLAN.items()}
+    plan = {name: dataclasses.replace(p, per_speaker=max(1, round(p.per_speaker * args.scale)))
+            for name, p in PLAN.items()}
     rng = random.Random(args.seed)
     sentences = select_sentences(load_fortunes(), shipped_transcripts(args.shipped))
     rng.shuffle(sentences)

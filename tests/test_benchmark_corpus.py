@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from conftest import ROOT
-from synthesize_benchmark import (FORTUNES, PLAN, SUBSETS, TOOLS, make_speakers, nested_subsets,
-                                  partition_errors, plan_utterances, select_sentences)
+from synthesize_benchmark import (ESPEAK_VARIANTS, ESPEAK_VOICES, FORTUNES, PLAN, SUBSETS, TOOLS,
+                                  make_speakers, nested_subsets, partition_errors,
+                                  plan_utterances, select_sentences, timbre_of)
 
 BENCHMARK = ROOT / "data" / "benchmark"
 
@@ -40,7 +41,7 @@ def test_plan_partitions_voices_and_sentences_with_dev_and_test_of_the_same_shap
         assert len({r["spk_id"] for r in rows[split]}) >= 16
         # every base voice of the split is used (espeak-ng variants and the flite voice)
         assert len({r["voice"].split("|")[1] for r in rows[split]}) == \
-            PLAN[split].espeak_variants + len(PLAN[split].flite)
+            PLAN[split].espeak_timbres + len(PLAN[split].flite)
     shape = {split: (len(rows[split]), len({r["spk_id"] for r in rows[split]}))
              for split in ("dev", "test")}
     assert shape["dev"] == shape["test"]
@@ -60,7 +61,7 @@ def test_partition_check_names_every_kind_of_overlap():
     assert any(e.startswith("voice setting") for e in errors)
     assert any(e.startswith("base voice") for e in errors)
     assert any(e.startswith("speaker") for e in errors)
-    assert any("in the LM text" in e for e in errors)
+    assert any("in the LM or training text" in e for e in errors)
 
 
 def test_nested_subsets_are_nested_and_keep_the_voice_mix():
@@ -87,11 +88,34 @@ def test_nested_subsets_are_nested_and_keep_the_voice_mix():
                for e in partition_errors(broken))
 
 
-def test_attributions_and_shipped_sentences_are_left_out():
+def test_attributions_shipped_sentences_and_sentences_inside_others_are_left_out():
     entries = ["The cat sat on the mat all day.\n- Professor Someone, commenting on cats",
-               "A parlor utensil for subduing the impenitent visitor, said he."]
+               "A parlor utensil for subduing the impenitent visitor, said he.",
+               "To be or not to be. To be or not to be, that is the bottom line."]
     pairs = select_sentences(entries, ["A PARLOR UTENSIL FOR SUBDUING THE IMPENITENT VISITOR"])
-    assert [t for _, t in pairs] == ["THE CAT SAT ON THE MAT ALL DAY"]
+    assert [t for _, t in pairs] == ["THE CAT SAT ON THE MAT ALL DAY",
+                                     "TO BE OR NOT TO BE THAT IS THE BOTTOM LINE"]
+
+
+def test_a_test_sentence_inside_a_training_one_is_caught():
+    rows = {"train": [{"ID": "a", "spk_id": "tr0", "wrd": "TO BE OR NOT TO BE THAT IS IT",
+                       "voice": "x|x"}],
+            "test": [{"ID": "b", "spk_id": "te0", "wrd": "TO BE OR NOT TO BE", "voice": "y|y"}]}
+    assert any("in the LM or training text" in e for e in partition_errors(rows))
+    rows["train"][0]["wrd"], rows["test"][0]["wrd"] = "OR NOT", "TO BE OR NOT TO BE"
+    assert any("contains a training sentence" in e for e in partition_errors(rows))
+
+
+@pytest.mark.skipif(not ESPEAK_VOICES.is_dir(), reason="espeak-ng is not installed")
+def test_espeak_variants_with_one_vocal_tract_are_one_timbre():
+    """Variants whose voice files have the same formant lines sound like one person."""
+    by_formants = {}
+    for variant in ESPEAK_VARIANTS:
+        lines = (ESPEAK_VOICES / variant).read_text(errors="replace").splitlines()
+        formants = tuple(sorted(" ".join(line.split()) for line in lines
+                                if line.strip().startswith("formant")))
+        by_formants.setdefault(formants, set()).add(timbre_of(variant))
+    assert all(len(timbres) == 1 for timbres in by_formants.values())
 
 
 @pytest.mark.skipif(not (BENCHMARK / "test.csv").is_file(),

@@ -101,3 +101,17 @@ def test_hparams_differences_name_the_keys():
     new = hparams_data("lr_head: 0.001\nseed: 1\nopt: !name:torch.optim.AdamW\n    lr: 0.001\n")
     assert hparams_differences(saved, new) == ["lr_head (0.002 -> 0.001)", "opt"]
     assert hparams_differences(saved, saved) == []
+
+
+def test_a_run_is_not_resumed_with_other_code(tmp_path, monkeypatch):
+    """Same hparams but another code commit: refused; the same commit: resumed."""
+    out = tmp_path / "run"
+    (out / "save" / "CKPT+x").mkdir(parents=True)
+    text = f"output_folder: {out}\nsave_folder: {out / 'save'}\nlr: 0.001\n"
+    (out / "hyperparams.yaml").write_text(text)
+    (out / "run_record.json").write_text(json.dumps({"code_commit": "a" * 40}))
+    monkeypatch.setattr(provenance, "current_code_commit", lambda: "b" * 40)
+    with pytest.raises(SystemExit, match="code commit aaaaaaaaaaaa"):
+        provenance.check_resume(text)
+    monkeypatch.setattr(provenance, "current_code_commit", lambda: "a" * 40)
+    assert provenance.check_resume(text) is True

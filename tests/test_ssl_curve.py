@@ -12,7 +12,7 @@ import yaml
 
 from conftest import ROOT
 from ssl_curve import effective_rank, repeated_manifest
-from stats import paired_speaker_bootstrap, per_utterance_errors, t_interval
+from stats import paired_cluster_bootstrap, per_utterance_errors, t_interval
 
 SHIPPED = ROOT / "data" / "espeak_corpus"
 TINY = {"d_model": 32, "nhead": 2, "num_encoder_layers": 2, "d_ffn": 64, "kernel_size": 5,
@@ -57,7 +57,7 @@ def tiny_curve(tmp_path_factory):
                     "overrides": {**TINY, "num_classes": 32, "number_of_epochs": 1}},
             "steps": {"train_small": 2, "train_mid": 4}, "validations": 2,
             "fine_tune": {"hparams": "hparams/CTC/{encoder}_small.yaml", "batch_size": 4,
-                          "seeds": [1, 2], "grid": {"lr": [0.001],
+                          "grid_seed": 0, "seeds": [1, 2], "grid": {"lr": [0.001],
                                                     "spec_augment_prob": [0.0, 1.0]},
                           "overrides": {"beam_size": 1}},
             "arms": {"ssl": {"head_only_fraction": 0.25}, "scratch": {"head_only_fraction": 0.0}},
@@ -84,7 +84,7 @@ def test_tiny_curve_tunes_on_dev_tests_on_test_and_reports_intervals(tiny_curve)
         for row in point["summary"]:
             assert row["ssl_cer"]["n"] == row["scratch_cer"]["n"] == 2
             d = row["ssl_minus_scratch"]
-            assert d["low"] <= d["difference"] <= d["high"] and d["speakers"] == 2
+            assert d["low"] <= d["difference"] <= d["high"] and d["clusters"] == 2
             assert d["utterances"] == 20
     # Grid runs never see test; final runs are decoded on test at the lowest / highest preset.
     for result in out.rglob("result.json"):
@@ -134,10 +134,10 @@ def test_t_interval_and_paired_bootstrap():
     a = {f"s{s}-{u}": (s % 3, 20) for s in range(10) for u in range(4)}
     b = {k: (edits + 2, chars) for k, (edits, chars) in a.items()}
     speaker_of = {k: k.split("-")[0] for k in a}
-    result = paired_speaker_bootstrap(a, b, speaker_of, resamples=500)
-    assert result["high"] < 0 and result["p_value"] < 0.01 and result["speakers"] == 10
+    result = paired_cluster_bootstrap(a, b, speaker_of, resamples=500)
+    assert result["high"] < 0 and result["p_value"] < 0.01 and result["clusters"] == 10
     # Identical systems: the difference is 0 and the interval contains it.
-    same = paired_speaker_bootstrap(a, dict(a), speaker_of, resamples=500)
+    same = paired_cluster_bootstrap(a, dict(a), speaker_of, resamples=500)
     assert same["low"] <= 0 <= same["high"] and same["p_value"] == 1.0
     averaged = per_utterance_errors([{"u": (1, 10)}, {"u": (3, 10)}])
     assert averaged == {"u": (2.0, 10)}
