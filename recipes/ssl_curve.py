@@ -7,15 +7,16 @@ For every encoder of the grid file (``hparams/curves/*.yaml``) and every labeled
 1. **SSL** (``hparams/SSL/<encoder>.yaml``) on ``unlabeled_train``, one run per SSL seed (only
    the seeds a step needs are trained, when it needs them).
 2. **Grid, on dev.** Each arm (``ssl``: from the first SSL seed's encoder; ``scratch``: random
-   init) fine-tunes with CTC at every grid point (peak LR x SpecAugment ...) with the first
-   fine-tuning seed, the same optimizer steps for both arms; ``train.py``'s own test set is
-   ``dev.csv``, so a run's ``ctc_cer`` is its dev CER (greedy, averaged best checkpoints, which
-   are also chosen by dev CER). The arm's setting is its lowest dev CER. Test is never read here.
+   init) fine-tunes with CTC at every grid point (peak LR x SpecAugment ...) with ``grid_seed``,
+   the same optimizer steps for both arms; ``train.py``'s own test set is ``dev.csv``, so a
+   run's ``ctc_cer`` is its dev CER (greedy, averaged best checkpoints, which are also chosen by
+   dev CER). The arm's setting is its lowest dev CER. Test is never read here, and
+   ``--dev_only`` stops here (for iterating on a recipe).
 3. **Final runs, on test.** The chosen setting of each arm with every fine-tuning seed (x every
-   SSL seed for ``ssl``; the grid's run is one of them), each decoded on ``test.csv`` by
-   ``evaluate.py --streaming`` at the ``test_contexts`` with per-utterance edits.
-4. **Statistics**: per size, arm and context, the test CER/WER mean over runs with a 95 %
-   t-interval; the SSL-minus-scratch CER difference (per-utterance edits averaged over runs) with
+   SSL seed for ``ssl``; none of them a grid run, so no dev winner is reported), each decoded on
+   ``test.csv`` by ``evaluate.py --streaming`` at the ``test_contexts`` with per-utterance edits.
+4. **Statistics**: per size, arm and context, the test CER/WER mean with a 95 % t-interval
+   (over SSL-seed means when there are several SSL seeds); the SSL-minus-scratch CER difference (per-utterance edits averaged over runs) with
    a 95 % paired bootstrap interval that resamples test voices (base voices: timbres).
 5. **Diagnostics on dev**: frozen-encoder CTC probes (SSL vs random encoder) and the effective
    rank of every layer's output.
@@ -28,7 +29,8 @@ after every size; the last stdout line is JSON.
 Usage::
 
     python recipes/ssl_curve.py hparams/curves/benchmark.yaml [--output_folder ...] \\
-        [--encoders conformer] [--sizes train_10min]
+        [--encoders conformer] [--sizes train_10min] [--arms scratch ssl] [--ssl_seeds 1] \\
+        [--dev_only] [--ssl_only]
 """
 from __future__ import annotations
 
@@ -482,14 +484,15 @@ def interval_text(interval: dict) -> str:
 
 
 def write_outputs(points: list[dict], probes: list[dict], ranks: dict, costs: dict,
-                  header: dict, stem: Path) -> None:
+                  header: dict, grid_axes: dict, stem: Path) -> None:
     """``curve.md`` (tables), ``curve.csv`` (one row per size, arm and context), ``curve.json``
     (everything) and ``curve.png`` (CER against labeled hours, both arms, intervals)."""
     lines = [f"# SSL low-resource curve ({header['grid']})", "",
              f"Code commit {header['code_commit']}; command `{header['command']}`.",
              f"Cost: {header['cpu_hours']:.2f} CPU-hours, {header['wall_hours']:.2f} h wall "
              f"({len(costs)} runs).", "",
-             "Test CER % (streaming, greedy; mean ± 95 % t-interval over runs) and SSL minus "
+             "Test CER % (streaming, greedy; mean ± 95 % t-interval over runs, or over SSL-seed "
+             "means when there are several SSL seeds) and SSL minus "
              "scratch (pooled CER of per-utterance edits averaged over runs; 95 % paired "
              "bootstrap interval over test voices):", "",
              "| encoder | labeled | context | SSL | scratch | SSL - scratch [95 % CI] | "
@@ -517,13 +520,23 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, costs: di
                              "ssl_minus_scratch": round(d["difference"], 2),
                              "difference_low": round(d["low"], 2),
                              "difference_high": round(d["high"], 2)})
-    lines += ["", "Grid (dev CER %, first seeds; each arm's lowest is its setting):", "",
+    verdicts = [f"- {p['encoder']} {p['size']}: {goal_verdict(p)}" for p in points if p["summary"]]
+    if verdicts:
+        lines += ["", "Goal (issue 17): SSL at least 20 % (labeled <= 15 min) or 10 % (>= 1 h) "
+                  "relatively better in test CER, the 95 % interval of the difference below 0, at "
+                  "every reported context at once:", "", *verdicts]
+    lines += ["", "Grid (dev CER %, grid seed; each arm's lowest is its setting; a setting at "
+              "the edge of a grid axis is marked *):", "",
               "| encoder | labeled | arm | setting | dev CER |", "|---|---|---|---|---|"]
     for point in points:
         for g in point["grid"]:
             setting = ", ".join(f"{k} {v}" for k, v in g.items() if k not in ("arm", "dev_cer"))
+            chosen = point["arms"].get(g["arm"], {}).get("setting")
+            mark = ""
+            if chosen and all(g[k] == v for k, v in chosen.items()):
+                mark = " (chosen" + (", at a grid edge *)" if at_edge(chosen, grid_axes) else ")")
             lines.append(f"| {point['encoder']} | {point['size']} | {g['arm']} | {setting} | "
-                         f"{g['dev_cer']:.1f} |")
+                         f"{g['dev_cer']:.1f}{mark} |")
     if probes:
         lines += ["", "Probes (frozen encoder, CTC head on layer k; dev CER %):", "",
                   "| encoder | trained on | init | layer | dev CER |", "|---|---|---|---|---|"]
@@ -547,6 +560,21 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, costs: di
         {**header, "points": points, "probes": probes, "ranks": ranks, "costs": costs},
         indent=1))
     plot(points, stem.with_suffix(".png"))
+
+
+def goal_verdict(point: dict) -> str:
+    """Whether a size meets the issue's goal at every reported context (a conjunction: no
+    multiple-comparison correction needed within a size)."""
+    target = 0.2 if point["labeled_hours"] <= 0.25 else 0.1
+    met = all(row["ssl_minus_scratch"]["relative"] <= -target and row["ssl_minus_scratch"]["high"] < 0
+              for row in point["summary"])
+    return f"{'met' if met else 'not met'} (target -{100 * target:.0f} % relative)"
+
+
+def at_edge(setting: dict, axes: dict) -> bool:
+    """Whether the chosen peak LR is the lowest or highest the grid tried (the best may lie
+    beyond it)."""
+    return "lr" in axes and setting["lr"] in (min(axes["lr"]), max(axes["lr"]))
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -613,7 +641,8 @@ def main() -> None:
     def save():
         header["cpu_hours"] = sum(c["cpu_seconds"] for c in curve.costs.values()) / 3600
         header["wall_hours"] = (time.time() - start) / 3600
-        write_outputs(points, probes, ranks, curve.costs, header, folder / "curve")
+        write_outputs(points, probes, ranks, curve.costs, header, grid["fine_tune"]["grid"],
+                      folder / "curve")
 
     for encoder, sizes in grid["encoders"].items():
         if args.encoders and encoder not in args.encoders:
