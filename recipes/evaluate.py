@@ -6,7 +6,7 @@ Usage::
     python recipes/evaluate.py hparams/CTC/conformer_small.yaml --output_folder <trained folder> \\
         --test_csv data/espeak_corpus/test.csv --context medium [--context low ... | all] \\
         [--streaming] [--device cuda] [--batch_size 16] [--data_folder <$data_root>] \\
-        [--any_training_override value ...]
+        [--utterances hyps.jsonl] [--any_training_override value ...]
 
 Utterances are decoded in batches of similar length (greedy CTC). ``--streaming`` encodes each
 batch chunk by chunk, every utterance its own stream (the features of the whole file equal

@@ -664,8 +664,9 @@ def main() -> None:
         if found:
             ranks[encoder] = found
         save()
+    cpu_hours = sum(c["cpu_seconds"] for c in curve.costs.values()) / 3600
     print(json.dumps({"table_md": str(folder / "curve.md"), "plot": str(folder / "curve.png"),
-                      "cpu_hours": round(header["cpu_hours"], 3), "points": len(points)}))
+                      "cpu_hours": round(cpu_hours, 3), "points": len(points)}))
 
 
 if __name__ == "__main__":

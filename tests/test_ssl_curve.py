@@ -119,6 +119,15 @@ def test_rerun_reads_back_and_a_stale_result_is_refused(tiny_curve):
     assert str(stale) in refused.stderr + refused.stdout and "command" in refused.stderr
 
 
+def test_ssl_only_trains_the_ssl_runs_and_reports_their_cost(tiny_curve):
+    tmp_path, grid, _ = tiny_curve
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "ssl_curve.py"),
+                          str(tmp_path / "grid.yaml"), "--ssl_only"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["cpu_hours"] > 0  # read back
+
+
 def test_repeated_manifest_keeps_ids_unique(tmp_path):
     rows = repeated_manifest(SHIPPED / "valid.csv", tmp_path / "x.csv", 45)
     with open(tmp_path / "x.csv") as f:
