@@ -3,16 +3,26 @@
 
 1. ``fused``: mamba-ssm / causal-conv1d kernels (``pip install -r requirements-cuda.txt``) equal
    our chunked scan, values and gradients, full and chunk-limited contexts, in float32 and
-   under bf16 autocast (against the float32 scan).
-2. ``streaming``: streaming == offline on the device, both encoders, float32.
-3. ``quantizer``: bf16-autocast targets equal the float32 ones.
-4. ``steps``: bf16 steps of the SSL and CTC recipes for the Conformer and ConMamba at every
-   preset: finite losses, step time, throughput, peak memory.
-5. ``scaling``: step time and peak memory vs utterance length (SSL, ``medium``), both encoders.
+   under bf16 autocast (against the float32 scan). ``backend`` is the scan that ran; skipped
+   where the packages are not installed or the device is not CUDA, failed where they are
+   installed but do not import.
+2. ``windowed_bf16``: Mamba's eager windowed scan (no kernels) under bf16 autocast is as close
+   to float32 as the unlimited scan is (the window correction is subtracted in float32).
+3. ``streaming``: streaming == offline on the device, both encoders, float32 with TF32 off.
+4. ``quantizer``: bf16-autocast targets equal the float32 ones.
+5. ``steps``: steps of the SSL and CTC recipes for the Conformer and ConMamba at every preset
+   (bf16 where the GPU has it natively, else fp16 with gradient scaling): finite losses, step
+   time, throughput, peak memory; ``scaling``: step time and peak memory vs utterance length.
+6. ``syncs``: host syncs of one SSL step, counted by ``torch.cuda.set_sync_debug_mode`` (a
+   measurement, not a pass/fail check; CUDA only).
+7. ``dynamic_batches``: the CUDA preset's batches differ between epochs.
+8. ``kill_resume``: the SSL recipe on the device (dynamic batches, validation each epoch),
+   uninterrupted vs killed with SIGKILL after a mid-epoch checkpoint and run again.
+9. ``two_processes``: torchrun with 2 processes over NCCL (skipped with fewer than 2 GPUs).
 
 Usage::
 
-    python benchmarks/gpu_check.py [--device cuda] [--precision bf16] [--quick]
+    python benchmarks/gpu_check.py [--device cuda] [--precision auto|fp32|bf16|fp16] [--quick]
 
 The last stdout line is one JSON object; ``passed`` is false (and the exit code 1) when a check
 fails. ``--quick --device cpu`` runs the same code with tiny models (tests/test_benchmarks.py).
@@ -24,9 +34,12 @@ import json
 import sys
 import tempfile
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
+from recipe_runs import check_dynamic_batches, check_kill_resume, check_two_processes
 from recipe_steps import corpus_batch, recipe_brain, timed_steps
 from modules import mamba as mamba_module  # noqa: E402 (recipe_steps puts the root on the path)
 from modules.conformer import CausalConformerEncoder  # noqa: E402
@@ -48,14 +61,23 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_fused(device: str, quick: bool) -> dict:
-    """Fused kernels vs our chunked scan: one Mamba layer, values and gradients."""
-    if mamba_module.selective_scan_fn is None or mamba_module.causal_conv1d_fn is None:
-        return {"available": False, "passed": True,
-                "note": "mamba-ssm / causal-conv1d not importable: pip install -r requirements-cuda.txt"}
-    if not device.startswith("cuda"):
-        return {"available": False, "passed": True, "note": "fused kernels need CUDA"}
+    """Fused kernels vs our chunked scan: one Mamba layer, values and gradients.
+
+    ``backend``: the scan that ``scan_backend: auto`` runs on ``device``. Skipped (passed) where
+    mamba-ssm / causal-conv1d are not installed or the device is not CUDA; failed where they are
+    installed but do not import (``auto`` would quietly run the eager scan).
+    """
+    backend = Mamba(8).backend_for(device)
+    error = mamba_module.fused_kernels_error()
+    if error is not None or not device.startswith("cuda"):
+        failed = mamba_module.FUSED_IMPORT_ERROR is not None
+        reason = error or "the fused kernels need CUDA"
+        print(f"fused: {'FAILED' if failed else 'skipped'}, {reason}; Mamba (scan_backend: "
+              f"auto) runs the {backend} scan here", file=sys.stderr, flush=True)
+        return {"available": False, "backend": backend, "passed": not failed,
+                "error" if failed else "skipped": reason}
     d_model, frames = (32, 200) if quick else (256, 2000)
-    fused = Mamba(d_model, scan_backend="auto").to(device)
+    fused = Mamba(d_model, scan_backend="fused").to(device)
     chunked = Mamba(d_model, scan_backend="chunked").to(device)
     chunked.load_state_dict(fused.state_dict())
     x = torch.randn(2, frames, d_model, device=device)
@@ -63,7 +85,7 @@ def check_fused(device: str, quick: bool) -> dict:
     for context in [(-1, -1), (8, 0), (16, 1), (32, 3), (64, 7)]:
         reference = chunked(x, context)
         ref_grads = torch.autograd.grad(reference.square().sum(), list(chunked.parameters()))
-        row = {"context": list(context)}
+        row = {"context": list(context), "backend": fused.backend_for(device, context)}
         for precision in ("fp32", "bf16"):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 out = fused(x, context)
@@ -71,14 +93,51 @@ def check_fused(device: str, quick: bool) -> dict:
             row[f"{precision}_output"] = relative_difference(out, reference)
             row[f"{precision}_gradients"] = max(relative_difference(g, r)
                                                 for g, r in zip(grads, ref_grads))
-        row["passed"] = (max(row["fp32_output"], row["fp32_gradients"]) < 1e-3
+        row["passed"] = (row["backend"] == "fused"
+                         and max(row["fp32_output"], row["fp32_gradients"]) < 1e-3
                          and max(row["bf16_output"], row["bf16_gradients"]) < 5e-2)
         rows.append(row)
-    return {"available": True, "rows": rows, "passed": all(r["passed"] for r in rows)}
+    print(f"fused: Mamba (scan_backend: auto) runs the {backend} scan here", file=sys.stderr,
+          flush=True)
+    return {"available": True, "backend": backend, "rows": rows,
+            "passed": all(r["passed"] for r in rows)}
+
+
+def check_windowed_bf16(device: str) -> dict:
+    """The eager windowed scan under bf16 autocast vs float32 (relative error of the layer),
+    against the unlimited scan's: a float32 correction subtracted from a bf16 output would
+    cancel catastrophically on short windows."""
+    torch.manual_seed(0)
+    layer = Mamba(32, d_state=8, scan_backend="chunked").to(device)
+    with torch.no_grad():
+        layer.D.zero_()  # the scan alone: the skip path would hide its error
+        layer.dt_proj.bias.fill_(-7.0)  # slow decays: long-lived states to cancel
+    x = torch.randn(2, 400, 32, device=device)
+    errors = {}
+    with torch.no_grad():
+        for context in [(-1, -1), (8, 3), (16, 3)]:
+            reference = layer(x, context)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                errors[str(list(context))] = relative_difference(layer(x, context), reference)
+    limit = 1.5 * errors["[-1, -1]"]
+    return {"relative_errors": errors, "limit": limit,
+            "passed": all(e <= limit for e in errors.values())}
 
 
 def check_streaming(device: str) -> dict:
-    """Streaming == offline on the device (float32), both encoders, three contexts."""
+    """Streaming == offline on the device, both encoders, three contexts; float32 with TF32 off
+    (TF32 matmuls round to 10 mantissa bits, and would differ between the two computations)."""
+    if device.startswith("cuda"):
+        allowed = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            return _streaming_rows(device)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allowed
+    return _streaming_rows(device)
+
+
+def _streaming_rows(device: str) -> dict:
     sizes = dict(d_model=64, num_encoder_layers=3, d_ffn=128, kernel_size=7,
                  subsampling_conv_channels=16, dropout=0.0)
     encoders = {"conformer": CausalConformerEncoder(nhead=4, **sizes),
@@ -97,7 +156,7 @@ def check_streaming(device: str) -> dict:
                        for b, n in enumerate(valid))
             rows.append({"encoder": name, "context": list(context), "max_difference": diff,
                          "passed": diff < 1e-4})
-    return {"rows": rows, "passed": all(r["passed"] for r in rows)}
+    return {"rows": rows, "tf32": False, "passed": all(r["passed"] for r in rows)}
 
 
 def check_quantizer(device: str) -> dict:
@@ -142,23 +201,63 @@ def check_steps(device: str, precision: str, quick: bool, folder: str) -> dict:
     return {"rows": rows, "scaling": scaling, "passed": all(r["passed"] for r in rows)}
 
 
+def count_syncs(device: str, precision: str, folder: str) -> dict:
+    """Host syncs of one SSL step (after a first one): ``torch.cuda.set_sync_debug_mode`` warns
+    at each; the first line of each distinct warning is kept."""
+    if not device.startswith("cuda"):
+        return {"skipped": "host syncs are counted on CUDA only"}
+    brain = recipe_brain(RECIPES[("SSL", "conformer")], TINY, device, precision, folder)
+    batch = corpus_batch(brain, 4, 5)
+    timed_steps(brain, batch, "medium", steps=1, warmup=0)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            brain.fit_batch(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    messages = [str(w.message).splitlines()[0] for w in caught
+                if "synchroniz" in str(w.message).lower()]
+    return {"syncs_per_step": len(messages), "kinds": sorted(set(messages))}
+
+
+def default_precision(device: str) -> str:
+    """bf16 where the GPU has it natively, fp16 (with gradient scaling) on other GPUs; bf16 on
+    the CPU (autocast)."""
+    if device.startswith("cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "fp16"
+    return "bf16"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="auto: bf16 where the GPU has it natively, else fp16")
     parser.add_argument("--quick", action="store_true", help="tiny models (a check of the script)")
     args = parser.parse_args()
+    precision = default_precision(args.device) if args.precision == "auto" else args.precision
     start = time.time()
-    report = {"device": args.device, "precision": args.precision, "torch": torch.__version__,
+    report = {"device": args.device, "precision": precision, "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     with tempfile.TemporaryDirectory() as folder:
-        report["fused"] = check_fused(args.device, args.quick)
-        report["streaming"] = check_streaming(args.device)
-        report["quantizer"] = check_quantizer(args.device)
-        report["steps"] = check_steps(args.device, args.precision, args.quick, folder)
+        checks = {
+            "fused": lambda: check_fused(args.device, args.quick),
+            "windowed_bf16": lambda: check_windowed_bf16(args.device),
+            "streaming": lambda: check_streaming(args.device),
+            "quantizer": lambda: check_quantizer(args.device),
+            "steps": lambda: check_steps(args.device, precision, args.quick, folder),
+            "syncs": lambda: count_syncs(args.device, precision, f"{folder}/syncs"),
+            "dynamic_batches": lambda: check_dynamic_batches(Path(folder)),
+            "kill_resume": lambda: check_kill_resume(args.device, precision, Path(folder)),
+            "two_processes": lambda: check_two_processes(args.device, precision, Path(folder)),
+        }
+        for name, check in checks.items():
+            report[name] = check()
+            print(json.dumps({name: report[name]}), file=sys.stderr, flush=True)
     report["seconds"] = round(time.time() - start, 1)
-    report["passed"] = all(report[key]["passed"]
-                           for key in ("fused", "streaming", "quantizer", "steps"))
+    report["passed"] = all(report[name].get("passed", True) for name in checks)
     print(json.dumps(report))
     sys.exit(0 if report["passed"] else 1)
 

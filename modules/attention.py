@@ -162,8 +162,10 @@ class RotarySelfAttention(torch.nn.Module):
 def dense_mask(frames: int, context: Context, valid: torch.Tensor | None,
                device) -> torch.Tensor | None:
     """(B or 1, 1, T, T) bool mask: the chunk window minus padded keys (a frame keeps itself)."""
-    if context == (-1, -1) and (valid is None or bool(valid.all())):
+    if context == (-1, -1) and valid is None:
         return None  # full attention: PyTorch's fused kernel, no mask
+    # With ``valid``, a mask even when nothing is padded: finding out would stop the host until
+    # the GPU catches up, in every layer.
     mask = chunk_attention_mask(frames, context, device)[None]
     if valid is not None:
         itself = torch.eye(frames, dtype=torch.bool, device=device)

@@ -1,4 +1,5 @@
-"""Checkpoints that survive a hard kill: atomic checkpoint folders and saved random states.
+"""Checkpoints that survive a hard kill and a shared filesystem: atomic checkpoint folders, listed
+by the main process alone, and every process's random states.
 
 SpeechBrain's ``Checkpointer`` writes the meta file ``CKPT.yaml`` first and the parameter files
 after it, so a process killed while saving leaves a folder that looks complete and is the
@@ -7,12 +8,20 @@ deletes old checkpoints file by file, so a kill while deleting leaves a listed c
 files missing. Here a checkpoint is written into a hidden folder and renamed into place once
 every file is in it, and renamed out of the listing before its files are removed; renames are
 atomic, so every listed checkpoint folder is a complete one.
+
+Under DDP, SpeechBrain has every process list the folder and read every ``CKPT.yaml``; on a
+shared filesystem another node's stale directory cache can then fail (ESTALE, FileNotFoundError)
+or see another list. Here only the main process lists and reads them: it deletes old checkpoints
+alone and picks the one every process recovers.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +33,13 @@ from speechbrain.utils.checkpoints import (
     mark_as_saver,
     register_checkpoint_hooks,
 )
-from speechbrain.utils.distributed import ddp_barrier, if_main_process
+from speechbrain.utils.distributed import (
+    MainProcessContext,
+    ddp_barrier,
+    ddp_prevent_block,
+    if_main_process,
+    main_process_only,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +47,13 @@ PARTIAL_PREFIX = ".partial-"  # not "CKPT...": SpeechBrain never lists these fol
 
 
 class AtomicCheckpointer(Checkpointer):
-    """A ``Checkpointer`` whose checkpoint folders appear and disappear whole.
+    """A ``Checkpointer`` whose checkpoint folders appear and disappear whole, and which only the
+    main process lists.
 
     Folders left behind by a killed save or deletion (``.partial-CKPT+...``) are removed at the
-    next save. Arguments as for SpeechBrain's ``Checkpointer``.
+    next save. Under DDP, :meth:`list_checkpoints` (and so ``find_checkpoint(s)``) is a
+    collective: call it on every process (or inside ``run_on_main``). Arguments as for
+    SpeechBrain's ``Checkpointer``.
     """
 
     def save_checkpoint(self, meta={}, end_of_epoch=True, name=None,  # noqa: B006 (parent's API)
@@ -44,43 +62,80 @@ class AtomicCheckpointer(Checkpointer):
             for stale in self.checkpoints_dir.glob(PARTIAL_PREFIX + "*"):
                 shutil.rmtree(stale, ignore_errors=True)
         saved = super().save_checkpoint(meta, end_of_epoch, name, verbosity=logging.DEBUG)
-        if saved is not None:  # the main process
-            final = saved.path.with_name(saved.path.name[len(PARTIAL_PREFIX):])
-            saved.path.rename(final)
-            saved = Checkpoint(final, saved.meta,
-                               {key: final / path.name for key, path in saved.paramfiles.items()})
-            kind = "end-of-epoch" if end_of_epoch else "intra-epoch"
-            logger.log(verbosity, "Saved an %s checkpoint in %s", kind, final)
-        ddp_barrier()  # every rank lists the renamed folder next (to delete old ones alike)
-        return saved
+        ddp_barrier()  # savers that run on every process have written their files
+        if saved is None:  # not the main process
+            return None
+        final = saved.path.with_name(saved.path.name[len(PARTIAL_PREFIX):])
+        saved.path.rename(final)
+        kind = "end-of-epoch" if end_of_epoch else "intra-epoch"
+        logger.log(verbosity, "Saved an %s checkpoint in %s", kind, final)
+        return Checkpoint(final, saved.meta,
+                          {key: final / path.name for key, path in saved.paramfiles.items()})
+
+    def save_and_keep_only(self, meta: dict | None = None, end_of_epoch: bool = True,
+                           name: str | None = None, num_to_keep: int = 1,
+                           keep_recent: bool = True, importance_keys: Sequence[Callable] = (),
+                           max_keys: Sequence[str] = (), min_keys: Sequence[str] = (),
+                           ckpt_predicate: Callable | None = None,
+                           verbosity: int = logging.INFO) -> None:
+        """SpeechBrain's ``save_and_keep_only`` (same arguments), without its mutable default:
+        there ``importance_keys=[]`` gains one ``ckpt_recency`` at every call."""
+        self.save_checkpoint(meta=meta or {}, end_of_epoch=end_of_epoch, name=name,
+                             verbosity=verbosity)
+        self.delete_checkpoints(
+            num_to_keep=num_to_keep, max_keys=list(max_keys), min_keys=list(min_keys),
+            importance_keys=[*importance_keys, *([ckpt_recency] if keep_recent else [])],
+            ckpt_predicate=ckpt_predicate, verbosity=verbosity)
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint, as listed and read by the main process (sent to the others)."""
+        return main_process_only(super().list_checkpoints)()
+
+    def recover_if_possible(self, importance_key: Callable | None = None,
+                            max_key: str | None = None, min_key: str | None = None,
+                            ckpt_predicate: Callable | None = None) -> Checkpoint | None:
+        """SpeechBrain's ``recover_if_possible``: the main process picks the checkpoint and sends
+        it to the others, so that every process loads the same one."""
+        chosen = main_process_only(self.find_checkpoint)(importance_key, max_key, min_key,
+                                                         ckpt_predicate)
+        if chosen is None:
+            logger.info("Would load a checkpoint here, but none found yet.")
+        else:
+            self.load_checkpoint(chosen)
+        return chosen
 
     def delete_checkpoints(self, *, num_to_keep=1, min_keys=None, max_keys=None,
                            importance_keys=(ckpt_recency,), ckpt_predicate=None,
                            verbosity=logging.INFO):
         """SpeechBrain's ``delete_checkpoints`` (same arguments: for each key, the best
-        ``num_to_keep`` are kept), each folder renamed out of the listing before its removal.
+        ``num_to_keep`` are kept), by the main process alone, each folder renamed out of the
+        listing before its removal.
 
         Written out because SpeechBrain's version calls ``Checkpointer._delete_checkpoint`` by
-        name, which a subclass cannot replace.
+        name, which a subclass cannot replace, and lists on every process.
         """
         if num_to_keep < 0:
             raise ValueError("Number of checkpoints to keep must be positive.")
-        keys = ([{"min_key": key} for key in min_keys or []]
-                + [{"max_key": key} for key in max_keys or []]
-                + [{"importance_key": key} for key in importance_keys])
+        if if_main_process():
+            keys = ([{"min_key": key} for key in min_keys or []]
+                    + [{"max_key": key} for key in max_keys or []]
+                    + [{"importance_key": key} for key in importance_keys])
+            with MainProcessContext():  # the listing is for this process only: no broadcast
+                self._delete_unkept(keys, num_to_keep, ckpt_predicate, verbosity)
+        ddp_barrier()  # no process goes on (to save, or to recover) while old ones are removed
+
+    def _delete_unkept(self, keys: list[dict], num_to_keep: int,
+                       ckpt_predicate: Callable | None, verbosity: int) -> None:
         candidates, kept = set(), set()
         for key in keys:
-            candidates.update(self.find_checkpoints(ckpt_predicate=ckpt_predicate, **key))
-            kept.update(self.find_checkpoints(ckpt_predicate=ckpt_predicate,
-                                              max_num_checkpoints=num_to_keep, **key))
-        ddp_barrier()  # every rank has listed them before any is removed
-        if if_main_process():
-            for checkpoint in candidates - kept:
-                trash = checkpoint.path.with_name(PARTIAL_PREFIX + checkpoint.path.name)
-                checkpoint.path.rename(trash)
-                shutil.rmtree(trash)
-                logger.log(verbosity, "Deleted checkpoint in %s", checkpoint.path)
-        ddp_barrier()
+            ranked = self.find_checkpoints(ckpt_predicate=ckpt_predicate, **key)
+            candidates.update(ranked)
+            kept.update(ranked[:num_to_keep])
+        for checkpoint in candidates - kept:
+            trash = checkpoint.path.with_name(PARTIAL_PREFIX + checkpoint.path.name)
+            checkpoint.path.rename(trash)
+            shutil.rmtree(trash)
+            logger.log(verbosity, "Deleted checkpoint in %s", checkpoint.path)
 
     def _new_checkpoint_dirpath(self):
         path = super()._new_checkpoint_dirpath()
@@ -91,28 +146,74 @@ class AtomicCheckpointer(Checkpointer):
         return path.with_name(PARTIAL_PREFIX + path.name)
 
 
-@register_checkpoint_hooks
+def _rank_and_world_size() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _mps_available() -> bool:
+    return hasattr(torch, "mps") and torch.backends.mps.is_available()
+
+
+def _get_states() -> dict:
+    """This process's generator states (CUDA: the current device only)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+            "mps": torch.mps.get_rng_state() if _mps_available() else None}
+
+
+def _set_states(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])  # this process's device
+    if state.get("mps") is not None and _mps_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+@functools.partial(register_checkpoint_hooks, save_on_main_only=False)  # all gather; main writes
 class RandomState:
-    """The global random generators (Python, NumPy, torch CPU and CUDA) as a recoverable.
+    """The global random generators of every process (Python, NumPy, torch CPU, CUDA for the
+    process's device, MPS) as a recoverable.
 
     Masking, dropout and noise draw from them: restoring them with the model, optimizer and
     data position makes a resumed run continue with the draws the interrupted one would have
-    made. Under DDP the main process saves its own states (CUDA: its own device) and every rank
-    restores them.
+    made. Under DDP every process's states are gathered into one file (written by the main
+    process) and each process restores its own entry.
+
+    "Bit for bit" (a resumed run ends where an uninterrupted one ends) holds with the same world
+    size, the same devices (type, model, one per rank as before), the same software versions and
+    deterministic kernels. It does not hold when the world size changes (every process then
+    restores rank 0's states, with a warning), on other devices or versions, with
+    nondeterministic kernels (e.g. CUDA atomics, cuDNN autotuning), for the CUDA generators of
+    other devices than the current one, or for generators outside these (``torch.Generator``
+    objects, which their owners must checkpoint). Files written before per-process states hold
+    one state, which every process restores.
     """
 
     @mark_as_saver
-    def _save(self, path):
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None},
-                   path)
+    def _save(self, path: str | Path) -> None:
+        states = [_get_states()]
+        if not ddp_prevent_block():  # every process runs this saver, none inside run_on_main
+            states = [None] * _rank_and_world_size()[1]
+            torch.distributed.all_gather_object(states, _get_states())
+        if if_main_process():
+            torch.save({"ranks": states}, path)
 
     @mark_as_loader
-    def _load(self, path, end_of_epoch=False):
-        state = torch.load(path, weights_only=False)
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])  # this process's device
+    def _load(self, path: str | Path, end_of_epoch: bool = False) -> None:
+        saved = torch.load(path, weights_only=False)
+        if "ranks" not in saved:  # a file from before per-process states
+            _set_states(saved)
+            return
+        rank, world_size = _rank_and_world_size()
+        if len(saved["ranks"]) != world_size:
+            rank = 0
+            if if_main_process():
+                logger.warning("Random states saved by %d processes, restored in %d: every "
+                               "process takes rank 0's (not bit for bit)",
+                               len(saved["ranks"]), world_size)
+        _set_states(saved["ranks"][rank])

@@ -25,6 +25,9 @@ class CausalConformerEncoder(AttentionEncoder):
     dropout : dropout rate.
     context : default ``[left, right]`` context in encoder frames (see ``set_context``).
     layer_left_contexts : optional per-layer cap on the left context, see ``AttentionEncoder``.
+    activation_checkpointing : recompute each block in the backward pass when training (less
+        memory on long utterances, more compute; same outputs and gradients), see
+        ``StreamingEncoder``.
 
     Example
     -------
@@ -39,9 +42,11 @@ class CausalConformerEncoder(AttentionEncoder):
                  num_encoder_layers: int = 12, d_ffn: int = 576, kernel_size: int = 15,
                  subsampling_factor: int = 4, subsampling_conv_channels: int = 64,
                  dropout: float = 0.1, context: Context = (-1, -1),
-                 layer_left_contexts: Sequence[int] | None = None):
+                 layer_left_contexts: Sequence[int] | None = None,
+                 activation_checkpointing: bool = False):
         super().__init__(n_mels, d_model, num_encoder_layers, subsampling_factor,
-                         subsampling_conv_channels, dropout, layer_left_contexts)
+                         subsampling_conv_channels, dropout, layer_left_contexts,
+                         activation_checkpointing)
         self.layers.extend(
             MacaronBlock(d_model, d_ffn, kernel_size, dropout,
                          RotarySelfAttention(d_model, nhead, dropout))

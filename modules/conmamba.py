@@ -44,10 +44,10 @@ class ConMambaEncoder(StreamingEncoder):
     Arguments
     ---------
     n_mels, d_model, num_encoder_layers, d_ffn, kernel_size, subsampling_factor,
-    subsampling_conv_channels, dropout, context : as for the Conformer.
+    subsampling_conv_channels, dropout, context, activation_checkpointing : as for the Conformer.
     d_state, d_conv, expand : Mamba sizes.
     bidirectional : offline bidirectional variant.
-    scan_backend : "auto" | "compiled" | "chunked", see ``modules.mamba.Mamba``.
+    scan_backend : "auto" | "fused" | "compiled" | "chunked", see ``modules.mamba.Mamba``.
 
     Example
     -------
@@ -61,8 +61,10 @@ class ConMambaEncoder(StreamingEncoder):
                  d_ffn: int = 576, kernel_size: int = 15, subsampling_factor: int = 4,
                  subsampling_conv_channels: int = 64, dropout: float = 0.1,
                  context: Context = (-1, -1), d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, bidirectional: bool = False, scan_backend: str = "auto"):
-        super().__init__(n_mels, d_model, subsampling_factor, subsampling_conv_channels, dropout)
+                 expand: int = 2, bidirectional: bool = False, scan_backend: str = "auto",
+                 activation_checkpointing: bool = False):
+        super().__init__(n_mels, d_model, subsampling_factor, subsampling_conv_channels, dropout,
+                         activation_checkpointing)
         self.bidirectional = bidirectional
         mixer = BidirectionalMamba if bidirectional else Mamba
         self.layers.extend(

@@ -102,8 +102,10 @@ class ContextSampler:
     """Draws one streaming context per training batch, seeded and reproducible.
 
     The same draw is handed to the encoder's attention and to the masker (see
-    ``recipes/train.py``), so they never disagree; under DDP every process gets the main
-    process's draw.
+    ``recipes/train.py``), so they never disagree. Under DDP every process draws the main
+    process's context without any message per step: the samplers start from the same seed
+    (and the same checkpointed state) and draw once per training step; ``check_in_sync``
+    verifies it once per epoch.
 
     Arguments
     ---------
@@ -151,10 +153,22 @@ class ContextSampler:
         logger.info("Context sampler: %s", self.describe())
 
     def sample(self) -> Context:
-        """One context for the next batch (under DDP: the main process's draw, on every rank)."""
-        index = ddp_broadcast(int(torch.multinomial(self.probs, 1, generator=self.generator)))
+        """One context for the next batch (under DDP: the same on every rank, see the class)."""
+        index = int(torch.multinomial(self.probs, 1, generator=self.generator))  # CPU: no sync
         self.counts[index] += 1
         return self.contexts[index]
+
+    def check_in_sync(self) -> None:
+        """Under DDP, raises unless this process's sampler is in the main process's state (so
+        that it draws the same contexts); one broadcast. Nothing to check in a single process."""
+        if not torch.distributed.is_initialized():
+            return
+        state = self.generator.get_state()
+        if not torch.equal(ddp_broadcast(state), state):
+            raise RuntimeError(
+                f"the context sampler of rank {torch.distributed.get_rank()} is not in the main "
+                "process's state: every process must run with the same hparams seed and resume "
+                "from the same checkpoint")
 
     def describe(self, counts: Iterable[int] | None = None) -> str:
         """Every context in frames and seconds, with its probability (or draw count)."""

@@ -8,9 +8,11 @@ looks across frames besides the causal convolution; it implements
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .context import Context, validate_context
 from .layers import CausalConvolutionModule, FeedForward
@@ -76,11 +78,18 @@ class StreamingEncoder(torch.nn.Module):
 
     Subclasses fill ``self.layers`` and may refine ``check_context``, ``layer_contexts``,
     ``narrowest_context`` and ``check_streamable``.
+
+    ``activation_checkpointing``: in training with gradients enabled, ``forward`` keeps only each
+    block's input and recomputes the block in the backward pass (less memory on long utterances,
+    more compute); outputs and gradients are unchanged, dropout included (the RNG state is
+    replayed). Inference and ``forward_streaming`` never checkpoint.
     """
 
     def __init__(self, n_mels: int, d_model: int, subsampling_factor: int,
-                 subsampling_conv_channels: int, dropout: float):
+                 subsampling_conv_channels: int, dropout: float,
+                 activation_checkpointing: bool = False):
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         self.subsampling_factor = subsampling_factor
         self.d_model = d_model
         self.subsampling = CausalConvSubsampling(n_mels, d_model, subsampling_factor,
@@ -137,8 +146,17 @@ class StreamingEncoder(torch.nn.Module):
         if lengths is not None:
             enc_lengths = -(-abs_lengths // self.subsampling_factor)
             valid = torch.arange(x.shape[1], device=x.device)[None] < enc_lengths[:, None]
+        # Without a graph to build there are no activations to save: no recomputation.
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer, layer_context in zip(self.layers[:num_layers], self.layer_contexts(context)):
-            x = layer(x, layer_context, valid, enc_lengths, **options)
+            if recompute:
+                # Everything but x bound by partial, so that checkpoint's own keywords can never
+                # swallow an option; preserve_rng_state replays the dropout masks.
+                block = partial(layer, context=layer_context, valid=valid, lengths=enc_lengths,
+                                **options)
+                x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = layer(x, layer_context, valid, enc_lengths, **options)
         return x
 
     def check_streamable(self, context: Context, layer_contexts: list[Context]) -> None:
@@ -229,8 +247,9 @@ class AttentionEncoder(StreamingEncoder):
 
     def __init__(self, n_mels: int, d_model: int, num_encoder_layers: int,
                  subsampling_factor: int, subsampling_conv_channels: int, dropout: float,
-                 layer_left_contexts: Sequence[int] | None):
-        super().__init__(n_mels, d_model, subsampling_factor, subsampling_conv_channels, dropout)
+                 layer_left_contexts: Sequence[int] | None, activation_checkpointing: bool = False):
+        super().__init__(n_mels, d_model, subsampling_factor, subsampling_conv_channels, dropout,
+                         activation_checkpointing)
         if layer_left_contexts is not None and (
                 len(layer_left_contexts) != num_encoder_layers
                 or any(int(v) < 0 for v in layer_left_contexts)):

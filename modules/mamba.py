@@ -9,11 +9,18 @@ SSM inputs ``[chunk_start - left, t]`` and, through the causal ``conv1d``, on la
 ``[chunk_start - left - (d_conv - 1), t]``: never on the future (not even inside its chunk),
 and on a bounded past. ``left = -1``: one causal scan over all the past (its streaming state is
 still a fixed-size summary). The offline ``[-1, -1]`` of a unidirectional layer is that scan too.
+
+Scans: mamba-ssm's fused CUDA kernels where ``mamba-ssm`` and ``causal-conv1d`` import, else the
+compiled or chunked scan of ``modules.selective_scan`` (``Mamba``'s ``scan_backend``). Installed
+packages that do not import are not a silent fallback: one warning at import, the error kept in
+``FUSED_IMPORT_ERROR``, and ``scan_backend: fused`` refuses to run without them.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +31,56 @@ from .selective_scan import compiled_scan_available, selective_scan, window_corr
 
 logger = logging.getLogger(__name__)
 
-try:  # optional fused CUDA kernels
-    from causal_conv1d import causal_conv1d_fn
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-except (ImportError, OSError):  # not installed, or built for another CUDA / torch
-    causal_conv1d_fn = selective_scan_fn = None
+FUSED_PACKAGES = ("mamba_ssm", "causal_conv1d")
+FUSED_FIX = ("reinstall them against this torch ({}): "
+             "pip install --no-build-isolation -r requirements-cuda.txt")
+
+
+def _import_fused_kernels() -> tuple[Callable | None, Callable | None, str | None]:
+    """mamba-ssm's ``selective_scan_fn`` and causal-conv1d's ``causal_conv1d_fn``.
+
+    Returns
+    -------
+    scan_fn, conv_fn : the kernels, or None.
+    error : None if they imported or neither package is installed (the eager scans are then
+        the intended path); else the import error, also logged as a warning.
+    """
+    if all(importlib.util.find_spec(name) is None for name in FUSED_PACKAGES):
+        return None, None, None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    # any failure: a wheel built against another torch or CUDA (undefined symbol), a dependency
+    # (transformers) that moved what mamba-ssm imports, one of the two packages missing
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+        logger.warning("mamba-ssm / causal-conv1d are installed but do not import, so Mamba "
+                       "runs the slower eager scan: %s. To use the fused kernels, %s", message,
+                       FUSED_FIX.format(torch.__version__))
+        return None, None, message
+    return selective_scan_fn, causal_conv1d_fn, None
+
+
+selective_scan_fn, causal_conv1d_fn, FUSED_IMPORT_ERROR = _import_fused_kernels()
 
 _backend_logged = set()
-SCAN_BACKENDS = ("auto", "compiled", "chunked")
+SCAN_BACKENDS = ("auto", "fused", "compiled", "chunked")
 FUSED_DEVICE_TYPES = ("cuda",)  # where mamba-ssm's kernels run
 # Chunk-limited contexts on the fused kernel scan each chunk's window separately: (left + chunk)
 # / chunk times the frames of one full scan. Above this factor, the chunked scan and the window
 # correction are used instead.
 FUSED_MAX_WINDOW_FACTOR = 32
+
+
+def fused_kernels_error() -> str | None:
+    """Why mamba-ssm's kernels cannot run here (None: they can, on CUDA tensors)."""
+    if selective_scan_fn is not None and causal_conv1d_fn is not None:
+        return None
+    if FUSED_IMPORT_ERROR is not None:
+        return (f"mamba-ssm / causal-conv1d are installed but do not import "
+                f"({FUSED_IMPORT_ERROR}); {FUSED_FIX.format(torch.__version__)}")
+    return ("mamba-ssm / causal-conv1d are not installed: "
+            "pip install --no-build-isolation -r requirements-cuda.txt")
 
 
 def _log_backend_once(name: str) -> None:
@@ -112,9 +156,13 @@ class Mamba(torch.nn.Module):
     d_conv : causal depthwise convolution width.
     expand : inner dimension = ``expand * d_model``.
     dt_min, dt_max, dt_init_floor : initialization range of the step sizes.
-    scan_backend : "auto": mamba-ssm / causal-conv1d kernels on CUDA when installed (full scans
+    scan_backend : "auto": mamba-ssm / causal-conv1d kernels on CUDA when they import (scans
         from a zero state), else the compiled CPU scan where ``compiled_scan_available``, else
-        the chunked one; "compiled" or "chunked" force that scan (see ``modules.selective_scan``).
+        the chunked one; "fused": as "auto", but a RuntimeError (quoting the import error) where
+        the kernels cannot run: not importable, or not CUDA tensors (windows over
+        ``FUSED_MAX_WINDOW_FACTOR`` chunks and streaming from a carried state still take the
+        eager scan); "compiled" or "chunked" force that scan (see ``modules.selective_scan``).
+        ``backend_for`` says which one runs.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -126,6 +174,8 @@ class Mamba(torch.nn.Module):
         self.dt_rank = math.ceil(d_model / 16)
         if scan_backend not in SCAN_BACKENDS:
             raise ValueError(f"scan_backend must be one of {SCAN_BACKENDS}, got {scan_backend!r}")
+        if scan_backend == "fused" and fused_kernels_error():
+            raise RuntimeError(f"scan_backend 'fused': {fused_kernels_error()}")
         self.scan_backend = scan_backend
         self.in_proj = torch.nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv1d = torch.nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
@@ -142,27 +192,44 @@ class Mamba(torch.nn.Module):
         self.D = torch.nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = torch.nn.Linear(self.d_inner, d_model, bias=False)
 
-    def _fused_ok(self, x: torch.Tensor) -> bool:
-        return (self.scan_backend == "auto" and x.device.type in FUSED_DEVICE_TYPES
-                and selective_scan_fn is not None and causal_conv1d_fn is not None)
+    def backend_for(self, device: torch.device | str, context: Context = (-1, -1)) -> str:
+        """The scan that ``forward`` runs on ``device`` under ``context``: "fused" (mamba-ssm),
+        "compiled" or "chunked" (raises where ``scan_backend`` cannot run there)."""
+        left, right = context
+        if self._fused_ok(device) and (
+                left == -1 or left + right + 1 <= FUSED_MAX_WINDOW_FACTOR * (right + 1)):
+            _log_backend_once("mamba-ssm fused CUDA kernel" if left == -1 else
+                              "mamba-ssm fused CUDA kernel, one window per chunk")
+            return "fused"
+        return "compiled" if self._compiled(device) else "chunked"
 
-    def _compiled(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is scanned by the compiled CPU kernel (the choice is logged once)."""
+    def _fused_ok(self, device: torch.device | str) -> bool:
+        """Whether the fused kernels run on ``device`` (scans from a zero state)."""
+        device_type = torch.device(device).type  # without kernels, __init__ refused "fused"
+        if self.scan_backend == "fused" and device_type not in FUSED_DEVICE_TYPES:
+            raise RuntimeError(f"scan_backend 'fused' needs CUDA tensors (mamba-ssm's kernels), "
+                               f"got {device_type} tensors; use scan_backend: auto")
+        return (self.scan_backend in ("auto", "fused") and device_type in FUSED_DEVICE_TYPES
+                and fused_kernels_error() is None)
+
+    def _compiled(self, device: torch.device | str) -> bool:
+        """Whether ``device`` runs the compiled CPU kernel rather than the chunked scan, where
+        the fused kernels do not run (the choice is logged once)."""
         if self.scan_backend == "chunked" or (
-                self.scan_backend == "auto" and not compiled_scan_available(x.device)):
+                self.scan_backend != "compiled" and not compiled_scan_available(device)):
             _log_backend_once("chunked scan (eager PyTorch)")
             return False
-        if not compiled_scan_available(x.device):
+        if not compiled_scan_available(device):
             raise RuntimeError(f"scan_backend 'compiled' needs CPU tensors and a C++ compiler "
-                               f"(g++ or clang++, or set CXX); got {x.device.type} tensors. "
-                               "Use scan_backend: auto or chunked")
+                               f"(g++ or clang++, or set CXX); got {torch.device(device).type} "
+                               "tensors. Use scan_backend: auto or chunked")
         _log_backend_once("compiled CPU scan (modules/selective_scan_cpu.cpp)")
         return True
 
     def _conv(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise conv + SiLU over (B, T, d_inner); cache: previous d_conv - 1 frames."""
         x = x.transpose(1, 2)
-        if cache is None and self._fused_ok(x):
+        if cache is None and self._fused_ok(x.device):
             out = causal_conv1d_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                    activation="silu")
             # the zeros before the first frame too, when x is shorter than the cache
@@ -188,12 +255,11 @@ class Mamba(torch.nn.Module):
 
     def _scan(self, u, dt, B, C, initial_state=None):
         """Selective scan of (B, T, d_inner) from ``initial_state``: y and final state."""
-        if initial_state is None and self._fused_ok(u):
-            _log_backend_once("mamba-ssm fused CUDA kernel")
+        if initial_state is None and self.backend_for(u.device) == "fused":
             return _fused_scan(u, dt, self._A(), B, C, self.dt_proj.bias.float(),
                                return_last_state=True)
         return selective_scan(u, self._delta(dt), self._A(), B, C, initial_state,
-                              compiled=self._compiled(u))[:2]
+                              compiled=self._compiled(u.device))[:2]
 
     def forward(self, x: torch.Tensor, context: Context = (-1, -1), valid=None,
                 lengths=None) -> torch.Tensor:
@@ -206,18 +272,23 @@ class Mamba(torch.nn.Module):
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u = self._conv(u, None)[0]
         dt, B, C = self._ssm_inputs(u)
-        if left == -1:
-            y = self._scan(u, dt, B, C)[0]
-        elif self._fused_ok(u) and (left + right + 1) <= FUSED_MAX_WINDOW_FACTOR * (right + 1):
-            _log_backend_once("mamba-ssm fused CUDA kernel, one window per chunk")
+        backend = self.backend_for(u.device, context)
+        if backend == "fused" and left == -1:
+            y = _fused_scan(u, dt, self._A(), B, C, self.dt_proj.bias.float())
+        elif backend == "fused":
             y = _fused_windowed_scan(u, dt, self._A(), B, C, self.dt_proj.bias.float(), left,
                                      right + 1)
+        elif left == -1:
+            y = selective_scan(u, self._delta(dt), self._A(), B, C,
+                               compiled=backend == "compiled")[0]
         else:
-            y = self._windowed_scan(u, self._delta(dt), B, C, left, right + 1)
+            y = self._windowed_scan(u, self._delta(dt), B, C, left, right + 1,
+                                    compiled=backend == "compiled")
         y = y + u * self.D
         return self.out_proj(y * F.silu(z))
 
-    def _windowed_scan(self, u, delta, B, C, left: int, chunk: int) -> torch.Tensor:
+    def _windowed_scan(self, u, delta, B, C, left: int, chunk: int,
+                       compiled: bool) -> torch.Tensor:
         """Output of each chunk scanned from a zero state ``left`` frames before its start.
 
         One full causal scan does it: the state of a scan started after frame ``j`` is
@@ -225,22 +296,23 @@ class Mamba(torch.nn.Module):
         .. t])``, so ``y_t = C_t . h_t - C_t . Phi(t, j) h_j`` with ``j = chunk_start - left - 1``.
         ``span`` is summed over the window itself (at most ``left + chunk`` terms, not a running
         sum over the utterance), so it keeps full precision without float64 (which MPS lacks).
+        ``h_t`` and ``Phi h_j`` nearly cancel for slow decays: ``y`` is scanned in float32 (not
+        rounded to ``u``'s half precision under autocast) and rounded once, after the subtraction.
         """
         A = self._A()
         frames = u.shape[1]
         offset = (-left - 1) % chunk
-        compiled = self._compiled(u)
-        y, _, states = selective_scan(u, delta, A, B, C, state_stride=chunk, state_offset=offset,
-                                      compiled=compiled)
+        y, _, states = selective_scan(_at_least_float32(u), delta, A, B, C, state_stride=chunk,
+                                      state_offset=offset, compiled=compiled)
         start = -(-(left + 1) // chunk) * chunk  # the first chunk with frames before its window
         if start >= frames:
-            return y
+            return y.to(u.dtype)
         first_state = (start - left - 1 - offset) // chunk  # states are after offset + k chunk
         dtype = states.dtype
         span = _window_spans(delta.to(dtype), left, chunk, start)
         correction = window_correction(span, A.to(dtype), C[:, start:].to(dtype), states, chunk,
                                        first_state, compiled=compiled)
-        return torch.cat([y[:, :start], y[:, start:] - correction.to(y.dtype)], dim=1)
+        return torch.cat([y[:, :start], y[:, start:] - correction], dim=1).to(u.dtype)
 
     def forward_streaming(self, x: torch.Tensor, cache: dict, context: Context,
                           valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -119,7 +119,7 @@ class CausalBlockMasker(torch.nn.Module):
 
     @torch.no_grad()
     def draw(self, feats: torch.Tensor, lengths: torch.Tensor, context: Context | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Draws a mask.
 
         Arguments
@@ -128,6 +128,9 @@ class CausalBlockMasker(torch.nn.Module):
         lengths : (B,) true lengths in input frames; padding is never masked.
         context : the sampled ``[left, right]`` context (None: the fixed one).
         generator : random generator (on CPU), e.g. a fixed one for validation.
+        device : where the mask goes (None: ``feats``' device). Masks are drawn on the CPU; the
+            recipe keeps them there (``"cpu"``) for host-side counts and copies them itself.
+            Lengths on the CPU avoid a GPU sync.
 
         Returns
         -------
@@ -142,7 +145,8 @@ class CausalBlockMasker(torch.nn.Module):
         mask = self._keep_visible_in_window(mask, enc_lengths, context)
         input_mask = mask.repeat_interleave(s, dim=1)[:, :frames]
         valid = torch.arange(frames)[None, :] < lengths.cpu()[:, None]
-        return (input_mask & valid).to(feats.device)
+        return (input_mask & valid).to(feats.device if device is None else device,
+                                       non_blocking=True)
 
     def forward(self, feats: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:
         """Replaces masked input frames of (B, T, n_mels) ``feats`` by the mask embedding."""

@@ -43,7 +43,8 @@ class CausalTransformerEncoder(AttentionEncoder):
     Arguments
     ---------
     n_mels, d_model, nhead, num_encoder_layers, d_ffn, subsampling_factor,
-    subsampling_conv_channels, dropout, context, layer_left_contexts : as for the Conformer.
+    subsampling_conv_channels, dropout, context, layer_left_contexts, activation_checkpointing :
+        as for the Conformer.
 
     Example
     -------
@@ -56,9 +57,11 @@ class CausalTransformerEncoder(AttentionEncoder):
     def __init__(self, n_mels: int = 80, d_model: int = 144, nhead: int = 4,
                  num_encoder_layers: int = 12, d_ffn: int = 576, subsampling_factor: int = 4,
                  subsampling_conv_channels: int = 64, dropout: float = 0.1,
-                 context: Context = (-1, -1), layer_left_contexts: Sequence[int] | None = None):
+                 context: Context = (-1, -1), layer_left_contexts: Sequence[int] | None = None,
+                 activation_checkpointing: bool = False):
         super().__init__(n_mels, d_model, num_encoder_layers, subsampling_factor,
-                         subsampling_conv_channels, dropout, layer_left_contexts)
+                         subsampling_conv_channels, dropout, layer_left_contexts,
+                         activation_checkpointing)
         self.layers.extend(TransformerBlock(d_model, nhead, d_ffn, dropout)
                            for _ in range(num_encoder_layers))
         self.set_context(context)

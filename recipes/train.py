@@ -28,7 +28,7 @@ import speechbrain as sb
 import yaml
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.augment.time_domain import SpeedPerturb
-from speechbrain.dataio.sampler import DynamicBatchSampler
+from speechbrain.dataio.sampler import DynamicBatchSampler, ReproducibleRandomSampler
 from speechbrain.utils.distributed import (
     MainProcessContext,
     ddp_all_reduce,
@@ -60,7 +60,7 @@ from provenance import (  # noqa: E402
 from modules.checkpointing import RandomState  # noqa: E402
 from modules.context import describe_context, set_dynamic_context  # noqa: E402
 from modules.ctc import BeamTranscriber, ctc_loss, greedy_transcripts  # noqa: E402
-from modules.heads import masked_token_loss  # noqa: E402
+from modules.heads import masked_positions, masked_token_loss  # noqa: E402
 from modules.masker import encoder_frame_mask, masked_frame_counts  # noqa: E402
 from modules.schedulers import warmup_steps  # noqa: E402
 
@@ -79,8 +79,8 @@ class StreamingBrain(sb.Brain):
         self.stepping = {}  # {name: (schedule, optimizer)} of the step under way
         self.stage_start, self.stage_audio = time.time(), 0.0
         if self.debug and self.checkpointer is not None:
-            # --debug checkpoints go to a temporary folder made by each process: share the main
-            # one, so that every rank lists (and deletes) the same checkpoints.
+            # --debug checkpoints go to a temporary folder made by each process: use the main
+            # one's (every rank's savers write into the folder the main process makes).
             self.checkpointer.checkpoints_dir = ddp_broadcast(self.checkpointer.checkpoints_dir)
 
     def on_fit_start(self):
@@ -111,10 +111,14 @@ class StreamingBrain(sb.Brain):
         return {k: v.cpu() if torch.is_tensor(v) else v
                 for k, v in self.modules.normalize._statistics_dict().items()}
 
+    def frame_lengths(self, wav_lens: torch.Tensor, wav_samples: int) -> torch.Tensor:
+        """(B,) feature frames of each utterance, on ``wav_lens``' device: from the loader's CPU
+        copy, host-side lengths (for masks and CTC lengths) without waiting for the GPU."""
+        return self.hparams.compute_features.num_frames(torch.round(wav_lens * wav_samples).long())
+
     def compute_features(self, wavs, wav_lens, update_stats=False):
         """Waveforms -> globally normalized (B, T, n_mels) features and their lengths in frames."""
-        num_samples = torch.round(wav_lens * wavs.shape[1]).long()
-        frame_lengths = self.hparams.compute_features.num_frames(num_samples)
+        frame_lengths = self.frame_lengths(wav_lens, wavs.shape[1])
         feats = self.hparams.compute_features(wavs)
         # Statistics are only updated by the pass before training (epoch=None).
         epoch = None if update_stats else self.hparams.epoch_counter.current
@@ -150,6 +154,7 @@ class StreamingBrain(sb.Brain):
     def on_stage_start(self, stage, epoch=None):
         if stage == sb.Stage.TRAIN:  # the training stage's own time and audio, for throughput
             self.stage_start, self.stage_audio = time.time(), 0.0
+            self.hparams.context_sampler.check_in_sync()  # DDP: every rank draws alike
 
     def end_train_stage(self) -> None:
         """Wall time and audio seconds (all ranks) of the training stage, without validation.
@@ -203,7 +208,9 @@ class SSLBrain(StreamingBrain):
     """Masked-token prediction on a streaming encoder, one sampled context per batch."""
 
     def compute_forward(self, batch, stage):
-        batch = batch.to(self.device)
+        # Masks are drawn on the host, from the loader's CPU lengths: no GPU sync (issue 21).
+        host_lengths = self.frame_lengths(batch.sig[1], batch.sig[0].shape[1])
+        batch = batch.to(self.device, non_blocking=True)
         wavs, wav_lens = batch.sig
         feats, frame_lengths = self.compute_features(wavs, wav_lens)
         targets = self.modules.quantizer(feats)  # from clean features
@@ -215,28 +222,30 @@ class SSLBrain(StreamingBrain):
         generator = None if stage == sb.Stage.TRAIN else self.valid_generator
         # Same draw for both; with per-layer caps the masker respects the narrowest layer.
         window = self.hparams.encoder.narrowest_context(context)
-        input_mask = self.hparams.masker.draw(inputs, frame_lengths, window, generator=generator)
+        host_mask = self.hparams.masker.draw(inputs, host_lengths, window, generator=generator,
+                                             device="cpu")
+        input_mask = host_mask.to(self.device, non_blocking=True)
         encoded = self.modules.encoder(self.modules.masker(inputs, input_mask),
                                        frame_lengths / feats.shape[1], context)
         logits = self.modules.heads(encoded)
         s = self.hparams.subsampling_factor
-        frame_mask = encoder_frame_mask(input_mask, s)
-        self.mask_counts += masked_frame_counts(frame_mask, -(-frame_lengths // s), window)
+        frame_mask = encoder_frame_mask(host_mask, s)  # (B, T / s) on the CPU
+        self.mask_counts += masked_frame_counts(frame_mask, -(-host_lengths // s), window)
         return logits, targets, frame_mask
 
     def compute_objectives(self, predictions, batch, stage):
         logits, targets, frame_mask = predictions
-        if not frame_mask.any():
+        if not frame_mask.any():  # a host-side mask: no GPU sync
             # Utterances too short to mask anything: contribute nothing, but stay finite.
             self.empty_batches += 1
             return logits.sum() * 0.0
-        loss = masked_token_loss(logits, targets, frame_mask)
-        with torch.no_grad():
-            masked_targets = targets[frame_mask]  # (N, books)
-            self.correct += (logits[frame_mask].argmax(-1) == masked_targets).sum(0).cpu()
-            for book in range(self.num_books):
-                self.code_counts[book] += torch.bincount(
-                    masked_targets[:, book].cpu(), minlength=self.hparams.num_classes)
+        index = masked_positions(frame_mask, logits.device)
+        loss = masked_token_loss(logits, targets, index)
+        with torch.no_grad():  # counted on the device, read once per stage
+            masked_targets = targets.flatten(0, 1).index_select(0, index)  # (N, books)
+            predicted = logits.flatten(0, 1).index_select(0, index).argmax(-1)
+            self.correct += (predicted == masked_targets).sum(0)
+            self.code_counts.scatter_add_(1, masked_targets.T, torch.ones_like(masked_targets.T))
         return loss
 
     def lr_schedules(self) -> dict:
@@ -245,10 +254,11 @@ class SSLBrain(StreamingBrain):
     def on_stage_start(self, stage, epoch=None):
         super().on_stage_start(stage, epoch)
         self.num_books = self.hparams.num_books
-        self.correct = torch.zeros(self.num_books, dtype=torch.long)
-        self.mask_counts = torch.zeros(3, dtype=torch.long)  # see masked_frame_counts
+        self.correct = torch.zeros(self.num_books, dtype=torch.long, device=self.device)
+        self.mask_counts = torch.zeros(3, dtype=torch.long)  # see masked_frame_counts (host)
         self.empty_batches = 0
-        self.code_counts = torch.zeros(self.num_books, self.hparams.num_classes, dtype=torch.long)
+        self.code_counts = torch.zeros(self.num_books, self.hparams.num_classes, dtype=torch.long,
+                                       device=self.device)
         if stage != sb.Stage.TRAIN:
             set_dynamic_context(self.modules, self.hparams.valid_context,
                                 self.hparams.context_presets)
@@ -276,8 +286,9 @@ class SSLBrain(StreamingBrain):
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:  # each rank saw its own shard: sum the counts
-            counts = torch.cat([self.correct, self.mask_counts, torch.tensor([self.empty_batches]),
-                                self.code_counts.flatten()]).to(self.device)
+            counts = torch.cat([self.correct, self.mask_counts.to(self.device),
+                                torch.tensor([self.empty_batches], device=self.device),
+                                self.code_counts.flatten()])
             counts = ddp_all_reduce(counts, torch.distributed.ReduceOp.SUM).cpu()
             self.correct, self.mask_counts, empty, codes = counts.split(
                 [self.num_books, 3, 1, self.code_counts.numel()])
@@ -301,8 +312,13 @@ class CTCBrain(StreamingBrain):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.hparams.freeze_encoder:  # before fit() wraps modules in DDP: a frozen one is not
-            self.hparams.encoder.requires_grad_(False)
+        encoder, probe_layer = self.hparams.encoder, self.hparams.probe_layer
+        # Before fit() wraps modules in DDP, which needs a gradient for every trainable
+        # parameter: a frozen encoder is not wrapped, and a probe trains no layer above its own.
+        if self.hparams.freeze_encoder:
+            encoder.requires_grad_(False)
+        elif probe_layer is not None:
+            encoder.layers[probe_layer:].requires_grad_(False)
         speeds = self.hparams.speed_perturb
         self.speed_perturb = SpeedPerturb(self.hparams.sample_rate, list(speeds)) if speeds else None
         self.head_only_steps = 0
@@ -343,12 +359,13 @@ class CTCBrain(StreamingBrain):
         self.optimizers_dict = {"head": self.hparams.head_optimizer(self.hparams.ctc_head.parameters())}
         if not self.hparams.freeze_encoder:
             self.optimizers_dict["encoder"] = self.hparams.encoder_optimizer(
-                self.hparams.encoder.parameters())
+                [p for p in self.hparams.encoder.parameters() if p.requires_grad])
         for name, optimizer in self.optimizers_dict.items():
             self.checkpointer.add_recoverable(f"{name}_optimizer", optimizer)
 
     def compute_forward(self, batch, stage):
-        batch = batch.to(self.device)
+        host_wav_lens = batch.sig[1]  # the loader's CPU copy: CTC lengths without a GPU sync
+        batch = batch.to(self.device, non_blocking=True)
         wavs, wav_lens = batch.sig
         training = stage == sb.Stage.TRAIN
         if training and self.speed_perturb is not None:
@@ -363,12 +380,14 @@ class CTCBrain(StreamingBrain):
             encoded = self.modules.encoder(feats, lengths, self.training_context(stage),
                                            num_layers=self.hparams.probe_layer)
         log_probs = self.modules.ctc_head(encoded).log_softmax(-1)
-        enc_lengths = -(-frame_lengths // self.hparams.subsampling_factor) / encoded.shape[1]
+        host_frames = self.frame_lengths(host_wav_lens, wavs.shape[1])
+        enc_lengths = -(-host_frames // self.hparams.subsampling_factor) / encoded.shape[1]
         return log_probs, enc_lengths
 
     def compute_objectives(self, predictions, batch, stage):
-        log_probs, enc_lengths = predictions
-        tokens, token_lengths = batch.tokens
+        log_probs, enc_lengths = predictions  # lengths on the CPU, where CTC reads them
+        tokens, token_lengths = batch.tokens  # the CPU batch
+        tokens = tokens.to(log_probs.device, non_blocking=True)
         loss = ctc_loss(log_probs, tokens, enc_lengths, token_lengths)
         if stage != sb.Stage.TRAIN:
             words = [text.split() for text in self.decode(log_probs, enc_lengths, stage)]
@@ -472,6 +491,40 @@ def dataio_prepare(hparams: dict) -> dict:
     return datasets
 
 
+def make_train_loader(brain: sb.Brain, train_set, hparams: dict):
+    """The training DataLoader, its order drawn from ``seed`` and new every epoch.
+
+    Shuffling uses a ``ReproducibleRandomSampler`` and dynamic batching (``dynamic_batching``) a
+    ``DynamicBatchSampler``, both seeded with ``seed``: a sampler draws its order from
+    ``seed + epoch`` when ``set_epoch`` is called. SpeechBrain calls it on
+    ``brain.train_sampler`` before each epoch but, in a single process, sets that attribute only
+    for the sampler it makes itself (not for a batch sampler), so it is set here: otherwise every
+    epoch would repeat the first one's batches. Under DDP SpeechBrain wraps the sampler (the
+    wrapper passes ``set_epoch`` on). A resumed run regenerates its epoch's order and skips the
+    batches already done (the loader's position is checkpointed).
+    """
+    seed = hparams["seed"]
+    if hparams["dynamic_batching"]:
+        sampler = DynamicBatchSampler(
+            train_set, max_batch_length=hparams["max_batch_length"], num_buckets=20,
+            length_func=lambda item: float(item["duration"]), shuffle=True, seed=seed)
+        options = {"num_workers": hparams["num_workers"], "batch_sampler": sampler}
+    else:
+        options = dict(hparams["train_dataloader_opts"])
+        sampler = None
+        if options.pop("shuffle", False):
+            sampler = options["sampler"] = ReproducibleRandomSampler(train_set, seed=seed)
+    # The loader's own generator: starting an epoch draws a seed from it (for its workers), not
+    # from the global generator that masks and dropout use (restored with checkpoints), so a run
+    # resumed in the middle of an epoch makes the same draws as an uninterrupted one.
+    options["generator"] = torch.Generator().manual_seed(seed)
+    options["pin_memory"] = str(brain.device).startswith("cuda")  # copies that do not block
+    loader = brain.make_dataloader(train_set, sb.Stage.TRAIN, **options)
+    if brain.train_sampler is None:
+        brain.train_sampler = sampler
+    return loader
+
+
 def load_pretrained_ssl(hparams: dict, ssl_folder: str) -> None:
     """Loads the encoder and the feature statistics of the best SSL checkpoint (Pretrainer)."""
     checkpoint = best_ssl_checkpoint(ssl_folder)
@@ -508,7 +561,21 @@ def parse_command_line(argv: list[str]) -> tuple[str, object, dict]:
     merged = yaml.safe_load(preset_file.read_text())
     merged.update(yaml.safe_load(overrides) or {})
     logger.info("Device preset %s: %s", preset, preset_file)
-    return hparams_file, resolve_device(run_opts, merged), merged
+    run_opts = resolve_device(run_opts, merged)
+    if "precision" not in run_opts.overridden_args:  # --precision is taken as given
+        merged["precision"] = native_precision(merged.get("precision"), run_opts.device)
+    return hparams_file, run_opts, merged
+
+
+def native_precision(precision: str | None, device: str) -> str | None:
+    """``precision``, except bf16 on a CUDA GPU without native bf16 (V100, T4: emulated, slow):
+    fp16 there, which SpeechBrain trains with a GradScaler."""
+    if (precision == "bf16" and str(device).startswith("cuda") and torch.cuda.is_available()
+            and not torch.cuda.is_bf16_supported(including_emulation=False)):
+        logger.warning("%s has no native bf16: training in fp16 with gradient scaling "
+                       "(--precision bf16 forces bf16)", torch.cuda.get_device_name(device))
+        return "fp16"
+    return precision
 
 
 def resolve_device(run_opts, overrides: dict):
@@ -600,18 +667,7 @@ def main(argv: list[str]) -> dict | None:
                                     hparams=hparams, run_opts=run_opts,
                                     checkpointer=hparams["checkpointer"])
     brain.train_set = datasets["train"]
-    train_opts = hparams["train_dataloader_opts"]
-    if hparams["dynamic_batching"]:
-        train_opts = {"num_workers": hparams["num_workers"],
-                      "batch_sampler": DynamicBatchSampler(
-                          datasets["train"], max_batch_length=hparams["max_batch_length"],
-                          num_buckets=20, length_func=lambda item: float(item["duration"]),
-                          shuffle=True)}
-    # The loader's own generator: starting an epoch draws a seed from it, not from the global
-    # generator that masks and dropout use (restored with checkpoints), so a run resumed in the
-    # middle of an epoch makes the same draws as an uninterrupted one.
-    train_opts = {**train_opts, "generator": torch.Generator().manual_seed(hparams["seed"])}
-    train_loader = brain.make_dataloader(datasets["train"], sb.Stage.TRAIN, **train_opts)
+    train_loader = make_train_loader(brain, datasets["train"], hparams)
     if hparams["task"] == "ctc":
         brain.plan_schedule(len(train_loader) // hparams["grad_accumulation_factor"])
     start = time.time()

@@ -1,5 +1,5 @@
-"""The GPU check and the throughput benchmark run end to end (on the CPU, tiny models): their
-JSON contract, not their timings."""
+"""The GPU check and the throughput and activation checkpointing benchmarks run end to end (on
+the CPU, tiny models): their JSON contract, not their timings."""
 import json
 import subprocess
 import sys
@@ -25,6 +25,10 @@ def test_gpu_check_script_runs_its_checks():
     assert {r["context"] for r in steps} == {"very_low", "low", "medium", "high", "unlimited"}
     assert all(len(r["losses"]) == 3 and r["step_seconds"] > 0 for r in steps)
     assert [r["seconds_per_utterance"] for r in report["steps"]["scaling"]] == [2, 4, 2, 4]
+    assert report["precision"] == "bf16" and report["streaming"]["tf32"] is False
+    assert report["windowed_bf16"]["passed"] and report["dynamic_batches"]["epochs_differ"]
+    assert report["kill_resume"]["bit_for_bit"]  # on the CPU, deterministic kernels
+    assert "skipped" in report["two_processes"] and "skipped" in report["syncs"]
 
 
 def test_throughput_rows():
@@ -37,3 +41,16 @@ def test_throughput_rows():
         ("conmamba", "very_low"), ("conmamba", "unlimited")]
     assert all(r["audio_seconds_per_second"] > 0 and r["batch_audio_seconds"] >= 6
                for r in report["rows"])
+
+
+def test_activation_checkpointing_rows():
+    run = subprocess.run([sys.executable, "benchmarks/activation_checkpointing.py", "--quick",
+                          "--encoders", "conformer", "--seconds", "2", "--repeats", "1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    assert [(r["encoder"], r["seconds"]) for r in rows] == [("conformer", 2)]
+    row = rows[0]
+    assert row["step_seconds_off"] > 0 and row["step_seconds_on"] > 0
+    assert row["peak_mib_off"] > 0 and row["peak_mib_on"] > 0
+    assert abs(row["time_ratio"] * row["step_seconds_off"] / row["step_seconds_on"] - 1) < 0.02

@@ -65,23 +65,40 @@ def test_torchrun_ctc_train_valid_and_test_on_averaged_checkpoints(tmp_path):
     assert (tmp_path / "out" / "save" / "tokenizer" / "26_char.model").is_file()
 
 
-def _draw_contexts(rank: int, init_file: str, queue) -> None:
-    """One gloo process: a sampler seeded with its own rank draws 30 contexts."""
+def test_torchrun_ctc_probe_of_a_trained_encoder(tmp_path):
+    """``--probe_layer 1`` of a 2-layer encoder that trains: the layer above gets no gradient,
+    which DDP refuses at the second step unless that layer is frozen (it is)."""
+    tiny = [a for a in CTC_TINY]
+    tiny[tiny.index("--num_encoder_layers") + 1] = "2"
+    run = torchrun(tmp_path, "CTC/conformer_small.yaml", *tiny, "--number_of_epochs", "1",
+                   "--probe_layer", "1", "--head_only_fraction", "0.0", "--batch_size", "2",
+                   "--test_csv", slice_csv("test", 2, tmp_path / "test.csv"))
+    (summary,) = summary_lines(run)
+    assert summary["world_size"] == 2 and summary["epochs"] == 1
+
+
+def _draw_contexts(rank: int, init_file: str, seeds: list[int], queue) -> None:
+    """One gloo process: a sampler seeded with ``seeds[rank]`` checks that it is in step with
+    the main process's, then draws 30 contexts (no message per draw)."""
     import os
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=2)
-    sampler = ContextSampler([[8, 0], [16, 1], [32, 3], [64, 7]], seed=rank)
-    queue.put((rank, [sampler.sample() for _ in range(30)]))
+    sampler = ContextSampler([[8, 0], [16, 1], [32, 3], [64, 7]], seed=seeds[rank])
+    try:
+        sampler.check_in_sync()
+        queue.put((rank, [sampler.sample() for _ in range(30)]))
+    except RuntimeError as error:
+        queue.put((rank, str(error)))
     torch.distributed.destroy_process_group()
 
 
-def test_every_rank_trains_with_the_main_process_draw(tmp_path):
-    """Samplers seeded differently on purpose: each step, both ranks use rank 0's draw."""
+def _spawn_samplers(tmp_path, seeds):
     context = mp.get_context("spawn")
     queue = context.Queue()
-    processes = [context.Process(target=_draw_contexts, args=(rank, str(tmp_path / "init"), queue))
+    processes = [context.Process(target=_draw_contexts,
+                                 args=(rank, str(tmp_path / "init"), seeds, queue))
                  for rank in range(2)]
     for process in processes:
         process.start()
@@ -89,9 +106,19 @@ def test_every_rank_trains_with_the_main_process_draw(tmp_path):
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
-    main = ContextSampler([[8, 0], [16, 1], [32, 3], [64, 7]], seed=0)
+    return draws
+
+
+def test_every_rank_draws_the_main_process_contexts(tmp_path):
+    """Same seed on every rank (as the recipes load it): the same draws, without a broadcast per
+    step; a rank whose sampler is out of step is refused before it trains."""
+    draws = _spawn_samplers(tmp_path, [5, 5])
+    main = ContextSampler([[8, 0], [16, 1], [32, 3], [64, 7]], seed=5)
     assert draws[0] == draws[1] == [main.sample() for _ in range(30)]
     assert len(set(draws[1])) > 1
+    (tmp_path / "other").mkdir()
+    draws = _spawn_samplers(tmp_path / "other", [5, 6])
+    assert isinstance(draws[1], str) and "rank 1" in draws[1] and "same hparams seed" in draws[1]
 
 
 @pytest.mark.parametrize("device, local_rank, expected", [
@@ -131,3 +158,20 @@ def test_data_pipelines_load_in_spawned_workers(tmp_path):
     assert spawned.id == local.id and spawned.wrd == local.wrd
     for key in ("sig", "tokens"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(spawned, key), getattr(local, key)))
+
+
+@pytest.mark.parametrize("native_bf16, argv, expected", [
+    (True, [], "bf16"), (False, [], "fp16"), (False, ["--precision", "bf16"], "bf16")])
+def test_cuda_preset_takes_fp16_where_bf16_is_not_native(monkeypatch, native_bf16, argv, expected):
+    """V100 / T4: the preset's bf16 becomes fp16 (SpeechBrain then scales the gradients);
+    an explicit --precision is kept."""
+    from train import parse_command_line
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    _, run_opts, overrides = parse_command_line(
+        ["hparams/SSL/conformer.yaml", "--device_preset", "cuda", *argv])
+    precision = run_opts.precision if argv else overrides["precision"]
+    assert precision == expected and run_opts.device == "cuda:0"

@@ -1,10 +1,19 @@
-"""Selective scan, Mamba layer (mamba-ssm layout and reference), ConMamba guarantees 1-3 and 5."""
+"""Selective scan, Mamba layer (mamba-ssm layout and reference, fused kernels that do not
+import, bf16 windows), ConMamba guarantees 1-3 and 5."""
+import importlib
+import importlib.abc
+import importlib.util
+import logging
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fake_mamba_kernels as fake
+from conftest import ROOT
+from modules import mamba as mamba_module
 from modules.conmamba import ConMambaEncoder
 from modules.mamba import Mamba
 from modules import selective_scan as scan_module
@@ -220,7 +229,103 @@ def test_mamba_layer_compiled_scan_equals_chunked():
     with torch.no_grad():  # no states saved for a backward pass
         assert (compiled(x, (6, 1)) - chunked(x, (6, 1))).abs().max() < 1e-10
     with pytest.raises(ValueError, match="scan_backend must be one of"):
+        Mamba(d_model=8, scan_backend="cuda")
+
+
+UNDEFINED_SYMBOL = ("selective_scan_cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: "
+                    "_ZN3c104cuda9SetDeviceEi")
+
+
+class BrokenKernels(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """mamba-ssm and causal-conv1d as wheels built against another torch: found, not loadable."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in mamba_module.FUSED_PACKAGES:
+            return importlib.util.spec_from_loader(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise ImportError(UNDEFINED_SYMBOL)
+
+
+def import_kernels(monkeypatch) -> str | None:
+    """Re-run ``modules.mamba``'s import of the kernels; returns its error."""
+    kernels = mamba_module._import_fused_kernels()
+    for name, value in zip(("selective_scan_fn", "causal_conv1d_fn", "FUSED_IMPORT_ERROR"),
+                           kernels):
+        monkeypatch.setattr(mamba_module, name, value)
+    return kernels[2]
+
+
+def check_fused_on_cpu(monkeypatch) -> dict:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("gpu_check").check_fused("cpu", quick=True)
+
+
+def test_installed_kernels_that_do_not_import_are_reported(monkeypatch, caplog):
+    monkeypatch.setattr(sys, "meta_path", [BrokenKernels(), *sys.meta_path])
+    with caplog.at_level(logging.WARNING, logger="modules.mamba"):
+        error = import_kernels(monkeypatch)
+    assert error == f"ImportError: {UNDEFINED_SYMBOL}" and mamba_module.selective_scan_fn is None
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert UNDEFINED_SYMBOL in warning and "pip install --no-build-isolation" in warning
+    with pytest.raises(RuntimeError, match="scan_backend 'fused': .*undefined symbol"):
         Mamba(d_model=8, scan_backend="fused")
+    layer = Mamba(d_model=8)
+    assert layer.backend_for("cuda") == layer.backend_for("cpu") == "chunked"  # auto: eager scan
+    report = check_fused_on_cpu(monkeypatch)
+    assert not report["passed"] and report["backend"] == "chunked"
+    assert UNDEFINED_SYMBOL in report["error"]
+
+
+def test_kernels_not_installed_are_a_labelled_skip(monkeypatch, caplog):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: (
+        None if name in mamba_module.FUSED_PACKAGES else find_spec(name, package)))
+    assert import_kernels(monkeypatch) is None and not caplog.records
+    with pytest.raises(RuntimeError, match="scan_backend 'fused': .* not installed"):
+        Mamba(d_model=8, scan_backend="fused")
+    report = check_fused_on_cpu(monkeypatch)
+    assert report["passed"] and "not installed" in report["skipped"]
+    assert report["backend"] == "chunked"
+
+
+def test_fused_backend_needs_the_kernels_device(monkeypatch):
+    monkeypatch.setattr(mamba_module, "selective_scan_fn", fake.selective_scan_fn)
+    monkeypatch.setattr(mamba_module, "causal_conv1d_fn", fake.causal_conv1d_fn)
+    layer = Mamba(d_model=8, d_state=4, scan_backend="fused")
+    x = torch.randn(1, 45, 8)
+    with pytest.raises(RuntimeError, match=r"needs CUDA tensors \(mamba-ssm's kernels\), got cpu"):
+        layer(x)
+    monkeypatch.setattr(mamba_module, "FUSED_DEVICE_TYPES", ("cpu",))  # the stand-ins run here
+    fake.calls.update(scan=0, conv=0)
+    auto = Mamba(d_model=8, d_state=4)
+    auto.load_state_dict(layer.state_dict())
+    assert [layer.backend_for("cpu", c) for c in [(-1, -1), (8, 0), (40, 0)]] == [
+        "fused", "fused", "chunked"]  # a window of 41 chunks: the window correction
+    assert torch.equal(layer(x, (8, 0)), auto(x, (8, 0))) and fake.calls["scan"] > 0
+
+
+@pytest.mark.parametrize("context", [(8, 3), (16, 3)])
+def test_windowed_scan_under_bf16_autocast_subtracts_in_float32(context):
+    """A window is a full scan minus the state carried into it: on long utterances with slow
+    decays, two nearly equal numbers, subtracted in float32 before bf16 rounds the result (in
+    bf16, errors several times those of the unlimited context's scan)."""
+    layer = Mamba(d_model=16, d_state=8, dt_min=1e-4, dt_max=1e-3)  # long memory
+    with torch.no_grad():
+        layer.D.zero_()  # the output is the scan's, not the skip connection's
+    x = torch.randn(1, 400, 16)
+    errors = []
+    for c in [(-1, -1), context]:
+        with torch.no_grad():
+            expected = layer(x, c)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = layer(x, c)
+        errors.append(float((got.float() - expected).abs().max() / expected.abs().max()))
+    assert errors[1] < 1.5 * errors[0], errors
 
 
 def tiny_conmamba(**kwargs):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from modules.context import ContextSampler
-from modules.heads import masked_token_loss
+from modules.heads import masked_positions, masked_token_loss
 from modules.masker import CausalBlockMasker, encoder_frame_mask, masked_frame_counts
 
 PRESETS = {"very_low": [8, 0], "low": [16, 1], "medium": [32, 3], "high": [64, 7],
@@ -97,10 +97,12 @@ def test_loss_uses_masked_frames_only():
     targets = torch.randint(0, 10, (2, 6, 2))
     frame_mask = torch.zeros(2, 6, dtype=torch.bool)
     frame_mask[0, 1], frame_mask[1, 4] = True, True
-    loss = masked_token_loss(logits, targets, frame_mask)
+    positions = masked_positions(frame_mask, logits.device)
+    assert positions.tolist() == [1, 10]
+    loss = masked_token_loss(logits, targets, positions)
     changed = logits.clone()
     changed[~frame_mask] = torch.randn_like(changed[~frame_mask]) * 100
-    assert torch.allclose(loss, masked_token_loss(changed, targets, frame_mask))
+    assert torch.allclose(loss, masked_token_loss(changed, targets, positions))
     expected = torch.nn.functional.cross_entropy(
         torch.cat([logits[0, 1], logits[1, 4]]), torch.cat([targets[0, 1], targets[1, 4]]))
     assert torch.allclose(loss, expected)
