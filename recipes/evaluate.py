@@ -3,19 +3,25 @@
 
 Usage::
 
-    python recipes/evaluate.py hparams/CTC/conformer_small.yaml --output_folder <trained folder> \\
-        --test_csv data/espeak_corpus/test.csv --context medium [--context low ... | all] \\
-        [--streaming] [--device cuda] [--batch_size 16] [--data_folder <$data_root>] \\
-        [--utterances hyps.jsonl] [--any_training_override value ...]
+    python recipes/evaluate.py <run folder> --test_csv data/espeak_corpus/test.csv \\
+        [--context medium] [--context low ... | --context all] [--streaming] [--device cuda] \\
+        [--batch_size 16] [--data_folder <$data_root>] [--output_folder <folder>]
 
-Utterances are decoded in batches of similar length (greedy CTC). ``--streaming`` encodes each
-batch chunk by chunk, every utterance its own stream (the features of the whole file equal
-those of ``FbankStream``, tested), which gives the offline outputs of the same context.
+``<run folder>`` is the ``--output_folder`` of a ``recipes/train.py`` CTC run (or its
+``hyperparams.yaml``); a copy of it works from any directory. Utterances are decoded in batches
+of similar length (greedy CTC). ``--streaming`` encodes each batch chunk by chunk, every
+utterance its own stream, which gives the offline outputs of the same context.
 
-The last stdout line is one JSON object: ``wer``, ``cer`` (percent, SpeechBrain's
-ErrorRateStats), ``context``, ``audio_seconds``, ``rtf`` (compute seconds per audio second over
-the set, batched) for one context; with several, a list of those under ``results`` and the paths
-of the written table (markdown + CSV) and plot of WER against latency.
+References and hypotheses are scored as the tokenizer was trained (its letter case, single
+spaces); characters the tokenizer never saw are reported once. Every audio file is checked
+before decoding, and all the bad ones are listed.
+
+Written to ``--output_folder`` (default: the run folder), named after the test set and the
+options, e.g. ``eval_test_all_streaming``: ``.md`` and ``.csv`` tables, a ``.png`` plot of CER
+and WER against latency, and ``.jsonl`` hypotheses (one line per context and utterance: id,
+ref, hyp, cer, wer and the edits). The last stdout line is one JSON object: ``wer``, ``cer``
+(percent, SpeechBrain's ErrorRateStats), ``context``, ``audio_seconds``, ``rtf`` for one
+context, or a list of those under ``results`` for several, and the paths of the files.
 """
 from __future__ import annotations
 
@@ -23,27 +29,100 @@ import argparse
 import csv
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import yaml
+import speechbrain as sb
 from speechbrain.utils.data_utils import batch_pad_right
 from speechbrain.utils.metric_stats import ErrorRateStats
 
-from dataio import dataset_from_manifest, load_audio
-from inference import Recognizer, default_device, run_cli
+from cli import RecipeParser, note, run_cli, warn
+from dataio import check_manifest, load_audio, nemo_manifest_to_csv
+from eval_outputs import output_stem, write_outputs
+from inference import Recognizer, default_device
 from modules.context import describe_context
+from run_folder import find_run_folder, is_run_folder
+
+REQUIRED_COLUMNS = ("ID", "wav", "wrd")
+QUOTES = "'\""  # around the text of a KeyError
 
 
-def decode_set(recognizer: Recognizer, dataset, context, streaming: bool,
+def read_manifest(path: str | Path, data_folder: str | Path) -> list[dict]:
+    """The utterances of a SpeechBrain CSV or NeMo JSON manifest (``$data_root`` replaced),
+    as ``{"id", "wav", "wrd", "duration"}``; a malformed manifest: one line naming the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--test_csv {path}: no such file; see README.md for data "
+                                "preparation")
+    with tempfile.TemporaryDirectory() as work:
+        if path.suffix in (".json", ".jsonl"):
+            csv_path = nemo_manifest_to_csv(path, Path(work) / f"{path.stem}.csv")
+        else:
+            csv_path = path
+            check_columns(path, data_folder)
+        try:
+            rows = sb.dataio.dataio.load_data_csv(str(csv_path), {"data_root": str(data_folder)})
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{path}: {str(error).strip(QUOTES)}") from None
+    if not rows:
+        raise ValueError(f"{path} has a header but no utterances; add one row per utterance")
+    untranscribed = [key for key, row in rows.items() if not row["wrd"].strip()]
+    if untranscribed:
+        raise ValueError(f"{path}: {len(untranscribed)} utterance(s) without a reference "
+                         f"transcript (wrd), e.g. {untranscribed[0]}; fill them in or remove them")
+    return [{"id": key, "wav": row["wav"], "wrd": row["wrd"],
+             "duration": float(row.get("duration") or 0.0)} for key, row in rows.items()]
+
+
+def check_columns(path: Path, data_folder: str | Path) -> None:
+    """A CSV with the columns the evaluation reads (``ID``, ``wav``, ``wrd``), and a data
+    folder for its ``$data_root`` paths."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), None)
+        uses_data_root = "$data_root" in f.read()
+    if uses_data_root and not Path(data_folder).is_dir():
+        raise ValueError(f"{path}: its paths start with $data_root, and the data folder "
+                         f"{data_folder} does not exist here; pass --data_folder <the folder "
+                         "holding the audio>")
+    expected = "ID,duration,wav,spk_id,wrd"
+    if not header:
+        raise ValueError(f"{path} is empty; a test CSV has the header {expected} and one row "
+                         "per utterance")
+    missing = [column for column in REQUIRED_COLUMNS if column not in header]
+    if missing:
+        raise ValueError(f"{path}: no {' or '.join(missing)} column (it has {','.join(header)}); "
+                         f"a test CSV has the header {expected}, wrd being the reference text")
+
+
+def check_audio(items: list[dict], name: str, sample_rate: int, min_samples: int) -> None:
+    """Every file readable, at the model's rate, mono and long enough; all bad ones listed."""
+    rows = {item["id"]: {"wav": item["wav"]} for item in items}
+    check_manifest(sb.dataio.dataset.DynamicItemDataset(rows), name, sample_rate, min_samples)
+
+
+def report_references(recognizer: Recognizer, items: list[dict], name: str) -> None:
+    """Says once how references are normalized, and which characters the model cannot output."""
+    normalizer = recognizer.text_normalizer
+    if normalizer.case and any(normalizer(item["wrd"]) != " ".join(item["wrd"].split())
+                               for item in items):
+        note(f"{name}: references scored in {normalizer.case}case, as the tokenizer was trained")
+    unknown = normalizer.unknown_characters(item["wrd"] for item in items)
+    if unknown:
+        warn(f"{name}: the references hold {len(unknown)} character(s) the tokenizer never saw "
+             f"({' '.join(map(repr, unknown))}); the model cannot output them, so each counts "
+             "as an error")
+
+
+def decode_set(recognizer: Recognizer, items: list[dict], context, streaming: bool,
                batch_size: int = 8) -> dict:
-    """WER / CER (percent), audio duration and real-time factor of one pass over ``dataset``,
-    and under ``utterances`` each utterance's hypothesis and its word and character edits."""
+    """WER / CER (percent), audio duration and real-time factor of one pass over ``items``,
+    and under ``utterances`` each utterance's reference, hypothesis and edits."""
     wer, cer = ErrorRateStats(), ErrorRateStats(split_tokens=True)
+    normalize = recognizer.text_normalizer
     audio_seconds = compute_seconds = 0.0
     sample_rate = recognizer.hparams["sample_rate"]
-    with dataset.output_keys_as(["id", "wav", "wrd", "duration"]):
-        items = sorted(dataset, key=lambda item: float(item["duration"]))
+    refs = {}
     for first in range(0, len(items), batch_size):
         batch = items[first:first + batch_size]
         audio = [load_audio(item["wav"], sample_rate) for item in batch]
@@ -52,76 +131,29 @@ def decode_set(recognizer: Recognizer, dataset, context, streaming: bool,
         texts = recognizer.transcribe_batch(wavs, wav_lens, context, streaming)  # ends on the CPU
         compute_seconds += time.perf_counter() - start
         audio_seconds += sum(len(samples) for samples in audio) / sample_rate
-        ids, words, targets = ([item["id"] for item in batch], [text.split() for text in texts],
-                               [item["wrd"].split() for item in batch])
+        ids = [item["id"] for item in batch]
+        refs.update((item["id"], normalize(item["wrd"])) for item in batch)
+        words = [normalize(text).split() for text in texts]
+        targets = [refs[key].split() for key in ids]
         wer.append(ids, words, targets)
         cer.append(ids, words, targets)
     frame = recognizer.encoder.frame_seconds
-    utterances = [{"id": w["key"], "hyp": " ".join(w["hyp_tokens"]),
-                   "word_edits": w["num_edits"], "words": w["num_ref_tokens"],
-                   "char_edits": c["num_edits"], "chars": c["num_ref_tokens"]}
-                  for w, c in zip(wer.scores, cer.scores)]
     return {"wer": wer.summarize("error_rate"), "cer": cer.summarize("error_rate"),
             "context": list(context), "context_seconds": describe_context(context, frame),
             "chunk_seconds": None if context[1] == -1 else round((context[1] + 1) * frame, 3),
             "streaming": streaming, "audio_seconds": round(audio_seconds, 2),
-            "rtf": round(compute_seconds / audio_seconds, 4), "utterances": utterances}
+            "rtf": round(compute_seconds / audio_seconds, 4),
+            "utterances": [utterance_record(w, c, refs[w["key"]])
+                           for w, c in zip(wer.scores, cer.scores)]}
 
 
-def write_utterances(results: list[dict], path: Path) -> None:
-    """One JSON line per (context, utterance): hypothesis and edits, for paired statistics."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w") as f:
-        for result in results:
-            for utterance in result["utterances"]:
-                f.write(json.dumps({"context": result["context"],
-                                    "streaming": result["streaming"], **utterance}) + "\n")
-    partial.replace(path)
-
-
-def write_table_and_plot(results: list[dict], stem: Path) -> dict:
-    """Markdown + CSV table and a WER-vs-latency plot next to each other."""
-    columns = ["context", "context_seconds", "chunk_seconds", "streaming", "wer", "cer", "rtf",
-               "audio_seconds"]
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results)
-    lines = ["| context | frames and seconds | decoding | WER % | CER % | RTF |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['context']} | {r['context_seconds']} | "
-              f"{'streaming' if r['streaming'] else 'offline'} | {r['wer']:.2f} | {r['cer']:.2f} | "
-              f"{r['rtf']:.3f} |" for r in results]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    streamed = sorted((r for r in results if r["chunk_seconds"]), key=lambda r: r["chunk_seconds"])
-    axis.plot([r["chunk_seconds"] for r in streamed], [r["wer"] for r in streamed], "o-",
-              label="streaming contexts")
-    for r in streamed:
-        axis.annotate(str(r["context"]), (r["chunk_seconds"], r["wer"]), fontsize=8)
-    for r in results:
-        if not r["chunk_seconds"]:
-            axis.axhline(r["wer"], linestyle="--", color="gray", label="offline [-1, -1]")
-    axis.set_xlabel("chunk duration (algorithmic latency), s")
-    axis.set_ylabel("WER, %")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(stem.with_suffix(".png"), dpi=120)
-    return {"table_md": str(stem.with_suffix(".md")), "table_csv": str(stem.with_suffix(".csv")),
-            "plot": str(stem.with_suffix(".png"))}
-
-
-def training_overrides(args: list[str]) -> dict:
-    """``--key value`` pairs (values in YAML) that the model was trained with, e.g. its sizes."""
-    if len(args) % 2 or not all(k.startswith("--") for k in args[::2]):
-        raise ValueError(f"expected --key value pairs of training overrides, got {args}")
-    return {k[2:]: yaml.safe_load(v) for k, v in zip(args[::2], args[1::2])}
+def utterance_record(word: dict, char: dict, ref: str) -> dict:
+    """One utterance's scores (SpeechBrain's per-utterance details, word and character)."""
+    return {"id": word["key"], "ref": ref, "hyp": " ".join(word["hyp_tokens"]),
+            "cer": round(100 * char["num_edits"] / max(char["num_ref_tokens"], 1), 2),
+            "wer": round(100 * word["num_edits"] / max(word["num_ref_tokens"], 1), 2),
+            "word_edits": word["num_edits"], "words": word["num_ref_tokens"],
+            "char_edits": char["num_edits"], "chars": char["num_ref_tokens"]}
 
 
 def streamable(recognizer: Recognizer, context) -> bool:
@@ -132,44 +164,72 @@ def streamable(recognizer: Recognizer, context) -> bool:
     return True
 
 
-def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("hparams")
-    parser.add_argument("--output_folder", required=True, help="the CTC run's output folder")
+def check_output_folder(run: Path, output_folder: str | None) -> Path:
+    """Where outputs go: ``output_folder``, default the run; another run there is refused (an
+    older form gave ``<run>/hyperparams.yaml --output_folder <run>``, the same run twice)."""
+    if output_folder is None:
+        return run
+    folder = Path(output_folder)
+    if is_run_folder(folder) and folder.resolve() != run:
+        raise ValueError(f"--output_folder {output_folder} is another trained run than {run}: "
+                         f"give it as the run to decode with its model, or choose another "
+                         "--output_folder for the outputs")
+    return folder
+
+
+def parse_arguments(argv: list[str]):
+    parser = RecipeParser(prog="evaluate.py", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="the CTC run folder (or its hyperparams.yaml)")
     parser.add_argument("--test_csv", required=True, help="SpeechBrain CSV or NeMo JSON manifest")
     parser.add_argument("--data_folder", help="replaces $data_root (default: the training one)")
     parser.add_argument("--context", action="append", default=None,
-                        help="preset, 'L,R', or 'all' (every preset); repeat for several")
+                        help="preset, 'L,R', or 'all' (every preset); repeat for several "
+                             "(default: the run's valid_context)")
     parser.add_argument("--streaming", action="store_true", help="decode chunk by chunk")
     parser.add_argument("--device", default=default_device(), help="default: cuda, mps or cpu")
     parser.add_argument("--batch_size", type=int, default=8, help="utterances decoded at once")
+    parser.add_argument("--output_folder", help="where the tables, plot and hypotheses go "
+                                                "(default: the run folder)")
     parser.add_argument("--utterances", type=Path,
-                        help="also write each utterance's hypothesis and edits here (JSON lines)")
-    args, rest = parser.parse_known_args(argv)
+                        help="the per-utterance hypotheses file (default: next to the tables)")
+    args = parser.parse_strict(argv)
     if args.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
-    recognizer = Recognizer(args.hparams, args.output_folder, training_overrides(rest), args.device)
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def main(argv: list[str]) -> dict:
+    args = parse_arguments(argv)
+    run = find_run_folder(args.run, args.output_folder)
+    output_folder = check_output_folder(run, args.output_folder)
+    recognizer = Recognizer(run, args.device)
     specs = args.context or [recognizer.hparams["valid_context"]]
     if "all" in specs:
         specs = list(recognizer.hparams["context_presets"])
     contexts = [recognizer.context(spec) for spec in specs]
-    data_folder = args.data_folder or recognizer.hparams["data_folder"]
-    dataset = dataset_from_manifest(args.test_csv, data_folder, args.output_folder)
+    items = read_manifest(args.test_csv, args.data_folder or recognizer.hparams["data_folder"])
+    check_audio(items, args.test_csv, recognizer.hparams["sample_rate"], recognizer.min_samples)
+    report_references(recognizer, items, args.test_csv)
+    items.sort(key=lambda item: item["duration"])
     results = []
     for context in contexts:
         # A context that cannot be streamed (offline; all-past attention) is decoded offline.
         streaming = args.streaming and streamable(recognizer, context)
-        results.append(decode_set(recognizer, dataset, context, streaming, args.batch_size))
+        results.append(decode_set(recognizer, items, context, streaming, args.batch_size))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "utterances"}),
               file=sys.stderr)
-    if args.utterances:
-        write_utterances(results, args.utterances)
+    stem = output_stem(output_folder, args.test_csv, "all" if args.context and "all" in
+                       args.context else contexts, recognizer.hparams["context_presets"],
+                       args.streaming)
+    title = f"{run.name}: {Path(args.test_csv).name}, " \
+            f"{'streaming' if args.streaming else 'offline'} decoding"
+    paths = write_outputs(results, stem, title, args.utterances)
     for result in results:
         del result["utterances"]
     if len(results) == 1:
-        return results[0]
-    stem = Path(args.output_folder) / f"eval_{Path(args.test_csv).stem}"
-    return {"results": results, **write_table_and_plot(results, stem)}
+        return {**results[0], **paths}
+    return {"results": results, **paths}
 
 
 if __name__ == "__main__":

@@ -1,20 +1,18 @@
 """A trained CTC model for decoding: offline, or streamed from raw audio chunk by chunk."""
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Iterable
 
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataio import AudioFileError  # noqa: E402
+from run_folder import find_run_folder, load_run_hparams  # noqa: E402
 from modules.context import Context, parse_context  # noqa: E402
 from modules.ctc import greedy_transcripts  # noqa: E402
 from modules.features import FbankStream  # noqa: E402
@@ -53,28 +51,37 @@ class Recognizer:
 
     Arguments
     ---------
-    hparams_file : the CTC hparams file the model was trained with.
-    output_folder : the run's output folder (holds ``save/``).
-    overrides : other hparams overrides used in training (e.g. model sizes).
+    run : the run folder (``--output_folder`` of ``recipes/train.py``) or its hyperparams.yaml;
+        any copy of it works from any directory and loads its own weights (``run_folder.py``).
     device : where to decode ("cpu", "cuda", "cuda:1", "mps").
+
+    Example
+    -------
+    >>> recognizer = Recognizer("results/ctc_conformer_demo")  # doctest: +SKIP
+    >>> recognizer.transcribe(samples, recognizer.context("low"))  # doctest: +SKIP
     """
 
-    def __init__(self, hparams_file: str, output_folder: str, overrides: dict | None = None,
-                 device: str = "cpu"):
-        if not (Path(output_folder) / "save").is_dir():
-            raise FileNotFoundError(f"{output_folder}: no save/ folder; give the output folder of "
-                                    "a CTC training run")
-        with open(hparams_file) as f:
-            self.hparams = load_hyperpyyaml(f, {"output_folder": output_folder, **(overrides or {})})
+    def __init__(self, run: str | Path, device: str = "cpu"):
+        self.device = torch.device(check_device(device))
+        self.folder = find_run_folder(run)
+        self.hparams = load_run_hparams(self.folder)
+        if "ctc_head" not in self.hparams:
+            raise ValueError(f"{self.folder} is a {self.hparams.get('task', 'non-CTC')} run: "
+                             "give the folder of a CTC run (hparams/CTC/*.yaml)")
         key = selection_key(self.hparams["checkpointer"])
         self.hparams["checkpointer"].recover_if_possible(min_key=key)  # statistics, etc.
         load_averaged_best(self.hparams["checkpointer"],
                            {"encoder": self.encoder, "ctc_head": self.hparams["ctc_head"]},
                            self.hparams["average_checkpoints"], key)
-        self.device = torch.device(device)
         for name in ("encoder", "ctc_head", "normalize"):
             self.hparams[name] = self.hparams[name].to(self.device).eval()
         self.sp = self.hparams["tokenizer"].sp
+        self.text_normalizer = TextNormalizer(self.sp)
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest audio the model takes: one encoder frame of features."""
+        return self.hparams["compute_features"].min_samples(self.encoder.subsampling_factor)
 
     @property
     def encoder(self):
@@ -112,7 +119,8 @@ class Recognizer:
         encode = self.encoder.encode_in_chunks if streaming else self.encoder
         encoded = encode(feats, lengths, context)
         enc_lengths = -(-frames // self.encoder.subsampling_factor) / encoded.shape[1]
-        return greedy_transcripts(self.log_probs(encoded).cpu(), enc_lengths.cpu(), self.sp)
+        texts = greedy_transcripts(self.log_probs(encoded).cpu(), enc_lengths.cpu(), self.sp)
+        return [collapse_spaces(text) for text in texts]
 
     def transcribe(self, samples: torch.Tensor, context: Context) -> str:
         """Offline greedy transcript of one (n,) utterance under ``context``."""
@@ -159,8 +167,69 @@ class Stream:
     def text(self) -> str:
         if not self.outputs:
             return ""
-        return greedy_transcripts(torch.cat(self.outputs, dim=1).cpu(), torch.ones(1),
-                                  self.recognizer.sp)[0]
+        return collapse_spaces(greedy_transcripts(torch.cat(self.outputs, dim=1).cpu(),
+                                                  torch.ones(1), self.recognizer.sp)[0])
+
+
+def collapse_spaces(text: str) -> str:
+    """No leading, trailing or repeated spaces (SentencePiece keeps a final word boundary)."""
+    return " ".join(text.split())
+
+
+class TextNormalizer:
+    """Text as the tokenizer was trained on it: its letter case, single spaces.
+
+    A model trained on uppercase transcripts outputs uppercase: lowercase references would
+    count every letter as an error. Characters outside the tokenizer's pieces cannot be output
+    at all; :meth:`unknown_characters` finds them, to report once.
+
+    Arguments
+    ---------
+    sp : the SentencePiece processor of the tokenizer.
+
+    Example
+    -------
+    >>> normalizer = TextNormalizer(recognizer.sp)  # doctest: +SKIP
+    >>> normalizer("  the cat ")  # doctest: +SKIP
+    'THE CAT'
+    """
+
+    def __init__(self, sp):
+        pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
+                  if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))]
+        self.characters = set("".join(pieces).replace("\u2581", " "))
+        cased = [c for c in self.characters if c.lower() != c.upper()]
+        self.case = ("upper" if cased and all(c.isupper() for c in cased) else
+                     "lower" if cased and all(c.islower() for c in cased) else None)
+
+    def __call__(self, text: str) -> str:
+        text = collapse_spaces(text)
+        if self.case == "upper":
+            return text.upper()
+        return text.lower() if self.case == "lower" else text
+
+    def unknown_characters(self, texts: Iterable[str]) -> list[str]:
+        """The characters of the normalized ``texts`` that no piece holds, sorted."""
+        return sorted({c for text in texts for c in self(text)} - self.characters - {" "})
+
+
+def check_device(device: str) -> str:
+    """``device`` if PyTorch can use it here, else a one-line ``ValueError`` with the fix."""
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device; use cpu, cuda, cuda:<index> or "
+                         "mps") from None
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (kind.index or 0) >= count:
+            found = f"{count} CUDA GPU(s)" if count else "no CUDA GPU"
+            raise ValueError(f"--device {device}: PyTorch {torch.__version__} sees {found} here; "
+                             f"use --device {default_device()}, or leave --device out to detect it")
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device "
+                         f"{default_device()}, or leave --device out to detect it")
+    return device
 
 
 def default_device() -> str:
@@ -168,12 +237,3 @@ def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def run_cli(main: Callable[[list], dict]) -> None:
-    """Runs ``main(sys.argv[1:])``: its result as JSON on the last stdout line, or a one-line error."""
-    try:
-        summary = main(sys.argv[1:])
-    except (AudioFileError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}")
-    print(json.dumps(summary))

@@ -3,12 +3,16 @@
 
 Usage::
 
-    python recipes/transcribe.py hparams/CTC/conformer_small.yaml --output_folder <trained folder> \\
-        --audio speech.flac [--context medium] [--mode stream|benchmark|auto] \\
-        [--latency_budget_ms 300] [--device cuda] [--any_training_override value ...]
+    python recipes/transcribe.py <run folder> --audio speech.flac [--context medium] \\
+        [--mode stream|benchmark|auto] [--latency_budget_ms 300] [--device cuda] [--quiet]
 
-- ``stream`` (default): feeds the audio one chunk at a time, prints the partial transcript as
-  each chunk arrives, then the final one, which equals the offline transcript.
+``<run folder>`` is the ``--output_folder`` of a ``recipes/train.py`` CTC run (or its
+``hyperparams.yaml``); a copy of it works from any directory. A file at another sample rate or
+with several channels is resampled / averaged to mono, with one line saying so.
+
+- ``stream`` (default): feeds the audio one chunk at a time and prints the partial transcript
+  whenever it changes (``--quiet``: only the final JSON line); the final transcript equals the
+  offline one. ``--context`` chooses the context (default: the run's ``valid_context``).
 - ``benchmark``: for every streamable preset, the measured compute per chunk on this machine,
   the latency (chunk duration + compute) and the real-time factor.
 - ``auto``: runs the benchmark and streams with the largest context whose measured latency fits
@@ -21,26 +25,82 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
-from dataio import load_audio
-from evaluate import streamable, training_overrides
-from inference import Recognizer, default_device, run_cli
+import soundfile as sf
+import torch
+
+from cli import RecipeParser, note, run_cli
+from dataio import AudioFileError
+from evaluate import check_output_folder, streamable
+from inference import Recognizer, default_device
 from modules.context import describe_context
+from run_folder import find_run_folder
+
+
+def read_audio(path: str, sample_rate: int, min_samples: int) -> torch.Tensor:
+    """One audio file as (n,) float32 samples at ``sample_rate``, mono: other rates are
+    resampled and channels averaged, with one line on stderr; bad files: one-line errors."""
+    if Path(path).is_dir():
+        raise AudioFileError(f"--audio {path} is a folder; give one audio file (to decode many, "
+                             "list them in a CSV and run recipes/evaluate.py)")
+    if not Path(path).is_file():
+        raise AudioFileError(f"--audio {path}: no such file")
+    try:
+        audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as error:
+        raise AudioFileError(f"{path}: not a readable audio file ({error}); convert it to WAV or "
+                             "FLAC") from None
+    samples, changes = torch.from_numpy(audio).mean(1), []
+    if audio.shape[1] > 1:
+        changes.append(f"{audio.shape[1]} channels averaged to mono")
+    if rate != sample_rate:
+        import torchaudio  # only for this
+
+        samples = torchaudio.functional.resample(samples, rate, sample_rate)
+        changes.append(f"resampled from {rate} to {sample_rate} Hz")
+    if changes:
+        note(f"{path}: {', '.join(changes)} for the model")
+    if not torch.isfinite(samples).all():
+        raise AudioFileError(f"{path}: contains NaN or infinite samples; fix the file")
+    if len(samples) < min_samples:
+        raise AudioFileError(f"{path}: {len(samples) / sample_rate:.3f} s of audio is shorter than "
+                             f"the model's shortest input, {min_samples / sample_rate:.3f} s (one "
+                             "encoder frame); give a longer recording")
+    return samples
 
 
 def stream_file(recognizer: Recognizer, samples, context, show: bool = True) -> dict:
-    """Streams ``samples`` chunk by chunk; returns the final and offline transcripts."""
+    """Streams ``samples`` chunk by chunk, printing the partial transcript when it changes
+    (``show``); returns the final and offline transcripts."""
     stream = recognizer.stream(context)
     sample_rate = recognizer.hparams["sample_rate"]
     hop = recognizer.hparams["compute_features"].hop_samples
     piece = stream.chunk * hop  # the audio of one chunk of feature frames
+    shown = ""
     for start in range(0, len(samples), piece):
         partial = stream.push(samples[start:start + piece])
-        if show:
-            print(f"[{min(start + piece, len(samples)) / sample_rate:6.2f} s] {partial}", flush=True)
+        if show and partial != shown:
+            seconds = min(start + piece, len(samples)) / sample_rate
+            print(f"[{seconds:6.2f} s] {partial}", flush=True)
+            shown = partial
     final = stream.finish()
+    if show and final != shown:
+        print(f"[{len(samples) / sample_rate:6.2f} s] {final}", flush=True)
     offline = recognizer.transcribe(samples, context)
     return {"text": final, "offline_text": offline, "equal_to_offline": final == offline,
+            "streamed": True, "context": list(context),
+            "context_seconds": describe_context(context, recognizer.encoder.frame_seconds)}
+
+
+def transcribe_offline(recognizer: Recognizer, samples, context, show: bool = True) -> dict:
+    """A context that cannot be streamed (offline, or all the past): one offline pass, said."""
+    note(f"context {list(context)} cannot be streamed (it needs the whole utterance or all its "
+         "past): transcribed offline")
+    text = recognizer.transcribe(samples, context)
+    if show:
+        print(f"[{len(samples) / recognizer.hparams['sample_rate']:6.2f} s] {text}", flush=True)
+    return {"text": text, "offline_text": text, "equal_to_offline": True, "streamed": False,
             "context": list(context),
             "context_seconds": describe_context(context, recognizer.encoder.frame_seconds)}
 
@@ -82,35 +142,59 @@ def choose(rows: list[dict], budget_ms: float) -> dict:
     return max(fitting, key=lambda r: (r["chunk_ms"], r["context"][0]))
 
 
-def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("hparams")
-    parser.add_argument("--output_folder", required=True, help="the CTC run's output folder")
-    parser.add_argument("--audio", required=True)
-    parser.add_argument("--context", default=None, help="preset or 'L,R' (default: valid_context)")
-    parser.add_argument("--mode", choices=["stream", "benchmark", "auto"], default="stream")
-    parser.add_argument("--latency_budget_ms", type=float, default=None)
+def parse_arguments(argv: list[str]):
+    parser = RecipeParser(prog="transcribe.py", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="the CTC run folder (or its hyperparams.yaml)")
+    parser.add_argument("--audio", required=True, help="one audio file")
+    parser.add_argument("--context", default=None,
+                        help="stream mode: preset or 'L,R' (default: the run's valid_context)")
+    parser.add_argument("--mode", choices=["stream", "benchmark", "auto"], default="stream",
+                        help="see above (default: stream)")
+    parser.add_argument("--latency_budget_ms", type=float, default=None,
+                        help="auto mode: the largest context whose measured latency fits")
     parser.add_argument("--device", default=default_device(), help="default: cuda, mps or cpu")
-    args, rest = parser.parse_known_args(argv)
+    parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    parser.add_argument("--output_folder", help="the run folder (older form; the first argument "
+                                                "is enough)")
+    args = parser.parse_strict(argv)
     if args.mode == "auto" and args.latency_budget_ms is None:
-        raise ValueError("--mode auto needs --latency_budget_ms")
-    recognizer = Recognizer(args.hparams, args.output_folder, training_overrides(rest), args.device)
-    samples = load_audio(args.audio, recognizer.hparams["sample_rate"])
+        parser.error("--mode auto needs --latency_budget_ms (the largest context whose measured "
+                     "latency fits it is chosen)")
+    if args.mode != "auto" and args.latency_budget_ms is not None:
+        parser.error(f"--latency_budget_ms is used only by --mode auto (it chooses the context); "
+                     f"add --mode auto, or drop it in --mode {args.mode}")
+    if args.mode != "stream" and args.context is not None:
+        what = "measures every preset" if args.mode == "benchmark" else "chooses the context"
+        parser.error(f"--context is not used by --mode {args.mode}, which {what}; drop --context "
+                     "or use --mode stream")
+    return args
+
+
+def main(argv: list[str]) -> dict:
+    args = parse_arguments(argv)
+    run = find_run_folder(args.run, args.output_folder)
+    check_output_folder(run, args.output_folder)
+    recognizer = Recognizer(run, args.device)
+    samples = read_audio(args.audio, recognizer.hparams["sample_rate"], recognizer.min_samples)
+    show = not args.quiet
+    if args.mode == "stream":
+        context = recognizer.context(args.context or recognizer.hparams["valid_context"])
+        if not streamable(recognizer, context):
+            return transcribe_offline(recognizer, samples, context, show)
+        return stream_file(recognizer, samples, context, show)
+    rows = benchmark(recognizer, samples)
     if args.mode == "benchmark":
-        rows = benchmark(recognizer, samples)
-        for row in rows:
+        for row in rows if show else []:
             print(f"{row['preset']:>10} {row['context']}: chunk {row['chunk_ms']} ms + compute "
                   f"{row['compute_ms']} ms = latency {row['latency_ms']} ms, RTF {row['rtf']}")
         return {"benchmark": rows}
-    if args.mode == "auto":
-        rows = benchmark(recognizer, samples)
-        chosen = choose(rows, args.latency_budget_ms)
+    chosen = choose(rows, args.latency_budget_ms)
+    if show:
         print(f"chose {chosen['preset']}: measured latency {chosen['latency_ms']} ms <= "
               f"{args.latency_budget_ms:g} ms", flush=True)
-        result = stream_file(recognizer, samples, recognizer.context(chosen["preset"]))
-        return {**result, "chosen": chosen, "benchmark": rows}
-    context = recognizer.context(args.context or recognizer.hparams["valid_context"])
-    return stream_file(recognizer, samples, context)
+    result = stream_file(recognizer, samples, recognizer.context(chosen["preset"]), show)
+    return {**result, "chosen": chosen, "benchmark": rows}
 
 
 if __name__ == "__main__":
