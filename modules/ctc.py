@@ -38,9 +38,10 @@ def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torc
 
 
 def greedy_transcripts(log_probs: torch.Tensor, lengths: torch.Tensor, sp) -> list[str]:
-    """(B, T, V + 1) log-probabilities, relative lengths -> best-path texts."""
+    """(B, T, V + 1) log-probabilities, relative lengths -> best-path texts, single-spaced
+    (SentencePiece keeps a word boundary decoded at either end)."""
     ids = ctc_greedy_decode(log_probs, lengths, blank_id=0)
-    return [sp.decode_ids([i - 1 for i in seq]) for seq in ids]
+    return [" ".join(sp.decode_ids([i - 1 for i in seq]).split()) for seq in ids]
 
 
 class BeamTranscriber:

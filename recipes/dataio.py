@@ -5,6 +5,7 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import soundfile as sf
 import speechbrain as sb
@@ -13,6 +14,42 @@ import torch
 
 class AudioFileError(ValueError):
     """A manifest entry whose audio cannot be used; the message names the file and the fix."""
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used as a whole; the message names the file and the fix."""
+
+
+def check_manifest_file(path: str | Path, columns: list[str], flag: str = "the manifest"
+                        ) -> None:
+    """A manifest with at least one entry and, for a CSV, the ``columns``; else one line.
+
+    Arguments
+    ---------
+    path : a SpeechBrain CSV or a NeMo JSON-lines manifest (``.json``, ``.jsonl``; its columns
+        are made by :func:`nemo_manifest_to_csv`).
+    columns : the CSV columns the task reads.
+    flag : the option that names the file, for the message (``--train_csv``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{flag} {path}: not found; see README.md for data preparation")
+    with open(path, newline="") as f:
+        if path.suffix in (".json", ".jsonl"):
+            if not any(line.strip() for line in f):
+                raise ManifestError(f"{flag} {path}: no entries; give a manifest with at least "
+                                    "one line")
+            return
+        reader = csv.reader(f)
+        header = [c.strip() for c in next(reader, [])]
+        has_row = any(any(cell.strip() for cell in row) for row in reader)
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise ManifestError(f"{flag} {path}: no column {', '.join(missing)} (header: "
+                            f"{','.join(header) or 'empty'}); a CSV needs {','.join(columns)}")
+    if not has_row:
+        raise ManifestError(f"{flag} {path}: a header and no entries; give a manifest with at "
+                            "least one row")
 
 
 def load_audio(path: str, sample_rate: int = 16000, min_samples: int = 1) -> torch.Tensor:
@@ -88,15 +125,19 @@ class AudioReader:
 class TextTokens:
     """Dataset pipeline ``wrd -> wrd, tokens``: tokenizer ids + 1 (index 0 is the CTC blank).
 
-    Picklable like ``AudioReader`` (so is the SentencePiece processor it holds).
+    ``normalize`` (e.g. ``inference.TextNormalizer``) maps the text to the tokenizer's case and
+    spacing before encoding: lowercase references of an uppercase model are not all unknown
+    tokens. ``wrd`` stays as written. Picklable like ``AudioReader`` (so is the SentencePiece
+    processor it holds), as long as ``normalize`` is.
     """
 
-    def __init__(self, sp):
-        self.sp = sp
+    def __init__(self, sp, normalize: Callable[[str], str] | None = None):
+        self.sp, self.normalize = sp, normalize
 
     def __call__(self, wrd: str):
         yield wrd
-        yield torch.LongTensor(self.sp.encode_as_ids(wrd)) + 1
+        text = self.normalize(wrd) if self.normalize is not None else wrd
+        yield torch.LongTensor(self.sp.encode_as_ids(text)) + 1
 
 
 def nemo_manifest_to_csv(manifest: str | Path, csv_path: str | Path) -> Path:

@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import quiet  # noqa: F401  (before SpeechBrain: drops its torchvision line)
 import speechbrain as sb
 from speechbrain.utils.data_utils import batch_pad_right
 from speechbrain.utils.metric_stats import ErrorRateStats

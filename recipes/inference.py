@@ -10,7 +10,7 @@ import speechbrain as sb
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]  # also as ``recipes.inference``
 
 from run_folder import find_run_folder, load_run_hparams  # noqa: E402
 from modules.context import Context, parse_context  # noqa: E402

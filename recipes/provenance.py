@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -116,13 +117,14 @@ def run_record(argv: list[str], hparams_file: str, overrides: str | dict,
     ``commit`` (HEAD), ``code_commit`` (last commit touching modules/ recipes/ hparams/),
     ``dirty`` (uncommitted changes there), ``command`` (list), ``hparams_sha256`` (of the
     resolved hparams text), ``ssl_checkpoint`` and ``ssl_checkpoint_sha256`` (of its
-    ``encoder.ckpt``; None without SSL). Git fields are None without git.
+    ``encoder.ckpt``; None without SSL), ``cwd`` (the directory it ran in, against which the
+    relative paths of its hparams are resolved). Git fields are None without git.
     """
     text = resolved_hparams_text(hparams_file, overrides)
     return {"commit": current_commit(), "code_commit": current_code_commit(),
             "dirty": code_dirty(), "command": script_command(script, argv),
             "hparams_sha256": hashlib.sha256(text.encode()).hexdigest(),
-            **ssl_checkpoint_fields(pretrained_ssl)}
+            **ssl_checkpoint_fields(pretrained_ssl), "cwd": os.getcwd()}
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:

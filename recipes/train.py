@@ -18,12 +18,15 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+import quiet  # noqa: F401  before SpeechBrain: silences its import-time torchvision warning
 import speechbrain as sb
 import yaml
 from hyperpyyaml import load_hyperpyyaml
@@ -45,14 +48,22 @@ sys.path.insert(0, str(ROOT))
 from dataio import (  # noqa: E402
     AudioFileError,
     AudioReader,
+    ManifestError,
     TextTokens,
     check_manifest,
+    check_manifest_file,
     dataset_from_manifest,
 )
-from inference import load_averaged_best, selection_key  # noqa: E402
+from inference import (  # noqa: E402
+    TextNormalizer,
+    check_device,
+    load_averaged_best,
+    selection_key,
+)
 from provenance import (  # noqa: E402
     best_ssl_checkpoint,
     check_resume,
+    hparams_data,
     resolved_hparams_text,
     run_record,
     write_json_atomic,
@@ -322,6 +333,11 @@ class CTCBrain(StreamingBrain):
         speeds = self.hparams.speed_perturb
         self.speed_perturb = SpeedPerturb(self.hparams.sample_rate, list(speeds)) if speeds else None
         self.head_only_steps = 0
+        # Scoring compares texts as the tokenizer was trained on them (case, spaces): lowercase
+        # references of an uppercase model score as uppercase ones.
+        self.normalizer = TextNormalizer(self.hparams.tokenizer.sp)
+        self.unknown_characters: set[str] = set()
+        self.averaged_checkpoints = 0
 
     def plan_schedule(self, steps_per_epoch: int) -> None:
         """The head-only phase and each optimizer's schedule in optimizer steps, from the
@@ -333,7 +349,11 @@ class CTCBrain(StreamingBrain):
         stepped while the encoder is frozen, so its first update (fresh Adam state) runs at a
         warmup rate, not at the peak. Rates per step: ``modules/schedulers.py``.
         """
-        total = max(1, steps_per_epoch * self.hparams.number_of_epochs)
+        epochs = self.hparams.number_of_epochs
+        if self.debug:  # a --debug run stops after debug_batches batches of debug_epochs epochs
+            steps_per_epoch = min(steps_per_epoch, self.debug_batches)
+            epochs = min(epochs, self.debug_epochs)
+        total = max(1, steps_per_epoch * epochs)
         if not self.hparams.freeze_encoder:
             self.head_only_steps = min(total, round(self.hparams.head_only_fraction * total))
         steps = {"head": total, "encoder": total - self.head_only_steps}
@@ -390,8 +410,10 @@ class CTCBrain(StreamingBrain):
         tokens = tokens.to(log_probs.device, non_blocking=True)
         loss = ctc_loss(log_probs, tokens, enc_lengths, token_lengths)
         if stage != sb.Stage.TRAIN:
-            words = [text.split() for text in self.decode(log_probs, enc_lengths, stage)]
-            targets = [text.split() for text in batch.wrd]
+            self.unknown_characters.update(self.normalizer.unknown_characters(batch.wrd))
+            words = [self.normalizer(text).split()
+                     for text in self.decode(log_probs, enc_lengths, stage)]
+            targets = [self.normalizer(text).split() for text in batch.wrd]
             self.wer_metric.append(batch.id, words, targets)
             self.cer_metric.append(batch.id, words, targets)
         return loss
@@ -419,6 +441,7 @@ class CTCBrain(StreamingBrain):
                                 self.hparams.context_presets)
             self.wer_metric = self.hparams.error_rate_computer()
             self.cer_metric = self.hparams.cer_computer()
+            self.unknown_characters = set()
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:
@@ -427,6 +450,7 @@ class CTCBrain(StreamingBrain):
             return
         stats = {"loss": stage_loss, "WER": self.wer_metric.summarize("error_rate"),
                  "CER": self.cer_metric.summarize("error_rate")}
+        self.warn_unknown_characters(stage)
         if stage == sb.Stage.VALID:
             self.log_epoch(epoch, stats)
             # Kept and averaged by valid CER: on small data the WER sits near 100 % and ranks
@@ -437,7 +461,7 @@ class CTCBrain(StreamingBrain):
         else:
             self.test_stats = stats
             self.hparams.train_logger.log_stats(
-                stats_meta={"test with averaged checkpoints": self.hparams.average_checkpoints},
+                stats_meta={"test with averaged checkpoints": self.averaged_checkpoints},
                 test_stats=stats)
             if if_main_process():
                 with open(Path(self.hparams.output_folder) / "test_wer.txt", "w") as f:
@@ -447,9 +471,23 @@ class CTCBrain(StreamingBrain):
         """Test with the average of the best ``average_checkpoints`` checkpoints (by valid CER;
         WER for checkpoints of older runs)."""
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
+        # How many exist (a short run may have fewer than average_checkpoints): for the log.
+        self.averaged_checkpoints = len(self.checkpointer.find_checkpoints(
+            min_key=min_key or selection_key(self.checkpointer),
+            max_num_checkpoints=self.hparams.average_checkpoints))
         load_averaged_best(self.checkpointer, {"encoder": self.hparams.encoder,
                                                "ctc_head": self.hparams.ctc_head},
                            self.hparams.average_checkpoints, min_key)
+
+    def warn_unknown_characters(self, stage) -> None:
+        """One warning per stage naming the reference characters the tokenizer lacks: the
+        model cannot output them, so each counts as an error."""
+        if self.unknown_characters:
+            name = "valid_csv" if stage == sb.Stage.VALID else "test_csv"
+            logger.warning("%s %s: the references hold characters outside the tokenizer's "
+                           "vocabulary (%s); the model cannot output them: each counts as an error",
+                           name, getattr(self.hparams, name),
+                           " ".join(repr(c) for c in sorted(self.unknown_characters)))
 
 
 BRAINS = {"ssl": SSLBrain, "ctc": CTCBrain}
@@ -484,7 +522,8 @@ def dataio_prepare(hparams: dict) -> dict:
     keys = ["id", "sig"]
     if hparams["task"] == "ctc":
         sb.dataio.dataset.add_dynamic_item(list(datasets.values()),
-                                           TextTokens(hparams["tokenizer"].sp),
+                                           TextTokens(hparams["tokenizer"].sp,
+                                                      TextNormalizer(hparams["tokenizer"].sp)),
                                            takes="wrd", provides=["wrd", "tokens"])
         keys += ["wrd", "tokens"]
     sb.dataio.dataset.set_output_keys(list(datasets.values()), keys)
@@ -536,13 +575,100 @@ def load_pretrained_ssl(hparams: dict, ssl_folder: str) -> None:
         loadables={"encoder": hparams["encoder"], "normalize": hparams["normalize"]},
         paths={name: str(checkpoint / f"{name}.ckpt") for name in ("encoder", "normalize")})
     run_on_main(pretrainer.collect_files)
-    pretrainer.load_collected()
+    try:
+        pretrainer.load_collected()
+    except RuntimeError as error:  # shapes differ: PyTorch lists every mismatching tensor
+        if "size mismatch" not in str(error):
+            raise
+        first = [line.strip() for line in str(error).splitlines() if "size mismatch" in line][0]
+        raise SystemExit(f"error: --pretrained_ssl {ssl_folder}: its encoder has other sizes "
+                         f"than this run's ({first}); give the SSL "
+                         "run's sizes (its hyperparams.yaml: d_model, num_encoder_layers, ...)"
+                         ) from None
     logger.info("Encoder and feature statistics loaded from %s", checkpoint)
+
+
+# Encoder arguments that change no tensor shape: a fine-tuning run may set its own.
+NOT_SIZES = {"dropout", "activation_checkpointing", "scan_backend"}
+
+
+def encoder_keys(hparams_file: str | Path) -> list[str]:
+    """The top-level keys that the ``encoder:`` node of an hparams file refers to
+    (``!ref <key>``), in order."""
+    text = Path(hparams_file).read_text()
+    block = re.search(r"^encoder:.*\n((?:[ \t]+.*\n|[ \t]*\n)*)", text, re.MULTILINE)
+    return list(dict.fromkeys(re.findall(r"<(\w+)>", block.group(1)))) if block else []
+
+
+def ssl_encoder_sizes(hparams_file: str, overrides: dict, given: set[str]) -> tuple[dict, str]:
+    """With ``--pretrained_ssl``: the overrides plus the SSL run's encoder sizes, and a note.
+
+    The sizes are the keys of the ``encoder:`` node (``d_model``, ``num_encoder_layers``,
+    ``d_state``, ...) found in the SSL run's ``hyperparams.yaml``, minus ``NOT_SIZES``. A size
+    given on the command line (``given``) is kept; one that differs from the SSL run's stops
+    with one line (the weights could not load).
+
+    Returns
+    -------
+    The overrides, and a line to log (empty when nothing was taken).
+    """
+    ssl_folder = overrides.get("pretrained_ssl")
+    saved = Path(str(ssl_folder)) / "hyperparams.yaml"
+    if not ssl_folder or not saved.is_file():  # load_pretrained_ssl names what is missing
+        return overrides, ""
+    ssl = hparams_data(saved.read_text())
+    sizes = {k: ssl[k] for k in encoder_keys(hparams_file) if k in ssl and k not in NOT_SIZES}
+    conflicts = [f"--{k} {overrides[k]} (it has {v})" for k, v in sizes.items()
+                 if k in given and overrides[k] != v]
+    if conflicts:
+        raise SystemExit(f"error: --pretrained_ssl {ssl_folder}: its encoder has other sizes than "
+                         f"{', '.join(conflicts)}; leave these flags out to take the SSL run's")
+    taken = {k: v for k, v in sizes.items() if k not in given}
+    note = ("Encoder sizes of the SSL run (%s): %s" % (
+        saved, ", ".join(f"{k}={v}" for k, v in taken.items()))) if taken else ""
+    return {**overrides, **taken}, note
+
+
+# Lines to log once logging is set up (create_experiment_directory): decisions of the parsing.
+NOTES: list[str] = []
+DEVICE_PRESET_HELP = ("hparams/devices/<preset>.yaml: device, precision, batch size, workers "
+                      "(default auto: cuda, else mps, else cpu)")
+
+
+def recipe_options(hparams_file: str | Path) -> str:
+    """``--help`` text of the recipe's own options: ``--device_preset`` and the top-level
+    plain keys of the hparams file, with their values there and their trailing comments."""
+    lines = ["", f"recipe options (any top-level key of {hparams_file}; default = its value):",
+             f"  --device_preset {{auto,cpu,cuda,mps}}\n        {DEVICE_PRESET_HELP}"]
+    try:
+        text = Path(hparams_file).read_text()
+    except OSError:
+        return f"\n(give an hparams file before --help to list its options: {hparams_file} " \
+               "is not readable)"
+    for match in re.finditer(r"^([a-z]\w*):[ \t]*([^#\n]*?)[ \t]*(?:#[ \t]*(.*))?$", text,
+                             re.MULTILINE):
+        key, value, comment = match.groups()
+        if not value or value.startswith(("!new:", "!name:", "!apply:")):
+            continue  # a mapping or an object: not settable as one value
+        value = value.removeprefix("!ref ")
+        lines.append(f"  --{key} {value}" + (f"\n        {comment}" if comment else ""))
+    mappings = re.findall(r"^([a-z]\w*):[ \t]*(?:#.*)?$", text, re.MULTILINE)
+    if mappings:  # set as a YAML mapping: --context_presets "{low: [16, 1]}"
+        lines.append(f"  mappings (--key \"{{...}}\"): {', '.join(mappings)}")
+    return "\n".join(lines)
 
 
 def parse_command_line(argv: list[str]) -> tuple[str, object, dict]:
     """hparams file, SpeechBrain run options, and the overrides: ``hparams/devices/<preset>.yaml``
-    (``--device_preset``, default: detected) < command line."""
+    (``--device_preset``, default: detected) < command line. ``--pretrained_ssl``: the SSL
+    run's encoder sizes, unless given (:func:`ssl_encoder_sizes`)."""
+    NOTES.clear()
+    if "-h" in argv or "--help" in argv:  # SpeechBrain's generic flags, then the recipe's own
+        try:
+            sb.parse_arguments(argv)
+        finally:
+            print(recipe_options(argv[0]) if argv and not argv[0].startswith("-") else
+                  "\n(give an hparams file before --help to list the recipe's options)")
     preset = "auto"
     if "--device_preset" in argv:
         index = argv.index("--device_preset")
@@ -559,7 +685,11 @@ def parse_command_line(argv: list[str]) -> tuple[str, object, dict]:
     if not preset_file.is_file():
         raise SystemExit(f"error: --device_preset {preset!r}: no {preset_file}")
     merged = yaml.safe_load(preset_file.read_text())
-    merged.update(yaml.safe_load(overrides) or {})
+    given = yaml.safe_load(overrides) or {}
+    merged.update(given)
+    merged, note = ssl_encoder_sizes(hparams_file, merged, set(given))
+    if note:
+        NOTES.append(note)
     logger.info("Device preset %s: %s", preset, preset_file)
     run_opts = resolve_device(run_opts, merged)
     if "precision" not in run_opts.overridden_args:  # --precision is taken as given
@@ -624,6 +754,19 @@ def load_hparams(hparams_file: str, overrides: dict) -> dict:
     return hparams
 
 
+def check_manifests(hparams: dict) -> None:
+    """Each manifest of the run exists, has a row and the columns the task reads (CTC: ``wrd``
+    too); else one ``ManifestError`` line naming the file and its ``--<name>_csv``."""
+    names = ["train_csv", "valid_csv"]
+    columns = ["ID", "duration", "wav"]
+    if hparams.get("task") == "ctc":
+        names += ["test_csv", "tokenizer_csv"]
+        columns.append("wrd")
+    for name in names:
+        if hparams.get(name):
+            check_manifest_file(hparams[name], columns, f"--{name}")
+
+
 def peak_memory(device: str) -> float:
     """Peak memory of this process in MB: allocated GPU memory on CUDA, resident memory else."""
     if str(device).startswith("cuda"):
@@ -635,10 +778,16 @@ def peak_memory(device: str) -> float:
 def main(argv: list[str]) -> dict | None:
     """Trains (CTC: then tests); returns the summary on the main process, None on the others."""
     hparams_file, run_opts, overrides = parse_command_line(argv)
+    try:
+        check_device(run_opts.device)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     sb.utils.distributed.ddp_init_group(run_opts)  # before the hparams load (see load_hparams)
     # Before loading (which writes into the output folder): a folder with checkpoints is resumed
     # only under the hparams it ran with.
-    resuming = check_resume(resolve_hparams(hparams_file, overrides))
+    resolved = resolve_hparams(hparams_file, overrides)
+    resuming = check_resume(resolved)
+    check_manifests(hparams_data(resolved))  # before the tokenizer trains on one of them
     hparams = load_hparams(hparams_file, overrides)
     if hparams["task"] not in BRAINS:
         raise SystemExit(f"error: task {hparams['task']!r} in {hparams_file}; known: {list(BRAINS)}")
@@ -647,6 +796,8 @@ def main(argv: list[str]) -> dict | None:
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=None if resuming else hparams_file,
                                    overrides=overrides)
+    for note in NOTES:
+        logger.info(note)
     record = None
     if if_main_process():  # what produced this run; also in the summary
         record = run_record(argv, hparams_file, overrides, hparams.get("pretrained_ssl"))
@@ -687,6 +838,13 @@ def main(argv: list[str]) -> dict | None:
     common = {key: round(sum(h.get(key, 0.0) for h in history), 1)
               for key in ("train_stage_seconds", "train_audio_seconds")}
     common["record"] = record
+    if brain.debug and not brain.debug_persistently:
+        # SpeechBrain wrote them to a temporary folder, deleted at exit: say so, not only the
+        # output folder (its logs stay).
+        common["checkpoints"] = "none kept: --debug checkpoints are temporary (deleted at exit)"
+        logger.warning("--debug: checkpoints were temporary and are deleted; %s holds logs only "
+                       "(cannot be evaluated or resumed); run without --debug to keep them",
+                       output_folder)
     if hparams["task"] == "ssl":
         return {
             "ssl_valid_loss_first": history[0]["valid"]["loss"],
@@ -716,7 +874,7 @@ def main(argv: list[str]) -> dict | None:
 if __name__ == "__main__":
     try:
         result = main(sys.argv[1:])
-    except (AudioFileError, FileNotFoundError) as error:
+    except (AudioFileError, FileNotFoundError, ManifestError) as error:
         # Also raised inside DataLoader workers: keep the message, drop the worker traceback.
         raise SystemExit(f"error: {str(error).strip().splitlines()[-1] if 'Traceback' in str(error) else error}")
     finally:

@@ -27,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import quiet  # noqa: F401  (before SpeechBrain: drops its torchvision line)
 import soundfile as sf
 import torch
 

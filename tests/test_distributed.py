@@ -21,7 +21,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 def torchrun(tmp_path, hparams, *extra, rows=8):
     """``torchrun --standalone --nproc_per_node=2 recipes/train.py <hparams> --device cpu ...``
-    (README, "Multi-GPU and clusters") on a slice of the corpus; returns the finished process."""
+    (docs/scaling.md, "Multi-GPU and clusters") on a slice of the corpus; returns the finished process."""
     command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "recipes/train.py",
                f"hparams/{hparams}", "--device", "cpu", "--data_folder", str(CORPUS),
                "--output_folder", str(tmp_path / "out"),

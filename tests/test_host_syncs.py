@@ -4,7 +4,7 @@ On a GPU, an operation whose result the host must read (``.item()``, ``bool(t)``
 indexing, ``nonzero``, ``bincount``...) stops the host until the GPU has caught up. Here every
 such operation of one recipe step is recorded with its call site; those of the documented
 host-side code (masks, context draws and counts made on CPU tensors by design) are set apart,
-and what is left must be exactly the documented remainder (README, "Multi-GPU and clusters").
+and what is left must be exactly the documented remainder (docs/scaling.md, "Multi-GPU and clusters").
 Copies between host and device are not seen on the CPU: ``benchmarks/gpu_check.py`` counts
 the syncs of a step on the GPU itself (``torch.cuda.set_sync_debug_mode``).
 """

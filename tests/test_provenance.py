@@ -2,6 +2,7 @@
 refuses a result made by another run."""
 import hashlib
 import json
+import os
 import re
 
 import pytest
@@ -32,7 +33,7 @@ def test_run_record_fields(tmp_path):
     record = run_record(argv, HPARAMS, {"lr_head": 0.001, "output_folder": str(tmp_path / "o")},
                         str(tmp_path / "ssl"))
     assert SHA1.fullmatch(record["commit"]) and SHA1.fullmatch(record["code_commit"])
-    assert isinstance(record["dirty"], bool)
+    assert isinstance(record["dirty"], bool) and record["cwd"] == os.getcwd()
     assert record["command"] == ["recipes/train.py", *argv]
     assert record["ssl_checkpoint"] == str(best.resolve())
     assert record["ssl_checkpoint_sha256"] == hashlib.sha256(
