@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .context import Context, chunk_attention_mask, chunk_windows
+from .context import Context, PiecewiseContext, chunk_attention_mask, chunk_windows
 
 
 FLOAT64_DEVICE_TYPES = ("cpu", "cuda")  # MPS has no float64
@@ -34,14 +34,24 @@ class RotaryEmbedding(torch.nn.Module):
         if head_dim % 2:
             raise ValueError(f"rotary embedding needs an even head dimension, got {head_dim}")
         self.head_dim, self.base = head_dim, base
+        self._inv_freq = None  # (key, frequencies), made once per device and mode
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotates (B, H, T, head_dim) ``x`` by the (T,) absolute ``positions``."""
-        dtype = torch.float64 if x.device.type in FLOAT64_DEVICE_TYPES else torch.float32
-        inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, dtype=dtype, device=x.device)
-                                 / self.head_dim)
-        angles = positions.to(dtype)[:, None] * inv_freq[None, :]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, each (T, head_dim / 2) in ``dtype``, of the (T,) absolute ``positions``."""
+        device = positions.device
+        precision = torch.float64 if device.type in FLOAT64_DEVICE_TYPES else torch.float32
+        key = (device, precision, torch.is_inference_mode_enabled())  # no inference tensor in training
+        if self._inv_freq is None or self._inv_freq[0] != key:
+            self._inv_freq = key, self.base ** (
+                -torch.arange(0, self.head_dim, 2, dtype=precision, device=device) / self.head_dim)
+        angles = positions.to(precision)[:, None] * self._inv_freq[1][None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Rotates (B, H, T, head_dim) ``x`` by the (T,) absolute ``positions`` (or by their
+        precomputed ``angles``)."""
+        cos, sin = angles if angles is not None else self.angles(positions, x.dtype)
         first, second = x.chunk(2, dim=-1)
         return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
@@ -73,7 +83,8 @@ class RotarySelfAttention(torch.nn.Module):
         batch, frames, _ = x.shape
         q, k, v = self.qkv(x).view(batch, frames, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
         positions = torch.arange(first_position, first_position + frames, device=x.device)
-        return self.rotary(q, positions), self.rotary(k, positions), v
+        angles = self.rotary.angles(positions, q.dtype)
+        return self.rotary(q, positions, angles), self.rotary(k, positions, angles), v
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         """(B, H, T, head_dim) -> (B, T, D) through the output projection."""
@@ -87,7 +98,7 @@ class RotarySelfAttention(torch.nn.Module):
         Arguments
         ---------
         x : input frames.
-        context : ``[left, right]`` in frames.
+        context : ``[left, right]`` in frames, or a ``PiecewiseContext`` (dense masks).
         valid : (B, T) bool, False on padding (never attended to); None = no padding.
         lengths : unused (``valid`` carries the same information).
         banded : use the linear-cost computation when ``left`` is finite (False: dense mask,
@@ -95,7 +106,7 @@ class RotarySelfAttention(torch.nn.Module):
         """
         q, k, v = self._project(x)
         dropout = self.dropout if self.training else 0.0
-        if banded and context[0] >= 0:
+        if banded and not isinstance(context, PiecewiseContext) and context[0] >= 0:
             return self._merge(self._banded(q, k, v, context, valid, dropout))
         return self._merge(F.scaled_dot_product_attention(
             q, k, v, attn_mask=dense_mask(x.shape[1], context, valid, x.device), dropout_p=dropout))
@@ -134,39 +145,56 @@ class RotarySelfAttention(torch.nn.Module):
         y = y.view(batch, num_blocks, heads, block, head_dim).transpose(1, 2)
         return y.reshape(batch, heads, padded, head_dim)[:, :, :frames]
 
-    def forward_streaming(self, x: torch.Tensor, cache: dict, context: Context,
+    def forward_streaming(self, x: torch.Tensor, cache: dict,
+                          context: Context | tuple[Context, ...],
                           valid: torch.Tensor | None = None) -> torch.Tensor:
-        """One chunk (B, C, D) -> (B, C, D); ``cache`` holds the last ``left`` keys and values.
+        """One chunk (B, C, D) -> (B, C, D); ``cache`` holds the last keys and values.
 
-        ``cache`` (filled in place): ``position`` (frames seen), ``k`` and ``v`` (B, H, <= left,
-        head_dim). Every key in the cache and the chunk is inside the chunk's window. ``valid``
-        (B, C): the chunk's padding frames are not attended to (a frame keeps itself).
+        ``context``: one pair, or one per stream (their lefts may differ). ``cache`` (filled in
+        place): ``position`` (frames seen), ``k`` and ``v`` (B, H, <= keep, head_dim) with keep
+        = ``cache["max_left"]`` when set (a stream that may switch), else the left context.
+        Each stream attends to its chunk and its last ``left`` cached keys. ``valid`` (B, C):
+        the chunk's padding frames are not attended to (a frame keeps itself).
         """
-        left = context[0]
+        lefts = [left for left, _ in ((context,) if isinstance(context[0], int) else context)]
+        keep = cache.get("max_left", lefts[0])
         q, k, v = self._project(x, cache.get("position", 0))
         if "k" in cache:
             k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        if keep > 0:
+            cache["k"], cache["v"] = k[:, :, -keep:], v[:, :, -keep:]
+        chunk = x.shape[1]
+        reach = max(lefts)
+        if k.shape[2] > reach + chunk:  # keys no stream sees now (kept for a later switch)
+            k, v = k[:, :, -(reach + chunk):], v[:, :, -(reach + chunk):]
+        cached = k.shape[2] - chunk
         mask = None
-        if valid is not None:
-            cached = k.shape[2] - x.shape[1]
-            keys = F.pad(valid, (cached, 0), value=True)  # (B, cached + C)
-            itself = F.pad(torch.eye(x.shape[1], dtype=torch.bool, device=x.device), (cached, 0))
-            mask = (keys[:, None, :] | itself)[:, None]
+        if valid is not None or min(lefts) < cached:
+            keys = torch.arange(cached + chunk, device=x.device)
+            first = cached - torch.tensor(lefts, device=x.device).clamp(max=cached)
+            seen = keys[None] >= first[:, None]  # (B or 1, cached + C): the stream's window
+            if valid is not None:
+                seen = seen & F.pad(valid, (cached, 0), value=True)
+            itself = F.pad(torch.eye(chunk, dtype=torch.bool, device=x.device), (cached, 0))
+            mask = (seen[:, None, :] | itself)[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if left > 0:
-            cache["k"], cache["v"] = k[:, :, -left:], v[:, :, -left:]
-        cache["position"] = cache.get("position", 0) + x.shape[1]
+        cache["position"] = cache.get("position", 0) + chunk
         return self._merge(y)
 
 
-def dense_mask(frames: int, context: Context, valid: torch.Tensor | None,
+def dense_mask(frames: int, context: Context | PiecewiseContext, valid: torch.Tensor | None,
                device) -> torch.Tensor | None:
     """(B or 1, 1, T, T) bool mask: the chunk window minus padded keys (a frame keeps itself)."""
     if context == (-1, -1) and valid is None:
         return None  # full attention: PyTorch's fused kernel, no mask
     # With ``valid``, a mask even when nothing is padded: finding out would stop the host until
     # the GPU catches up, in every layer.
-    mask = chunk_attention_mask(frames, context, device)[None]
+    if isinstance(context, PiecewiseContext):
+        first, last = context.windows(frames, device)  # (B or 1, T)
+        keys = torch.arange(frames, device=device)
+        mask = (keys >= first[..., None]) & (keys <= last[..., None])
+    else:
+        mask = chunk_attention_mask(frames, context, device)[None]
     if valid is not None:
         itself = torch.eye(frames, dtype=torch.bool, device=device)
         mask = mask & (valid[:, None, :] | itself)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable, Mapping, Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from speechbrain.utils.checkpoints import (
@@ -95,6 +96,67 @@ def chunk_attention_mask(num_frames: int, context: Context, device=None) -> torc
     first, last = chunk_windows(num_frames, context, device)
     keys = torch.arange(num_frames, device=device)
     return (keys[None, :] >= first[:, None]) & (keys[None, :] <= last[:, None])
+
+
+@dataclass(frozen=True)
+class PiecewiseContext:
+    """Contexts that change at chunk boundaries: the offline reference of a switched stream.
+
+    Row ``b`` of a batch is cut into successive chunks; chunk ``k`` has ``right_k + 1`` frames and
+    its frames see their whole chunk plus the ``left_k`` frames before its start (``left = -1``:
+    all the past), where ``(left_k, right_k) = schedules[b][k]``. Past the last listed chunk the
+    last context goes on. A stream whose context switches between chunks computes exactly the
+    offline pass under this context (``StreamingEncoder.switch_context``).
+
+    Arguments
+    ---------
+    schedules : per batch row, the context of each successive chunk (one row: every row).
+
+    Example
+    -------
+    >>> first, last = PiecewiseContext([[(2, 1), (0, 0), (1, 2)]]).windows(6)
+    >>> first.tolist(), last.tolist()
+    ([[0, 0, 2, 2, 2, 2]], [[1, 1, 2, 5, 5, 5]])
+    """
+
+    schedules: tuple[tuple[Context, ...], ...]
+
+    def __init__(self, schedules: Sequence[Sequence[Sequence[int]]]):
+        rows = tuple(tuple(validate_context(tuple(c), f"chunk {k} of row {b}")
+                           for k, c in enumerate(row)) for b, row in enumerate(schedules))
+        if not rows or not all(rows):
+            raise ValueError("a piecewise context needs at least one chunk context per row")
+        for row in rows:
+            for context in row:
+                if context[1] == -1:
+                    raise ValueError(f"piecewise context: {list(context)} is offline (right = -1), "
+                                     "it has no chunk to switch at; use finite pairs")
+        object.__setattr__(self, "schedules", rows)
+
+    def contexts(self) -> set[Context]:
+        """Every context the schedules use."""
+        return {context for row in self.schedules for context in row}
+
+    def map(self, function: Callable[[Context], Context]) -> "PiecewiseContext":
+        """The same chunks with ``function`` applied to every context (e.g. a per-layer cap)."""
+        return PiecewiseContext([[function(c) for c in row] for row in self.schedules])
+
+    def windows(self, num_frames: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """First and last frame each frame may attend to (inclusive): two (B, T) long tensors
+        (B = number of rows)."""
+        firsts, lasts = [], []
+        for row in self.schedules:
+            first, last, start, k = [], [], 0, 0
+            while start < num_frames:
+                left, right = row[min(k, len(row) - 1)]
+                end = start + right + 1
+                first += [0 if left == -1 else max(0, start - left)] * (right + 1)
+                last += [end - 1] * (right + 1)
+                start, k = end, k + 1
+            firsts.append(first[:num_frames])
+            lasts.append(last[:num_frames])
+        return (torch.tensor(firsts, dtype=torch.long, device=device),
+                torch.tensor(lasts, dtype=torch.long, device=device))
 
 
 @register_checkpoint_hooks

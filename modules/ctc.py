@@ -54,3 +54,46 @@ class BeamTranscriber:
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         """(B, T, V + 1) log-probabilities, relative lengths -> best-beam texts."""
         return [" ".join(hyps[0].text.split()) for hyps in self.searcher(log_probs, lengths)]
+
+
+class IncrementalGreedyCTC:
+    """Best-path CTC decoding carried across chunks, in memory bounded by the text.
+
+    Keeps the last output index (so a token repeated across a chunk boundary collapses, as in
+    one pass), the finished words as text and the token ids of the open word only: a word is
+    closed when the next piece starts a word (SentencePiece's ``▁``). ``text()`` equals
+    :func:`greedy_transcripts` of all the log-probabilities so far.
+
+    Example
+    -------
+    >>> import sentencepiece  # doctest: +SKIP
+    >>> decoder = IncrementalGreedyCTC(sp)  # doctest: +SKIP
+    >>> decoder.push(log_probs_of_chunk)  # (1, C, V + 1)  # doctest: +SKIP
+    >>> decoder.text()  # doctest: +SKIP
+    """
+
+    def __init__(self, sp):
+        self.sp = sp
+        self.previous = 0  # blank: a first token is never collapsed
+        self.done = ""  # the finished words, single-spaced
+        self.open_word: list[int] = []  # token ids (without the +1 shift) of the last word
+
+    def push(self, log_probs: torch.Tensor) -> None:
+        """(1, C, V + 1) log-probabilities (or (C, V + 1)) of the next frames."""
+        for index in log_probs.reshape(-1, log_probs.shape[-1]).argmax(-1).tolist():
+            if index != self.previous and index != 0:
+                if self.open_word and self.sp.id_to_piece(index - 1).startswith("▁"):
+                    self.done = _join(self.done, self.sp.decode_ids(self.open_word))
+                    self.open_word = []
+                self.open_word.append(index - 1)
+            self.previous = index
+
+    def text(self) -> str:
+        """The transcript so far, single-spaced."""
+        return _join(self.done, self.sp.decode_ids(self.open_word))
+
+
+def _join(text: str, words: str) -> str:
+    """``text`` and ``words`` single-spaced (``text`` already is)."""
+    words = " ".join(words.split())
+    return f"{text} {words}" if text and words else text or words

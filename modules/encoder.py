@@ -3,18 +3,20 @@ and the per-layer contexts of the attention encoders (Conformer, Transformer).
 
 A block's *mixer* (self-attention for the Conformer, Mamba for ConMamba) is the only part that
 looks across frames besides the causal convolution; it implements
-``forward(x, context, valid, lengths, **options)`` and ``forward_streaming(x, cache, context)``.
+``forward(x, context, valid, lengths, **options)`` (``context``: a pair, or a
+``PiecewiseContext``) and ``forward_streaming(x, cache, context, valid)`` (``context``: a pair,
+or one pair per stream of the batch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .context import Context, validate_context
+from .context import Context, PiecewiseContext, validate_context
 from .layers import CausalConvolutionModule, FeedForward
 from .subsampling import CausalConvSubsampling
 
@@ -62,15 +64,28 @@ class LayerState:
     conv: torch.Tensor | None = None
 
 
+StreamContext = Union[Context, tuple[Context, ...]]  # one pair, or one per stream of a batch
+
+
+def per_stream(context: StreamContext) -> tuple[Context, ...]:
+    """A pair or per-stream pairs -> per-stream pairs (one pair: every stream)."""
+    return (context,) if isinstance(context[0], int) else tuple(context)
+
+
 @dataclass
 class StreamingState:
-    """Everything ``forward_streaming`` carries from one chunk to the next (bounded in size)."""
+    """Everything ``forward_streaming`` carries from one chunk to the next (bounded in size).
 
-    context: Context
-    layer_contexts: list[Context]
+    ``context``: the pair in force (or one pair per stream); ``max_left``: the largest left
+    context a ``switch_context`` may ask for (None: the stream keeps its context).
+    """
+
+    context: StreamContext
+    layer_contexts: list[StreamContext]
     layers: list[LayerState]
     subsampling: list | None = None
     finished: bool = False
+    max_left: int | None = None
 
 
 class StreamingEncoder(torch.nn.Module):
@@ -107,13 +122,19 @@ class StreamingEncoder(torch.nn.Module):
         """Validates a ``[left, right]`` pair for this encoder."""
         return validate_context(context)
 
+    def _checked(self, context: Context | PiecewiseContext) -> Context | PiecewiseContext:
+        """``check_context`` of a pair, or of every pair of a piecewise context."""
+        if isinstance(context, PiecewiseContext):
+            return context.map(self.check_context)
+        return self.check_context(context)
+
     def set_context(self, context: Context) -> None:
         """Fixes the context used when ``forward`` is called without one."""
         self.context = self.check_context(context)
 
-    def layer_contexts(self, context: Context) -> list[Context]:
+    def layer_contexts(self, context: Context | PiecewiseContext) -> list:
         """The context each layer applies under ``context``."""
-        return [self.check_context(context)] * len(self.layers)
+        return [self._checked(context)] * len(self.layers)
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None,
                 context: Context | None = None, num_layers: int | None = None,
@@ -124,7 +145,9 @@ class StreamingEncoder(torch.nn.Module):
         ---------
         feats : (B, T, n_mels) normalized features.
         lengths : (B,) relative lengths in (0, 1] (SpeechBrain convention); None = all full.
-        context : ``[left, right]`` in encoder frames; None = the fixed context.
+        context : ``[left, right]`` in encoder frames; None = the fixed context; a
+            ``PiecewiseContext``: contexts that change from chunk to chunk (the reference of a
+            switched stream: dense masks, a scan per chunk; slow).
         num_layers : run the first ``num_layers`` blocks only (e.g. to probe a middle layer);
             None: all of them.
         options : passed to every block's mixer (e.g. ``banded=False`` for the Conformer).
@@ -133,7 +156,7 @@ class StreamingEncoder(torch.nn.Module):
         -------
         (B, ceil(T / s), d_model) encoder frames. Frames past an utterance's end are padding.
         """
-        context = self.context if context is None else self.check_context(context)
+        context = self.context if context is None else self._checked(context)
         if num_layers is not None and not 1 <= num_layers <= len(self.layers):
             raise ValueError(f"num_layers (probe_layer) must be in 1..{len(self.layers)}, "
                              f"got {num_layers}")
@@ -165,16 +188,64 @@ class StreamingEncoder(torch.nn.Module):
             raise ValueError(f"context {list(context)} is offline (right = -1): it has no chunks "
                              "to stream; use a finite pair such as [32, 3]")
 
-    def make_streaming_context(self, context: Context | None = None) -> StreamingState:
-        """A fresh stream for ``forward_streaming`` under ``context`` (None: the fixed one)."""
+    def make_streaming_context(self, context: Context | None = None,
+                               max_left: int | None = None) -> StreamingState:
+        """A fresh stream for ``forward_streaming`` under ``context`` (None: the fixed one).
+
+        ``max_left``: the stream may later ``switch_context`` to any context whose left is at
+        most ``max_left`` frames; its caches keep that many frames (per layer, at most the
+        layer's cap). None: the stream keeps ``context``.
+        """
         context = self.context if context is None else self.check_context(context)
         layer_contexts = self.layer_contexts(context)
         self.check_streamable(context, layer_contexts)
-        return StreamingState(context, layer_contexts, [LayerState() for _ in self.layers])
+        layers = [LayerState() for _ in self.layers]
+        if max_left is not None:
+            if isinstance(max_left, bool) or not isinstance(max_left, int) or max_left < 0:
+                raise ValueError(f"max_left must be an int >= 0 (encoder frames), got {max_left!r}")
+            for layer, (layer_max, _) in zip(layers, self.layer_contexts((max_left, 0))):
+                layer.mixer["max_left"] = layer_max
+        state = StreamingState(context, layer_contexts, layers, max_left=max_left)
+        if max_left is not None:
+            self.switch_context(state, context)  # checks the first context against max_left
+        return state
+
+    def switch_context(self, state: StreamingState, context: StreamContext) -> None:
+        """Changes the context of a stream from its next chunk on (one pair, or one pair per
+        stream of the batch, all with the same chunk size ``right + 1``).
+
+        The stream then computes exactly ``forward`` under the ``PiecewiseContext`` of the
+        contexts each chunk ran under. Raises unless the stream was started with a ``max_left``
+        and every left is finite and at most it.
+        """
+        if state.max_left is None:
+            raise ValueError("this stream keeps its context: start it with "
+                             "make_streaming_context(context, max_left=...) to switch")
+        rows = tuple(self.check_context(c) for c in per_stream(context))
+        if len({right for _, right in rows}) != 1:
+            raise ValueError(f"streams of one batch share their chunk size: contexts {list(rows)} "
+                             "have different right values; batch streams with equal chunks")
+        for row in rows:
+            self.check_streamable(row, self.layer_contexts(row))
+            if row[0] == -1:
+                raise ValueError(f"context {list(row)} keeps all the past (left = -1): a stream "
+                                 "that switches needs finite left contexts")
+            if row[0] > state.max_left:
+                raise ValueError(f"context {list(row)}: left must be within the stream's "
+                                 f"max_left ({state.max_left} frames, fixed when it started; "
+                                 "its caches keep no more)")
+        if state.subsampling is not None and len(rows) > 1 and (
+                len(rows) != state.subsampling[0].shape[0]):
+            raise ValueError(f"{len(rows)} contexts for a batch of "
+                             f"{state.subsampling[0].shape[0]} streams")
+        state.context = rows[0] if len(set(rows)) == 1 else rows
+        per_layer = [self.layer_contexts(row) for row in rows]  # [stream][layer]
+        state.layer_contexts = [layer[0] if len(set(layer)) == 1 else tuple(layer)
+                                for layer in zip(*per_layer)]
 
     def chunk_frames(self, state: StreamingState) -> int:
         """Input feature frames per chunk: ``(right + 1) * s``."""
-        return (state.context[1] + 1) * self.subsampling_factor
+        return (per_stream(state.context)[0][1] + 1) * self.subsampling_factor
 
     def forward_streaming(self, feats: torch.Tensor, state: StreamingState,
                           lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,6 +267,10 @@ class StreamingEncoder(torch.nn.Module):
         stream's own frames).
         """
         expected = self.chunk_frames(state)
+        rows = len(per_stream(state.context))
+        if rows > 1 and rows != feats.shape[0]:
+            raise ValueError(f"the stream has {rows} per-stream contexts for a batch of "
+                             f"{feats.shape[0]} streams")
         if state.finished:
             raise ValueError("this stream has ended (its last chunk was shorter): "
                              "start a new one with make_streaming_context()")
@@ -258,12 +333,17 @@ class AttentionEncoder(StreamingEncoder):
         self.layer_left_contexts = None if layer_left_contexts is None else [
             int(v) for v in layer_left_contexts]
 
-    def layer_contexts(self, context: Context) -> list[Context]:
+    def layer_contexts(self, context: Context | PiecewiseContext) -> list:
         """The context each layer applies under ``context`` (per-layer caps included)."""
-        left, right = validate_context(context)
-        if self.layer_left_contexts is None or right == -1:
-            return [(left, right)] * len(self.layers)
-        return [(cap if left == -1 else min(left, cap), right) for cap in self.layer_left_contexts]
+        if isinstance(context, PiecewiseContext):
+            if self.layer_left_contexts is None:
+                return [context] * len(self.layers)
+            return [context.map(lambda c, cap=cap: _capped(c, cap))
+                    for cap in self.layer_left_contexts]
+        context = validate_context(context)
+        if self.layer_left_contexts is None:
+            return [context] * len(self.layers)
+        return [_capped(context, cap) for cap in self.layer_left_contexts]
 
     def narrowest_context(self, context: Context) -> Context:
         """The layer context with the smallest left window: what the masker must respect."""
@@ -277,3 +357,11 @@ class AttentionEncoder(StreamingEncoder):
                 f"context {list(context)} cannot be streamed with a bounded cache: left = -1 keeps "
                 "all the past; use a finite pair such as [32, 3] (or per-layer caps, "
                 "layer_left_contexts)")
+
+
+def _capped(context: Context, cap: int) -> Context:
+    """``context`` with its left limited to ``cap`` (the offline ``[-1, -1]`` is never capped)."""
+    left, right = context
+    if right == -1:
+        return context
+    return (cap if left == -1 else min(left, cap), right)

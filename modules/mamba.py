@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .context import Context
+from .context import Context, PiecewiseContext
+from .layers import depthwise_conv
 from .selective_scan import compiled_scan_available, selective_scan, window_correction
 
 logger = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ class Mamba(torch.nn.Module):
         if cache is None:
             cache = x.new_zeros(x.shape[0], x.shape[1], self.d_conv - 1)
         x = torch.cat([cache, x], dim=2)
-        out = F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
+        out = depthwise_conv(x, self.conv1d.weight, self.conv1d.bias)
         return F.silu(out).transpose(1, 2), x[:, :, x.shape[2] - (self.d_conv - 1):]
 
     def _ssm_inputs(self, x: torch.Tensor):
@@ -268,9 +269,11 @@ class Mamba(torch.nn.Module):
         ``valid`` and ``lengths`` are not needed: padding comes after the frames and the layer
         is causal.
         """
-        left, right = context
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u = self._conv(u, None)[0]
+        if isinstance(context, PiecewiseContext):
+            return self.out_proj((self._piecewise_scan(u, context) + u * self.D) * F.silu(z))
+        left, right = context
         dt, B, C = self._ssm_inputs(u)
         backend = self.backend_for(u.device, context)
         if backend == "fused" and left == -1:
@@ -286,6 +289,22 @@ class Mamba(torch.nn.Module):
                                     compiled=backend == "compiled")
         y = y + u * self.D
         return self.out_proj(y * F.silu(z))
+
+    def _piecewise_scan(self, u: torch.Tensor, context: PiecewiseContext) -> torch.Tensor:
+        """The reference of a switched stream: every chunk of every row scanned on its own, from
+        a zero state at its window start (one scan per chunk: slow, for tests)."""
+        first, last = context.windows(u.shape[1])
+        first, last = (t.expand(u.shape[0], -1).tolist() for t in (first, last))
+        rows = []
+        for b in range(u.shape[0]):
+            pieces, start = [], 0
+            while start < u.shape[1]:
+                end = min(last[b][start] + 1, u.shape[1])
+                window = u[b:b + 1, first[b][start]:end]
+                pieces.append(self._scan(window, *self._ssm_inputs(window))[0][:, start - end:])
+                start = end
+            rows.append(torch.cat(pieces, dim=1))
+        return torch.cat(rows)
 
     def _windowed_scan(self, u, delta, B, C, left: int, chunk: int,
                        compiled: bool) -> torch.Tensor:
@@ -314,23 +333,36 @@ class Mamba(torch.nn.Module):
                                        first_state, compiled=compiled)
         return torch.cat([y[:, :start], y[:, start:] - correction], dim=1).to(u.dtype)
 
-    def forward_streaming(self, x: torch.Tensor, cache: dict, context: Context,
+    def forward_streaming(self, x: torch.Tensor, cache: dict,
+                          context: Context | tuple[Context, ...],
                           valid: torch.Tensor | None = None) -> torch.Tensor:
         """One chunk (B, C, d_model) -> (B, C, d_model), equal to the offline frames (``valid``
         is not needed: the layer is causal and padding comes after a stream's frames).
 
-        ``cache`` (updated in place): ``conv`` (B, d_inner, d_conv - 1) and either ``state``
-        (B, d_inner, d_state; ``left = -1``) or ``window`` (the last ``left`` SSM inputs).
+        ``context``: one pair, or one per stream (their lefts may differ). ``cache`` (updated in
+        place): ``conv`` (B, d_inner, d_conv - 1) and either ``state`` (B, d_inner, d_state;
+        ``left = -1``) or ``window``: the last SSM inputs, as many as ``cache["max_left"]`` when
+        set (a stream that may switch), else as the left context. Each stream scans its chunk
+        from a zero state ``left`` frames back: its older window inputs are zeroed, which leaves
+        the state at exactly zero until its window starts.
         """
-        left, _ = context
+        lefts = [left for left, _ in ((context,) if isinstance(context[0], int) else context)]
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u, cache["conv"] = self._conv(u, cache.get("conv"))
-        if left == -1:
+        if lefts[0] == -1:
             y, cache["state"] = self._scan(u, *self._ssm_inputs(u), cache.get("state"))
         else:
+            keep = cache.get("max_left", lefts[0])
             past = cache.get("window")
             window = u if past is None else torch.cat([past, u], dim=1)
-            y = self._scan(window, *self._ssm_inputs(window))[0][:, -u.shape[1]:]
-            cache["window"] = window[:, max(0, window.shape[1] - left):] if left else None
+            cache["window"] = window[:, max(0, window.shape[1] - keep):] if keep else None
+            window = window[:, max(0, window.shape[1] - max(lefts) - u.shape[1]):]
+            cached = window.shape[1] - u.shape[1]
+            inputs = window
+            if min(lefts) < cached:
+                first = cached - torch.tensor(lefts, device=u.device).clamp(max=cached)
+                outside = torch.arange(window.shape[1], device=u.device)[None] < first[:, None]
+                inputs = window.masked_fill(outside[..., None], 0.0)
+            y = self._scan(inputs, *self._ssm_inputs(window))[0][:, -u.shape[1]:]
         y = y + u * self.D
         return self.out_proj(y * F.silu(z))

@@ -1,4 +1,5 @@
-"""A trained CTC model for decoding: offline, or streamed from raw audio chunk by chunk."""
+"""A trained CTC model for decoding: offline, or streamed from raw audio chunk by chunk
+(``Recognizer.stream``, see ``stream.py``)."""
 from __future__ import annotations
 
 import logging
@@ -13,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]  # also as ``recipes.inference``
 
 from run_folder import find_run_folder, load_run_hparams  # noqa: E402
+from stream import Stream  # noqa: E402
 from modules.context import Context, parse_context  # noqa: E402
 from modules.ctc import greedy_transcripts  # noqa: E402
-from modules.features import FbankStream  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -126,49 +127,25 @@ class Recognizer:
         """Offline greedy transcript of one (n,) utterance under ``context``."""
         return self.transcribe_batch(samples[None], torch.ones(1), context)[0]
 
-    def stream(self, context: Context) -> "Stream":
-        return Stream(self, context)
+    @property
+    def trained_contexts(self) -> list[Context]:
+        """The contexts the model was trained under (``att_context_size``)."""
+        specs = self.hparams["att_context_size"]
+        if isinstance(specs, str) or (len(specs) == 2 and all(isinstance(v, int) for v in specs)):
+            specs = [specs]
+        return [self.context(spec) for spec in specs]
 
+    def check_trained(self, context: Context) -> Context:
+        """``context``, if the model was trained under it; else a clear error."""
+        if context not in self.trained_contexts:
+            raise ValueError(f"context {list(context)} was not trained: a stream may switch only "
+                             f"to trained contexts, {[list(c) for c in self.trained_contexts]}")
+        return context
 
-class Stream:
-    """Raw audio in pieces of any size -> partial transcripts, equal to offline at the end."""
-
-    def __init__(self, recognizer: Recognizer, context: Context):
-        self.recognizer = recognizer
-        self.front_end = FbankStream(recognizer.hparams["compute_features"])
-        self.state = recognizer.encoder.make_streaming_context(context)
-        self.chunk = recognizer.encoder.chunk_frames(self.state)
-        self.pending = None
-        self.outputs = []
-
-    @torch.no_grad()
-    def push(self, samples: torch.Tensor) -> str:
-        """Feeds (n,) new samples; returns the transcript of every complete chunk so far."""
-        feats = self.recognizer.normalize(
-            self.front_end.push(samples[None].to(self.recognizer.device)))
-        self.pending = feats if self.pending is None else torch.cat([self.pending, feats], dim=1)
-        while self.pending.shape[1] >= self.chunk:
-            self._encode(self.pending[:, :self.chunk])
-            self.pending = self.pending[:, self.chunk:]
-        return self.text()
-
-    @torch.no_grad()
-    def finish(self) -> str:
-        """Encodes the last, shorter chunk; returns the final transcript."""
-        if self.pending is not None and self.pending.shape[1]:
-            self._encode(self.pending)
-            self.pending = self.pending[:, :0]
-        return self.text()
-
-    def _encode(self, feats: torch.Tensor) -> None:
-        encoded = self.recognizer.encoder.forward_streaming(feats, self.state)
-        self.outputs.append(self.recognizer.log_probs(encoded))
-
-    def text(self) -> str:
-        if not self.outputs:
-            return ""
-        return collapse_spaces(greedy_transcripts(torch.cat(self.outputs, dim=1).cpu(),
-                                                  torch.ones(1), self.recognizer.sp)[0])
+    def stream(self, context: Context, max_left: int | None = None, controller=None) -> "Stream":
+        """A ``stream.Stream`` starting under ``context`` (see there for ``max_left`` and
+        ``controller``)."""
+        return Stream(self, context, max_left, controller)
 
 
 def collapse_spaces(text: str) -> str:

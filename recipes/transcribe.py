@@ -4,7 +4,8 @@
 Usage::
 
     python recipes/transcribe.py <run folder> --audio speech.flac [--context medium] \\
-        [--mode stream|benchmark|auto] [--latency_budget_ms 300] [--device cuda] [--quiet]
+        [--mode stream|benchmark|auto|adaptive] [--latency_budget_ms 300] \\
+        [--policy latency,snr,load] [--device cuda] [--quiet]
 
 ``<run folder>`` is the ``--output_folder`` of a ``recipes/train.py`` CTC run (or its
 ``hyperparams.yaml``); a copy of it works from any directory. A file at another sample rate or
@@ -17,6 +18,12 @@ with several channels is resampled / averaged to mono, with one line saying so.
   the latency (chunk duration + compute) and the real-time factor.
 - ``auto``: runs the benchmark and streams with the largest context whose measured latency fits
   ``--latency_budget_ms``.
+- ``adaptive``: runs the benchmark (the calibration), then streams with a context that switches
+  between chunks among the trained ones, chosen by ``--policy`` (``modules/adaptive.py``):
+  ``latency`` (chunk + compute within ``--latency_budget_ms``), ``snr`` (more left context as
+  the audio's running SNR drops), ``load`` (measured compute against the calibration: real-time
+  headroom). Partial lines show the context in force; the JSON lists every switch, and the
+  final transcript equals the offline pass under the piecewise context the stream ran.
 
 The last stdout line is one JSON object.
 """
@@ -35,6 +42,7 @@ from cli import RecipeParser, note, run_cli
 from dataio import AudioFileError
 from evaluate import check_output_folder, streamable
 from inference import Recognizer, default_device
+from modules.adaptive import POLICIES, ContextController
 from modules.context import describe_context
 from run_folder import find_run_folder
 
@@ -94,6 +102,31 @@ def stream_file(recognizer: Recognizer, samples, context, show: bool = True) -> 
             "context_seconds": describe_context(context, recognizer.encoder.frame_seconds)}
 
 
+def stream_adaptive(recognizer: Recognizer, samples, controller: ContextController,
+                    show: bool = True) -> dict:
+    """Streams ``samples`` with ``controller`` switching the context between chunks; prints
+    the partial transcript (and the context in force) when either changes."""
+    stream = recognizer.stream(controller.first_context(), controller=controller)
+    sample_rate = recognizer.hparams["sample_rate"]
+    hop = recognizer.hparams["compute_features"].hop_samples
+    shown, start = None, 0
+    while start < len(samples):
+        piece = stream.chunk * hop  # the audio of the next chunk under the context in force
+        partial = stream.push(samples[start:start + piece])
+        start += piece
+        if show and (partial, stream.context) != shown:
+            print(f"[{min(start, len(samples)) / sample_rate:6.2f} s] {list(stream.context)} "
+                  f"{partial}", flush=True)
+            shown = partial, stream.context
+    final = stream.finish()
+    if show and final != shown[0]:
+        print(f"[{len(samples) / sample_rate:6.2f} s] {list(stream.context)} {final}", flush=True)
+    offline = recognizer.transcribe(samples, stream.piecewise_context())
+    return {"text": final, "offline_text": offline, "equal_to_offline": final == offline,
+            "streamed": True, "policies": sorted(controller.policies),
+            **stream.summary()}
+
+
 def transcribe_offline(recognizer: Recognizer, samples, context, show: bool = True) -> dict:
     """A context that cannot be streamed (offline, or all the past): one offline pass, said."""
     note(f"context {list(context)} cannot be streamed (it needs the whole utterance or all its "
@@ -133,6 +166,18 @@ def benchmark(recognizer: Recognizer, samples, repeats: int = 2) -> list[dict]:
     return rows
 
 
+def make_controller(recognizer: Recognizer, rows: list[dict], policies: list[str],
+                    budget_ms: float | None) -> ContextController:
+    """A controller over the trained contexts, calibrated with the measured ``rows``."""
+    measured = {tuple(row["context"]): row["compute_ms"] for row in rows}
+    missing = [list(c) for c in recognizer.trained_contexts if c not in measured]
+    if missing:
+        raise ValueError(f"trained contexts {missing} are not presets of the run "
+                         "(context_presets), so they were not calibrated; add them as presets")
+    return ContextController(recognizer.trained_contexts, recognizer.encoder.frame_seconds,
+                             compute_ms=measured, policies=policies, latency_budget_ms=budget_ms)
+
+
 def choose(rows: list[dict], budget_ms: float) -> dict:
     """The largest context (longest chunk, then longest left) whose latency fits the budget."""
     fitting = [r for r in rows if r["latency_ms"] <= budget_ms]
@@ -150,10 +195,14 @@ def parse_arguments(argv: list[str]):
     parser.add_argument("--audio", required=True, help="one audio file")
     parser.add_argument("--context", default=None,
                         help="stream mode: preset or 'L,R' (default: the run's valid_context)")
-    parser.add_argument("--mode", choices=["stream", "benchmark", "auto"], default="stream",
-                        help="see above (default: stream)")
+    parser.add_argument("--mode", choices=["stream", "benchmark", "auto", "adaptive"],
+                        default="stream", help="see above (default: stream)")
     parser.add_argument("--latency_budget_ms", type=float, default=None,
-                        help="auto mode: the largest context whose measured latency fits")
+                        help="auto mode: the largest context whose measured latency fits; "
+                             "adaptive mode: the budget of the latency policy")
+    parser.add_argument("--policy", default=None,
+                        help=f"adaptive mode: comma-separated policies among {', '.join(POLICIES)}"
+                             " (default: snr,load, with latency too when a budget is given)")
     parser.add_argument("--device", default=default_device(), help="default: cuda, mps or cpu")
     parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
     parser.add_argument("--output_folder", help="the run folder (older form; the first argument "
@@ -162,11 +211,22 @@ def parse_arguments(argv: list[str]):
     if args.mode == "auto" and args.latency_budget_ms is None:
         parser.error("--mode auto needs --latency_budget_ms (the largest context whose measured "
                      "latency fits it is chosen)")
-    if args.mode != "auto" and args.latency_budget_ms is not None:
-        parser.error(f"--latency_budget_ms is used only by --mode auto (it chooses the context); "
-                     f"add --mode auto, or drop it in --mode {args.mode}")
+    if args.mode not in ("auto", "adaptive") and args.latency_budget_ms is not None:
+        parser.error(f"--latency_budget_ms is used only by --mode auto and adaptive; add one of "
+                     f"them, or drop it in --mode {args.mode}")
+    if args.mode != "adaptive" and args.policy is not None:
+        parser.error("--policy is used only by --mode adaptive")
+    if args.mode == "adaptive":
+        default = "snr,load" + (",latency" if args.latency_budget_ms is not None else "")
+        args.policy = [p.strip() for p in (args.policy or default).split(",") if p.strip()]
+        unknown = sorted(set(args.policy) - set(POLICIES))
+        if unknown:
+            parser.error(f"--policy {','.join(unknown)}: unknown; choose among "
+                         f"{', '.join(POLICIES)}")
+        if "latency" in args.policy and args.latency_budget_ms is None:
+            parser.error("--policy latency needs --latency_budget_ms")
     if args.mode != "stream" and args.context is not None:
-        what = "measures every preset" if args.mode == "benchmark" else "chooses the context"
+        what = "measures every preset" if args.mode == "benchmark" else "chooses the contexts"
         parser.error(f"--context is not used by --mode {args.mode}, which {what}; drop --context "
                      "or use --mode stream")
     return args
@@ -185,6 +245,9 @@ def main(argv: list[str]) -> dict:
             return transcribe_offline(recognizer, samples, context, show)
         return stream_file(recognizer, samples, context, show)
     rows = benchmark(recognizer, samples)
+    if args.mode == "adaptive":
+        controller = make_controller(recognizer, rows, args.policy, args.latency_budget_ms)
+        return {**stream_adaptive(recognizer, samples, controller, show), "benchmark": rows}
     if args.mode == "benchmark":
         for row in rows if show else []:
             print(f"{row['preset']:>10} {row['context']}: chunk {row['chunk_ms']} ms + compute "

@@ -41,6 +41,10 @@ NOT_RUN = {
     "--nproc_per_node=8": "8 GPUs per node (tests/test_distributed.py runs torchrun on CPU)",
     "#SBATCH": "a Slurm cluster",
     "/data/LibriSpeech": "needs LibriSpeech, which a clone does not have",
+    "benchmarks/stream_cost.py": "an hour of benchmark-corpus audio streamed "
+                                 "(tests/test_adaptive_stream.py runs it short)",
+    "benchmarks/adaptive_context.py": "the benchmark corpus and a recognizer trained on it, half an "
+                                      "hour of CPU (tests/test_adaptive_stream.py runs it short)",
     "ablate.py hparams/ablations/": "a 19-minute grid, or a Slurm cluster (tests/test_ablate.py "
                                     "runs a tiny grid)",
 }

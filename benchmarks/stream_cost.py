@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Does a stream's cost stay flat? Per-chunk compute over a long stream, ours side by side with
+the history-decoding stream it replaced.
+
+A long stream is built by cycling the utterances of a test CSV; it is pushed one chunk of audio
+at a time (as a live stream arrives) through ``Recognizer.stream``: features, normalization,
+encoder chunk, CTC head, incremental greedy decoding. The reference, on the same model and
+audio, is the earlier ``Stream``: it kept every chunk's log-probabilities and decoded the whole
+history after each chunk. Printed: ms per chunk in the first and last tenth of each stream,
+their ratio, the real-time factor, and what the stream holds at the end.
+
+Usage::
+
+    python benchmarks/stream_cost.py <CTC run folder> [--minutes 60] [--reference_minutes 7] \\
+        [--context 8,0] [--test_csv data/benchmark/test.csv] [--threads 2]
+
+One JSON line at the end.
+"""
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import soundfile as sf
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]
+
+from inference import Recognizer  # noqa: E402
+from modules.ctc import greedy_transcripts  # noqa: E402
+
+
+class HistoryDecoder:
+    """The decoding the earlier ``Stream`` did: every log-probability kept, the whole history
+    greedy-decoded again after each chunk."""
+
+    def __init__(self, sp):
+        self.sp, self.outputs = sp, []
+
+    def push(self, log_probs: torch.Tensor) -> None:
+        self.outputs.append(log_probs)
+
+    def text(self) -> str:
+        if not self.outputs:
+            return ""
+        return greedy_transcripts(torch.cat(self.outputs, dim=1).cpu(), torch.ones(1), self.sp)[0]
+
+
+def utterances(test_csv: str) -> list[torch.Tensor]:
+    """Every utterance of ``test_csv`` as (n,) float32 samples (``$data_root`` = its folder)."""
+    folder = Path(test_csv).parent
+    with open(test_csv) as f:
+        return [torch.from_numpy(sf.read(row["wav"].replace("$data_root", str(folder)),
+                                         dtype="float32")[0]) for row in csv.DictReader(f)]
+
+
+def run_stream(recognizer: Recognizer, audio: list[torch.Tensor], context, minutes: float,
+               history: bool) -> dict:
+    """Pushes ``minutes`` of cycled ``audio`` one chunk at a time; per-chunk times by tenth."""
+    stream = recognizer.stream(context)
+    if history:
+        stream.decoder = HistoryDecoder(recognizer.sp)
+    piece = stream.chunk * recognizer.hparams["compute_features"].hop_samples
+    total = int(minutes * 60 * recognizer.hparams["sample_rate"])
+    times, pending, index, pushed = [], torch.zeros(0), 0, 0
+    while pushed < total:
+        while len(pending) < piece:
+            pending = torch.cat([pending, audio[index % len(audio)]])
+            index += 1
+        begin = time.perf_counter()
+        stream.push(pending[:piece])
+        times.append(time.perf_counter() - begin)
+        pending, pushed = pending[piece:], pushed + piece
+    text = stream.finish()
+    tenth = max(1, len(times) // 10)
+    first, last = sum(times[:tenth]) / tenth, sum(times[-tenth:]) / tenth
+    return {"decoding": "history" if history else "incremental", "minutes": minutes,
+            "chunks": len(times), "first_tenth_ms": round(1000 * first, 3),
+            "last_tenth_ms": round(1000 * last, 3), "last_over_first": round(last / first, 3),
+            "rtf": round(sum(times) / (pushed / recognizer.hparams["sample_rate"]), 4),
+            "text_characters": len(text),
+            "held_log_prob_frames": sum(o.shape[1] for o in getattr(stream.decoder, "outputs", []))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="a CTC run folder")
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--reference_minutes", type=float, default=7.0,
+                        help="length of the history-decoding reference stream (0: skip it)")
+    parser.add_argument("--context", default="8,0")
+    parser.add_argument("--test_csv", default="data/benchmark/test.csv")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    recognizer = Recognizer(args.run)
+    context = recognizer.context(args.context)
+    audio = utterances(args.test_csv)
+    run_stream(recognizer, audio, context, 0.2, history=False)  # warm-up: one-time costs
+    rows = [run_stream(recognizer, audio, context, args.minutes, history=False)]
+    if args.reference_minutes:
+        rows.append(run_stream(recognizer, audio, context, args.reference_minutes, history=True))
+    for row in rows:
+        print(f"{row['decoding']:>11} {row['minutes']:g} min at {list(context)}: "
+              f"{row['first_tenth_ms']} -> {row['last_tenth_ms']} ms per chunk "
+              f"(x{row['last_over_first']}), RTF {row['rtf']}", flush=True)
+    print(json.dumps({"context": list(context), "threads": args.threads, "run": args.run,
+                      "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""A stream of raw audio -> partial transcripts, chunk by chunk, whose context may switch at any
+chunk boundary (by hand, or by an adaptive controller), with bounded memory and flat cost."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from modules.adaptive import ChunkReport, ContextController
+from modules.context import Context, PiecewiseContext, describe_context
+from modules.ctc import IncrementalGreedyCTC
+from modules.features import FbankStream
+from modules.snr import RunningSNR
+
+
+class Stream:
+    """Raw audio in pieces of any size -> partial transcripts, equal to offline at the end.
+
+    Arguments
+    ---------
+    recognizer : a ``inference.Recognizer``.
+    context : the context of the first chunk.
+    max_left : the largest left context a later ``switch`` may ask for (its caches keep that
+        many frames); default: the largest trained left context with a controller, else the
+        stream keeps ``context``.
+    controller : a ``modules.adaptive.ContextController`` that picks each next chunk's context
+        from the chunk just encoded (its compute time, the audio's running SNR).
+
+    Memory stays bounded: the caches of ``max_left`` frames, the features of one chunk, the
+    transcript's text and one open word's token ids; no log-probabilities are kept.
+    ``switches`` lists every change of context (audio time, from, to, reason) and ``stats`` the
+    chunks, audio, compute and deadline misses (compute longer than the chunk) per context.
+    The final transcript equals the offline pass under the piecewise context the stream ran.
+    """
+
+    def __init__(self, recognizer, context: Context, max_left: int | None = None,
+                 controller: ContextController | None = None):
+        self.recognizer = recognizer
+        self.encoder = recognizer.encoder
+        self.front_end = FbankStream(recognizer.hparams["compute_features"])
+        if max_left is None and controller is not None:
+            max_left = max(left for left, _ in recognizer.trained_contexts)
+        self.state = self.encoder.make_streaming_context(
+            recognizer.check_trained(context) if max_left is not None else context, max_left)
+        self.decoder = IncrementalGreedyCTC(recognizer.sp)
+        self.controller = controller
+        self.snr = RunningSNR(recognizer.hparams["sample_rate"]) if (
+            controller is not None and "snr" in controller.policies) else None
+        self.snr_db: float | None = None
+        self.pending: torch.Tensor | None = None
+        self.seconds = 0.0  # audio encoded so far
+        self.switches: list[dict] = []
+        self.runs: list[list] = []  # [context, chunks] per stretch between switches
+        self.stats: dict[Context, dict] = {}
+
+    @property
+    def context(self) -> Context:
+        """The context of the next chunk."""
+        return self.state.context
+
+    @property
+    def chunk(self) -> int:
+        """Feature frames of the next chunk."""
+        return self.encoder.chunk_frames(self.state)
+
+    def switch(self, context, reason: str = "requested") -> None:
+        """Runs the next chunks under ``context`` (a preset name, ``"L,R"`` or pair): a context
+        the model was trained for, with a left context within the stream's ``max_left``."""
+        context = self.recognizer.check_trained(self.recognizer.context(context))
+        if context == self.context:
+            return
+        previous = self.context
+        self.encoder.switch_context(self.state, context)
+        self.switches.append({"time": round(self.seconds, 3), "from": list(previous),
+                              "to": list(context), "reason": reason})
+
+    @torch.inference_mode()
+    def push(self, samples: torch.Tensor) -> str:
+        """Feeds (n,) new samples; returns the transcript of every complete chunk so far."""
+        begin = time.perf_counter()
+        if self.snr is not None:
+            self.snr_db = self.snr.push(samples)
+        feats = self.recognizer.normalize(
+            self.front_end.push(samples[None].to(self.recognizer.device)))
+        self.pending = feats if self.pending is None else torch.cat([self.pending, feats], dim=1)
+        while self.pending.shape[1] >= self.chunk:
+            chunk, self.pending = self.pending[:, :self.chunk], self.pending[:, self.chunk:]
+            begin = self._encode(chunk, begin)
+        return self.decoder.text()
+
+    @torch.inference_mode()
+    def finish(self) -> str:
+        """Encodes the last, shorter chunk; returns the final transcript."""
+        if self.pending is not None and self.pending.shape[1]:
+            self._encode(self.pending, time.perf_counter())
+            self.pending = self.pending[:, :0]
+        return self.decoder.text()
+
+    def text(self) -> str:
+        return self.decoder.text()
+
+    def _encode(self, feats: torch.Tensor, begin: float) -> float:
+        """Encodes and decodes one chunk; records its compute since ``begin``, then lets the
+        controller pick the next context. Returns the time it ended."""
+        context = self.context
+        self.decoder.push(self.recognizer.log_probs(
+            self.encoder.forward_streaming(feats, self.state)))
+        end = time.perf_counter()
+        chunk_seconds = feats.shape[1] * 0.01  # 10 ms feature hop
+        self.seconds += chunk_seconds
+        stats = self.stats.setdefault(context, {"chunks": 0, "audio_seconds": 0.0,
+                                                "compute_seconds": 0.0, "deadline_misses": 0})
+        stats["chunks"] += 1
+        stats["audio_seconds"] += chunk_seconds
+        stats["compute_seconds"] += end - begin
+        stats["deadline_misses"] += end - begin > chunk_seconds
+        if self.runs and self.runs[-1][0] == context:
+            self.runs[-1][1] += 1
+        else:
+            self.runs.append([context, 1])
+        if self.controller is not None and not self.state.finished:
+            decision = self.controller.next_context(ChunkReport(
+                context=context, chunk_seconds=chunk_seconds, compute_seconds=end - begin,
+                stream_seconds=self.seconds, snr_db=self.snr_db))
+            if decision.context != self.context:
+                self.switch(decision.context, decision.reason)
+        return time.perf_counter()
+
+    def piecewise_context(self) -> PiecewiseContext:
+        """The context of every chunk encoded so far: the stream's offline reference."""
+        if not self.runs:
+            return PiecewiseContext([[self.context]])
+        return PiecewiseContext([[c for c, chunks in self.runs for _ in range(chunks)]])
+
+    def summary(self) -> dict:
+        """Switches and per-context statistics, JSON-ready."""
+        frame = self.encoder.frame_seconds
+        return {"switches": self.switches, "contexts": [
+            {"context": list(c), "context_seconds": describe_context(c, frame), **s,
+             "compute_per_audio_second": round(s["compute_seconds"] / max(s["audio_seconds"], 1e-9), 5)}
+            for c, s in self.stats.items()]}
