@@ -12,14 +12,18 @@ Every configuration streams the same audio one chunk of audio at a time (pushed 
 model goes; each chunk's compute is measured): every trained context as a fixed preset, and the
 controller of ``modules/adaptive.py`` with each ``--policies`` set, calibrated (compute per
 chunk of every context) on clean audio before the streams, as ``transcribe.py --mode adaptive``
-does. Reported per configuration: WER and CER over all streams (SpeechBrain's ErrorRateStats,
-references normalized like evaluate.py), compute per second of audio, deadline misses (chunks
-whose compute exceeded their duration) overall and under load, and the number of switches.
+does. Each stream goes through every configuration, in an order rotated from one stream to the
+next (drift of the machine spreads over all of them). Reported per configuration: WER and CER
+over all streams (SpeechBrain's ErrorRateStats, one long hypothesis per stream, references
+normalized like evaluate.py), compute per second of audio (SNR estimation and controller
+included), deadline misses (encoded chunks whose compute exceeded their duration; chunks are
+not paced in real time, so a late chunk does not delay the next) overall and under load, the
+share of the audio each context ran, and the number of switches.
 
 Usage::
 
     python benchmarks/adaptive_context.py <CTC run folder> [--test_csv data/benchmark/test.csv] \\
-        [--streams 3] [--minutes 3] [--noise pink] [--snr_db 0] [--load_processes 2] \\
+        [--streams 3] [--minutes 3] [--noise pink] [--snr_db 0] [--load_processes 1] \\
         [--policies snr,load latency,snr,load] [--latency_budget_ms 400] [--out results/adaptive_context]
 
 Writes ``table.md`` and ``result.json`` (with the command and commit) under ``--out``; the last
@@ -110,55 +114,66 @@ class BackgroundLoad:
             self.workers = []
 
 
-def run_configuration(recognizer: Recognizer, streams: list[dict], name: str, make_stream,
-                      load: BackgroundLoad) -> dict:
-    """Streams every stream chunk by chunk with ``make_stream()``; the load runs in the second
-    half of each stream's audio."""
-    wer, cer = ErrorRateStats(), ErrorRateStats(split_tokens=True)
-    normalize = recognizer.text_normalizer
+def stream_once(recognizer: Recognizer, item: dict, stream, load: BackgroundLoad) -> dict:
+    """Streams one long stream one chunk of audio at a time; the load runs in the second half
+    of its audio. Deadline misses are counted per encoded chunk (``stream.stats``)."""
     hop = recognizer.hparams["compute_features"].hop_samples
-    totals = {"audio": 0.0, "compute": 0.0, "chunks": 0, "misses": 0, "loaded_chunks": 0,
-              "loaded_misses": 0, "switches": 0}
-    for number, item in enumerate(streams):
-        stream, audio, start = make_stream(), item["audio"], 0
-        half = len(audio) // 2
-        while start < len(audio):
-            loaded = start >= half
-            load.start() if loaded else load.end()
-            piece = stream.chunk * hop
-            begin = time.perf_counter()
-            stream.push(audio[start:start + piece])
-            seconds = time.perf_counter() - begin
-            chunk_seconds = min(piece, len(audio) - start) / 16000
-            missed = seconds > chunk_seconds
-            totals["chunks"] += 1
-            totals["misses"] += missed
-            totals["loaded_chunks"] += loaded
-            totals["loaded_misses"] += missed and loaded
-            totals["compute"] += seconds
-            start += piece
-        load.end()
-        text = stream.finish()
-        totals["audio"] += len(audio) / 16000
-        totals["switches"] += len(stream.switches)
-        key = f"stream{number}"
-        wer.append([key], [normalize(text).split()], [normalize(item["words"]).split()])
-        cer.append([key], [normalize(text).split()], [normalize(item["words"]).split()])
+    audio, start, half, before_load = item["audio"], 0, len(item["audio"]) // 2, None
+    while start < len(audio):
+        if start >= half and before_load is None:
+            before_load = {c: dict(v) for c, v in stream.stats.items()}
+            load.start()
+        piece = stream.chunk * hop
+        stream.push(audio[start:start + piece])
+        start += piece
+    load.end()
+    text = stream.finish()
+    loaded = {c: {k: v[k] - before_load.get(c, {}).get(k, 0) for k in ("chunks", "deadline_misses")}
+              for c, v in stream.stats.items()}
+    return {"text": text, "stats": stream.stats, "loaded": loaded,
+            "switches": len(stream.switches)}
+
+
+def summarize(name: str, runs: list[dict], streams: list[dict], normalize) -> dict:
+    """WER / CER over the streams, compute per audio second, deadline misses (all, under
+    load), the share of audio each context ran and the switches of one configuration."""
+    wer, cer = ErrorRateStats(), ErrorRateStats(split_tokens=True)
+    for number, (run, item) in enumerate(zip(runs, streams)):
+        words, reference = normalize(run["text"]).split(), normalize(item["words"]).split()
+        wer.append([f"stream{number}"], [words], [reference])
+        cer.append([f"stream{number}"], [words], [reference])
+    totals = {}
+    for run in runs:
+        for context, stats in run["stats"].items():
+            entry = totals.setdefault(context, {"audio": 0.0, "compute": 0.0, "chunks": 0,
+                                                "misses": 0, "loaded_chunks": 0,
+                                                "loaded_misses": 0})
+            entry["audio"] += stats["audio_seconds"]
+            entry["compute"] += stats["compute_seconds"]
+            entry["chunks"] += stats["chunks"]
+            entry["misses"] += stats["deadline_misses"]
+            entry["loaded_chunks"] += run["loaded"][context]["chunks"]
+            entry["loaded_misses"] += run["loaded"][context]["deadline_misses"]
+    audio = sum(e["audio"] for e in totals.values())
+    total = {key: sum(e[key] for e in totals.values()) for key in next(iter(totals.values()))}
     return {"configuration": name, "wer": round(wer.summarize("error_rate"), 2),
             "cer": round(cer.summarize("error_rate"), 2),
-            "compute_per_audio_second": round(totals["compute"] / totals["audio"], 4),
-            "deadline_miss_percent": round(100 * totals["misses"] / totals["chunks"], 2),
+            "compute_per_audio_second": round(total["compute"] / audio, 4),
+            "deadline_miss_percent": round(100 * total["misses"] / total["chunks"], 2),
             "loaded_deadline_miss_percent": round(
-                100 * totals["loaded_misses"] / max(totals["loaded_chunks"], 1), 2),
-            "chunks": totals["chunks"], "switches": totals["switches"]}
+                100 * total["loaded_misses"] / max(total["loaded_chunks"], 1), 2),
+            "audio_share": {str(list(c)): round(e["audio"] / audio, 3) for c, e in totals.items()},
+            "chunks": total["chunks"], "switches": sum(run["switches"] for run in runs)}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| configuration | WER % | CER % | compute / audio s | deadline misses % | "
-             "misses under load % | switches |", "|---|---|---|---|---|---|---|"]
+             "misses under load % | switches | audio share per context |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['configuration']} | {r['wer']} | {r['cer']} | {r['compute_per_audio_second']}"
               f" | {r['deadline_miss_percent']} | {r['loaded_deadline_miss_percent']} | "
-              f"{r['switches']} |" for r in rows]
+              f"{r['switches']} | {', '.join(f'{c}: {v}' for c, v in r['audio_share'].items())} |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -171,7 +186,7 @@ def main() -> None:
     parser.add_argument("--snr_db", type=float, default=0.0)
     parser.add_argument("--streams", type=int, default=3)
     parser.add_argument("--minutes", type=float, default=3.0)
-    parser.add_argument("--load_processes", type=int, default=2)
+    parser.add_argument("--load_processes", type=int, default=1)
     parser.add_argument("--policies", nargs="+", default=["snr,load", "latency,snr,load"])
     parser.add_argument("--latency_budget_ms", type=float, default=400.0)
     parser.add_argument("--threads", type=int, default=2)
@@ -184,11 +199,8 @@ def main() -> None:
                             args.streams, args.minutes, args.snr_db, args.seed)
     calibration = calibrate(recognizer, streams[0]["audio"][:20 * 16000])  # clean audio
     load = BackgroundLoad(args.load_processes)
-    rows = []
-    for context in recognizer.trained_contexts:
-        rows.append(run_configuration(recognizer, streams, f"fixed {list(context)}",
-                                      lambda c=context: recognizer.stream(c), load))
-        print(rows[-1], flush=True)
+    makers = {f"fixed {list(c)}": (lambda c=c: recognizer.stream(c))
+              for c in recognizer.trained_contexts}
     for policies in args.policies:
         chosen = policies.split(",")
         budget = args.latency_budget_ms if "latency" in chosen else None
@@ -197,9 +209,14 @@ def main() -> None:
             controller = make_controller(recognizer, calibration, chosen, budget)
             return recognizer.stream(controller.first_context(), controller=controller)
 
-        rows.append(run_configuration(recognizer, streams, f"adaptive {policies}", make_stream,
-                                      load))
-        print(rows[-1], flush=True)
+        makers[f"adaptive {policies}"] = make_stream
+    names, runs = list(makers), {name: [] for name in makers}
+    for number, item in enumerate(streams):  # every stream through every configuration,
+        for shift in range(len(names)):      # in an order rotated from stream to stream
+            name = names[(shift + number) % len(names)]
+            runs[name].append(stream_once(recognizer, item, makers[name](), load))
+            print(f"stream {number}: {name} done", flush=True)
+    rows = [summarize(name, runs[name], streams, recognizer.text_normalizer) for name in names]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table(rows) + "\n")

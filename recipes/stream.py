@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from modules.adaptive import ChunkReport, ContextController
+from modules.adaptive import ChunkReport, ContextController, device_utilization
 from modules.context import Context, PiecewiseContext, describe_context
 from modules.ctc import IncrementalGreedyCTC
 from modules.features import FbankStream
@@ -121,7 +121,8 @@ class Stream:
         if self.controller is not None and not self.state.finished:
             decision = self.controller.next_context(ChunkReport(
                 context=context, chunk_seconds=chunk_seconds, compute_seconds=end - begin,
-                stream_seconds=self.seconds, snr_db=self.snr_db))
+                stream_seconds=self.seconds, snr_db=self.snr_db,
+                utilization=device_utilization(self.recognizer.device)))  # CUDA + NVML only
             if decision.context != self.context:
                 self.switch(decision.context, decision.reason)
         return time.perf_counter()
