@@ -23,7 +23,7 @@ def make_encoder(kind: str, layer_left_contexts=None):
     return encoder
 
 
-def random_schedules(rng: random.Random, streams: int, chunks: int, same_chunk_size: bool):
+def random_schedules(rng: random.Random, streams: int, chunks: int):
     """Per stream, a context per chunk; the streams of a batch switch their left contexts
     independently and change chunk size together."""
     rights = [rng.choice(sorted({r for _, r in TRAINED})) for _ in range(chunks)]
@@ -52,7 +52,7 @@ def test_switched_stream_equals_piecewise_offline_reference(kind, seed):
     rng = random.Random(seed)
     encoder = make_encoder(kind)
     s = encoder.subsampling_factor
-    schedules = random_schedules(rng, streams=3, chunks=40, same_chunk_size=True)
+    schedules = random_schedules(rng, streams=3, chunks=40)
     feats = torch.randn(3, 37 * s + 2, 80, dtype=torch.float64)
     streamed, state = stream_with_schedules(encoder, feats, schedules, max_left=12)
     reference = encoder(feats, context=PiecewiseContext(schedules))
@@ -76,7 +76,7 @@ def test_switching_matters(kind):
 
 def test_switched_batch_with_streams_of_different_lengths():
     encoder = make_encoder("conformer")
-    schedules = random_schedules(random.Random(5), streams=3, chunks=50, same_chunk_size=True)
+    schedules = random_schedules(random.Random(5), streams=3, chunks=50)
     lengths = torch.tensor([161, 66, 9])
     feats = torch.randn(3, 161, 80, dtype=torch.float64)
     streamed, _ = stream_with_schedules(encoder, feats, schedules, 12, lengths)
@@ -103,7 +103,7 @@ def test_caches_never_exceed_the_maximum_left_context(kind):
 
 def test_per_layer_caps_apply_to_switched_streams():
     encoder = make_encoder("conformer", layer_left_contexts=[2, 6, 12])
-    schedules = random_schedules(random.Random(2), streams=2, chunks=40, same_chunk_size=True)
+    schedules = random_schedules(random.Random(2), streams=2, chunks=40)
     feats = torch.randn(2, 130, 80, dtype=torch.float64)
     streamed, _ = stream_with_schedules(encoder, feats, schedules, max_left=12)
     assert (streamed - encoder(feats, context=PiecewiseContext(schedules))).abs().max() < 1e-6
