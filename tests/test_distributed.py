@@ -175,3 +175,16 @@ def test_cuda_preset_takes_fp16_where_bf16_is_not_native(monkeypatch, native_bf1
         ["hparams/SSL/conformer.yaml", "--device_preset", "cuda", *argv])
     precision = run_opts.precision if argv else overrides["precision"]
     assert precision == expected and run_opts.device == "cuda:0"
+
+
+@pytest.mark.parametrize("native_bf16, argv, warned", [
+    (False, ["--precision", "bf16"], True), (True, ["--precision", "bf16"], False),
+    (False, [], False)])
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog, native_bf16, argv, warned):
+    """An AVX2-only CPU emulates bf16 (a matrix product ~20x slower than fp32): say so."""
+    import train
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
+    with caplog.at_level("WARNING", logger="train"):
+        train.parse_command_line(["hparams/SSL/conformer.yaml", "--device_preset", "cpu", *argv])
+    assert ("no native bf16" in caplog.text) == warned
