@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .  # `modules` importable anywhere
 	touch $@
 
 # SSL pretraining, CTC fine-tuning and evaluation on the shipped corpus (ENCODER=conformer or
@@ -19,7 +20,7 @@ demo: install
 	$(PY) recipes/demo.py --encoder $(ENCODER)
 
 test: install
-	$(PY) -m pytest -q tests --doctest-modules modules recipes/stats.py
+	$(PY) -m pytest -q --durations=15 tests --doctest-modules modules recipes/stats.py
 
 # Regenerates data/espeak_corpus (needs: apt-get install espeak-ng dict-devil).
 corpus: install

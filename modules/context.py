@@ -64,6 +64,28 @@ def parse_context(spec: ContextSpec, presets: Mapping[str, Sequence[int]] | None
     return validate_context(list(spec))
 
 
+def context_from_dynchunk(config) -> Context:
+    """SpeechBrain's ``DynChunkTrainConfig(chunk_size, left_context_size)`` as a ``(left, right)``
+    pair: chunks of ``chunk_size`` encoder frames (``right = chunk_size - 1``) that see
+    ``left_context_size`` whole chunks before them (``left = chunk_size * left_context_size``;
+    None: all the past, ``left = -1``). Both count encoder frames, after subsampling.
+
+    Example
+    -------
+    >>> from speechbrain.utils.dynamic_chunk_training import DynChunkTrainConfig
+    >>> context_from_dynchunk(DynChunkTrainConfig(4, 8))
+    (32, 3)
+    """
+    if not isinstance(config.chunk_size, int) or config.chunk_size < 1:
+        raise ValueError(f"DynChunkTrainConfig.chunk_size must be an int >= 1 (encoder frames), "
+                         f"got {config.chunk_size!r}")
+    left = config.left_context_size_frames()
+    if left is not None and left < 0:
+        raise ValueError(f"DynChunkTrainConfig.left_context_size must be >= 0 chunks or None, "
+                         f"got {config.left_context_size!r}")
+    return validate_context((-1 if left is None else left, config.chunk_size - 1))
+
+
 def describe_context(context: Context, frame_seconds: float) -> str:
     """Human-readable context in frames and seconds, e.g. ``[16, 0] (left 0.64 s, chunk 0.04 s)``."""
     left, right = context

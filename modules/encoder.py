@@ -14,9 +14,10 @@ from functools import partial
 from typing import Sequence, Union
 
 import torch
+from speechbrain.utils.dynamic_chunk_training import DynChunkTrainConfig
 from torch.utils.checkpoint import checkpoint
 
-from .context import Context, PiecewiseContext, validate_context
+from .context import Context, PiecewiseContext, context_from_dynchunk, validate_context
 from .layers import CausalConvolutionModule, FeedForward
 from .subsampling import CausalConvSubsampling
 
@@ -138,7 +139,7 @@ class StreamingEncoder(torch.nn.Module):
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None,
                 context: Context | None = None, num_layers: int | None = None,
-                **options) -> torch.Tensor:
+                all_layers: bool = False, **options) -> torch.Tensor | list[torch.Tensor]:
         """Encodes features.
 
         Arguments
@@ -150,11 +151,13 @@ class StreamingEncoder(torch.nn.Module):
             switched stream: dense masks, a scan per chunk; slow).
         num_layers : run the first ``num_layers`` blocks only (e.g. to probe a middle layer);
             None: all of them.
+        all_layers : return every block's output (the downstream layer sum), not only the last.
         options : passed to every block's mixer (e.g. ``banded=False`` for the Conformer).
 
         Returns
         -------
-        (B, ceil(T / s), d_model) encoder frames. Frames past an utterance's end are padding.
+        (B, ceil(T / s), d_model) encoder frames (a list of them, one per block, with
+        ``all_layers``). Frames past an utterance's end are padding.
         """
         context = self.context if context is None else self._checked(context)
         if num_layers is not None and not 1 <= num_layers <= len(self.layers):
@@ -171,6 +174,7 @@ class StreamingEncoder(torch.nn.Module):
             valid = torch.arange(x.shape[1], device=x.device)[None] < enc_lengths[:, None]
         # Without a graph to build there are no activations to save: no recomputation.
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        outputs = []
         for layer, layer_context in zip(self.layers[:num_layers], self.layer_contexts(context)):
             if recompute:
                 # Everything but x bound by partial, so that checkpoint's own keywords can never
@@ -180,7 +184,8 @@ class StreamingEncoder(torch.nn.Module):
                 x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=True)
             else:
                 x = layer(x, layer_context, valid, enc_lengths, **options)
-        return x
+            outputs.append(x)
+        return outputs if all_layers else x
 
     def check_streamable(self, context: Context, layer_contexts: list[Context]) -> None:
         """Raises a clear error when ``context`` cannot be streamed with bounded caches."""
@@ -188,14 +193,17 @@ class StreamingEncoder(torch.nn.Module):
             raise ValueError(f"context {list(context)} is offline (right = -1): it has no chunks "
                              "to stream; use a finite pair such as [32, 3]")
 
-    def make_streaming_context(self, context: Context | None = None,
+    def make_streaming_context(self, context: Context | DynChunkTrainConfig | None = None,
                                max_left: int | None = None) -> StreamingState:
-        """A fresh stream for ``forward_streaming`` under ``context`` (None: the fixed one).
+        """A fresh stream for ``forward_streaming`` under ``context`` (None: the fixed one; a
+        SpeechBrain ``DynChunkTrainConfig`` is mapped by ``context_from_dynchunk``).
 
         ``max_left``: the stream may later ``switch_context`` to any context whose left is at
         most ``max_left`` frames; its caches keep that many frames (per layer, at most the
         layer's cap). None: the stream keeps ``context``.
         """
+        if isinstance(context, DynChunkTrainConfig):
+            context = context_from_dynchunk(context)
         context = self.context if context is None else self.check_context(context)
         layer_contexts = self.layer_contexts(context)
         self.check_streamable(context, layer_contexts)

@@ -17,6 +17,7 @@ from run_folder import find_run_folder, load_run_hparams  # noqa: E402
 from stream import Stream  # noqa: E402
 from modules.context import Context, parse_context  # noqa: E402
 from modules.ctc import greedy_transcripts  # noqa: E402
+from modules.interfaces import encoder_frames, is_model_folder, load_model_folder  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class Recognizer:
     Arguments
     ---------
     run : the run folder (``--output_folder`` of ``recipes/train.py``) or its hyperparams.yaml;
-        any copy of it works from any directory and loads its own weights (``run_folder.py``).
+        any copy of it works from any directory and loads its own weights (``run_folder.py``);
+        or a model folder exported from it (``recipes/export.py``), which decodes the same.
     device : where to decode ("cpu", "cuda", "cuda:1", "mps").
 
     Example
@@ -65,7 +67,19 @@ class Recognizer:
     def __init__(self, run: str | Path, device: str = "cpu"):
         self.device = torch.device(check_device(device))
         self.folder = find_run_folder(run)
-        self.hparams = load_run_hparams(self.folder)
+        if is_model_folder(self.folder):  # exported (recipes/export.py)
+            self.hparams = load_model_folder(self.folder)
+            self.sp = self.hparams["tokenizer"]
+        else:
+            self.hparams = load_run_hparams(self.folder)
+            self.load_run_weights()
+            self.sp = self.hparams["tokenizer"].sp
+        for name in ("compute_features", "encoder", "ctc_head", "normalize"):
+            self.hparams[name] = self.hparams[name].to(self.device).eval()
+        self.text_normalizer = TextNormalizer(self.sp)
+
+    def load_run_weights(self) -> None:
+        """A training run's average of its best checkpoints (by valid CER) and statistics."""
         if "ctc_head" not in self.hparams:
             raise ValueError(f"{self.folder} is a {self.hparams.get('task', 'non-CTC')} run: "
                              "give the folder of a CTC run (hparams/CTC/*.yaml)")
@@ -74,10 +88,6 @@ class Recognizer:
         load_averaged_best(self.hparams["checkpointer"],
                            {"encoder": self.encoder, "ctc_head": self.hparams["ctc_head"]},
                            self.hparams["average_checkpoints"], key)
-        for name in ("encoder", "ctc_head", "normalize"):
-            self.hparams[name] = self.hparams[name].to(self.device).eval()
-        self.sp = self.hparams["tokenizer"].sp
-        self.text_normalizer = TextNormalizer(self.sp)
 
     @property
     def min_samples(self) -> int:
@@ -111,16 +121,13 @@ class Recognizer:
         streaming : encode chunk by chunk (every utterance its own stream, side by side), which
             gives the offline outputs; False: one offline forward.
         """
-        wavs, wav_lens = wavs.to(self.device), wav_lens.to(self.device)
-        fbank = self.hparams["compute_features"]
-        frames = fbank.num_frames(torch.round(wav_lens * wavs.shape[1]).long())
-        feats = fbank(wavs)
-        lengths = frames / feats.shape[1]
-        feats = self.normalize(feats, lengths)
+        feats, lengths, frames = encoder_frames(
+            self.hparams["compute_features"], self.encoder, wavs.to(self.device),
+            wav_lens.to(self.device), self.hparams["normalize"])
         encode = self.encoder.encode_in_chunks if streaming else self.encoder
         encoded = encode(feats, lengths, context)
-        enc_lengths = -(-frames // self.encoder.subsampling_factor) / encoded.shape[1]
-        texts = greedy_transcripts(self.log_probs(encoded).cpu(), enc_lengths.cpu(), self.sp)
+        texts = greedy_transcripts(self.log_probs(encoded).cpu(),
+                                   (frames / encoded.shape[1]).cpu(), self.sp)
         return [collapse_spaces(text) for text in texts]
 
     def transcribe(self, samples: torch.Tensor, context: Context) -> str:

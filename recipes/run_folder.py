@@ -30,7 +30,8 @@ def is_run_folder(folder: Path) -> bool:
 
 
 def find_run_folder(path: str | Path, output_folder: str | Path | None = None) -> Path:
-    """The run folder named by ``path`` (the folder or its ``hyperparams.yaml``), absolute.
+    """The run folder named by ``path`` (the folder or its ``hyperparams.yaml``), absolute; an
+    exported model folder (``recipes/export.py``) is taken as it is.
 
     Arguments
     ---------
@@ -52,6 +53,8 @@ def find_run_folder(path: str | Path, output_folder: str | Path | None = None) -
         example = f", e.g. {hint}" if hint else " (the --output_folder of recipes/train.py)"
         raise ValueError(f"{path} is not a trained run: give the run folder{example}, which holds "
                          "the hyperparams.yaml and checkpoints the model was trained with")
+    if (folder / "encoder_network.ckpt").is_file():  # a model folder from recipes/export.py
+        return folder.resolve()
     if not any((folder / "save").glob("CKPT+*")):
         raise ValueError(f"{folder}: no checkpoint under {folder / 'save'}; the run has not "
                          "finished an epoch, or the folder was copied without save/")

@@ -92,3 +92,21 @@ def test_set_dynamic_context_switches_encoder_and_masker_together():
     assert torch.equal(encoder(feats), encoder(feats, context=(4, 0)))
     with pytest.raises(ValueError, match="no module"):
         set_dynamic_context(torch.nn.Linear(2, 2), "low", PRESETS)
+
+
+def test_dynchunk_config_maps_to_our_context():
+    """SpeechBrain's DynChunkTrainConfig(chunk frames, left chunks) -> [chunk * left, chunk - 1];
+    an encoder stream accepts one directly."""
+    from speechbrain.utils.dynamic_chunk_training import DynChunkTrainConfig
+
+    from modules.context import context_from_dynchunk
+
+    assert context_from_dynchunk(DynChunkTrainConfig(1, 8)) == (8, 0)
+    assert context_from_dynchunk(DynChunkTrainConfig(8, 8)) == (64, 7)
+    assert context_from_dynchunk(DynChunkTrainConfig(4, 0)) == (0, 3)
+    assert context_from_dynchunk(DynChunkTrainConfig(4, None)) == (-1, 3)
+    for bad in (DynChunkTrainConfig(0, 2), DynChunkTrainConfig(4, -1)):
+        with pytest.raises(ValueError, match="DynChunkTrainConfig"):
+            context_from_dynchunk(bad)
+    state = tiny_encoder().make_streaming_context(DynChunkTrainConfig(4, 8))
+    assert state.context == (32, 3)

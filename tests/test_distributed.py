@@ -125,7 +125,7 @@ def test_every_rank_draws_the_main_process_contexts(tmp_path):
     ("cuda", "1", ("cuda:1", "nccl")), ("cuda", None, ("cuda:0", "nccl")),
     ("cuda:3", "1", ("cuda:3", "nccl")), ("cpu", "1", ("cpu", "gloo")), ("mps", None, ("mps", "gloo"))])
 def test_each_process_takes_its_own_device(monkeypatch, device, local_rank, expected):
-    from train import resolve_device
+    from command_line import resolve_device
 
     if local_rank is None:
         monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -165,7 +165,7 @@ def test_data_pipelines_load_in_spawned_workers(tmp_path):
 def test_cuda_preset_takes_fp16_where_bf16_is_not_native(monkeypatch, native_bf16, argv, expected):
     """V100 / T4: the preset's bf16 becomes fp16 (SpeechBrain then scales the gradients);
     an explicit --precision is kept."""
-    from train import parse_command_line
+    from command_line import parse_command_line
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
@@ -182,9 +182,9 @@ def test_cuda_preset_takes_fp16_where_bf16_is_not_native(monkeypatch, native_bf1
     (False, [], False)])
 def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog, native_bf16, argv, warned):
     """An AVX2-only CPU emulates bf16 (a matrix product ~20x slower than fp32): say so."""
-    import train
+    import command_line
 
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native_bf16)
-    with caplog.at_level("WARNING", logger="train"):
-        train.parse_command_line(["hparams/SSL/conformer.yaml", "--device_preset", "cpu", *argv])
+    monkeypatch.setattr(command_line, "cpu_has_native_bf16", lambda: native_bf16)
+    with caplog.at_level("WARNING", logger="command_line"):
+        command_line.parse_command_line(["hparams/SSL/conformer.yaml", "--device_preset", "cpu", *argv])
     assert ("no native bf16" in caplog.text) == warned

@@ -70,7 +70,7 @@ def fake_ssl_run(folder, **sizes):
 
 
 def test_fine_tuning_takes_the_ssl_runs_sizes(tmp_path):
-    from train import ssl_encoder_sizes
+    from command_line import ssl_encoder_sizes
 
     ssl = fake_ssl_run(tmp_path / "ssl", d_model=48, num_encoder_layers=3, dropout=0.3)
     overrides, note = ssl_encoder_sizes(str(CTC), {"pretrained_ssl": str(ssl), "nhead": 4},
