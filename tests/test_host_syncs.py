@@ -34,8 +34,8 @@ HOST_SIDE = {
     ("_local_scalar_dense", "modules/masker.py:<listcomp>"),  # CPU lengths
     ("nonzero", "modules/masker.py:_keep_visible_in_window"),
     ("nonzero", "modules/heads.py:masked_positions"),  # the host mask
-    ("_local_scalar_dense", "recipes/train.py:compute_objectives"),  # frame_mask.any(), host
-    ("_local_scalar_dense", "recipes/train.py:fit_batch"),  # audio seconds, CPU lengths
+    ("_local_scalar_dense", "recipes/ssl_brain.py:compute_objectives"),  # frame_mask.any(), host
+    ("_local_scalar_dense", "recipes/streaming_brain.py:fit_batch"),  # audio seconds, CPU lengths
     ("_local_scalar_dense", "torch/optim"),  # step counters live on the CPU
 }
 SITES = ("modules/", "recipes/", "speechbrain/", "torch/optim/")
