@@ -86,6 +86,19 @@ def context_from_dynchunk(config) -> Context:
     return validate_context((-1 if left is None else left, config.chunk_size - 1))
 
 
+def parse_contexts(specs, presets: Mapping[str, Sequence[int]] | None = None) -> list[Context]:
+    """``att_context_size``-style specs (one spec, or a list of them) -> contexts.
+
+    Example
+    -------
+    >>> parse_contexts(["low", [8, 0]], {"low": [16, 1]})
+    [(16, 1), (8, 0)]
+    """
+    if isinstance(specs, str) or (len(specs) == 2 and all(isinstance(v, int) for v in specs)):
+        specs = [specs]
+    return [parse_context(spec, presets) for spec in specs]
+
+
 def describe_context(context: Context, frame_seconds: float) -> str:
     """Human-readable context in frames and seconds, e.g. ``[16, 0] (left 0.64 s, chunk 0.04 s)``."""
     left, right = context

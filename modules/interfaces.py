@@ -212,7 +212,7 @@ class StreamingCTC(torch.nn.Module):
             while state.pending.shape[1] >= size:
                 outputs.append(self.encoder.forward_streaming(state.pending[:, :size], state.encoder))
                 state.pending = state.pending[:, size:]
-            if chunk.shape[-1] < state.chunk_samples or not chunk.shape[-1]:
+            if chunk.shape[-1] < state.chunk_samples:  # the last chunk of the audio
                 if state.pending.shape[1]:
                     outputs.append(self.encoder.forward_streaming(state.pending, state.encoder))
                 state.ended = True

@@ -39,6 +39,7 @@ from ruamel.yaml import YAML
 
 from cli import RecipeParser, run_cli
 from inference import ROOT, Recognizer
+from modules.context import parse_context, parse_contexts
 from provenance import best_ssl_checkpoint
 from run_folder import find_run_folder, run_hparams_text, run_record
 
@@ -136,18 +137,11 @@ pretrainer: !new:modules.interfaces.CheckedPretrainer
 
 
 def trained_contexts(hparams: dict) -> list[tuple[int, int]]:
-    from modules.context import parse_context
-
-    specs = hparams["att_context_size"]
-    if isinstance(specs, str) or (len(specs) == 2 and all(isinstance(v, int) for v in specs)):
-        specs = [specs]
-    return [parse_context(spec, hparams["context_presets"]) for spec in specs]
+    return parse_contexts(hparams["att_context_size"], hparams["context_presets"])
 
 
 def default_context(hparams: dict) -> tuple[int, int]:
     """The run's validation context (the one its checkpoints were selected at)."""
-    from modules.context import parse_context
-
     return parse_context(hparams["valid_context"], hparams["context_presets"])
 
 

@@ -15,7 +15,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]  # also as ``recipes.inference
 
 from run_folder import find_run_folder, load_run_hparams  # noqa: E402
 from stream import Stream  # noqa: E402
-from modules.context import Context, parse_context  # noqa: E402
+from modules.context import Context, parse_context, parse_contexts  # noqa: E402
 from modules.ctc import greedy_transcripts  # noqa: E402
 from modules.interfaces import encoder_frames, is_model_folder, load_model_folder  # noqa: E402
 
@@ -137,10 +137,7 @@ class Recognizer:
     @property
     def trained_contexts(self) -> list[Context]:
         """The contexts the model was trained under (``att_context_size``)."""
-        specs = self.hparams["att_context_size"]
-        if isinstance(specs, str) or (len(specs) == 2 and all(isinstance(v, int) for v in specs)):
-            specs = [specs]
-        return [self.context(spec) for spec in specs]
+        return parse_contexts(self.hparams["att_context_size"], self.hparams["context_presets"])
 
     def check_trained(self, context: Context) -> Context:
         """``context``, if the model was trained under it; else a clear error."""
