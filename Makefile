@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test corpus corpus-labeled ssl-curve recognizer clean
+.PHONY: install demo test corpus corpus-labeled corpus-downstream ssl-curve recognizer clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ data/benchmark/test.csv: $(VENV)/.installed recipes/synthesize_benchmark.py
 	@dpkg -s $(BENCHMARK_PACKAGES) >/dev/null 2>&1 || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCHMARK_PACKAGES))
 	$(PY) recipes/synthesize_benchmark.py --out data/benchmark
+
+# Keyword spotting (12 classes) and intent (8 classes) corpora spoken by the benchmark's voices,
+# by partition (recipes/synthesize_downstream.py); ~10 min on 2 cores.
+corpus-downstream: data/downstream/intent/test.csv
+
+data/downstream/intent/test.csv: data/benchmark/test.csv recipes/synthesize_downstream.py
+	$(PY) recipes/synthesize_downstream.py --out data/downstream
 
 # Does SSL pay off? The low-resource curve on the benchmark (recipes/ssl_curve.py): SSL-init vs
 # scratch at 10 min, 1 h and all labeled data, each arm tuned on dev, seeds, intervals, bootstrap.
