@@ -256,7 +256,8 @@ class StreamingEncoder(torch.nn.Module):
         return (per_stream(state.context)[0][1] + 1) * self.subsampling_factor
 
     def forward_streaming(self, feats: torch.Tensor, state: StreamingState,
-                          lengths: torch.Tensor | None = None) -> torch.Tensor:
+                          lengths: torch.Tensor | None = None,
+                          all_layers: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Encodes the next chunk of a stream (or of B streams side by side).
 
         Arguments
@@ -267,12 +268,13 @@ class StreamingEncoder(torch.nn.Module):
         lengths : (B,) how many of the chunk's feature frames belong to each stream; the rest is
             padding (a shorter utterance that ended in a batch of streams), masked as the
             offline ``lengths`` mask it. None: all of them.
+        all_layers : return every block's output (the downstream layer sum), not only the last.
 
         Returns
         -------
         (B, right + 1, d_model) encoder frames (fewer for a short last chunk): the frames that
         this chunk completes, equal to the offline output under the same context (on each
-        stream's own frames).
+        stream's own frames); a list of them, one per block, with ``all_layers``.
         """
         expected = self.chunk_frames(state)
         rows = len(per_stream(state.context))
@@ -294,9 +296,11 @@ class StreamingEncoder(torch.nn.Module):
         if lengths is not None:
             enc_lengths = -(-lengths // self.subsampling_factor)
             valid = torch.arange(x.shape[1], device=x.device)[None] < enc_lengths[:, None]
+        outputs = []
         for layer, layer_state, context in zip(self.layers, state.layers, state.layer_contexts):
             x = layer.forward_streaming(x, layer_state, context, valid)
-        return x
+            outputs.append(x)
+        return outputs if all_layers else x
 
     def encode_in_chunks(self, feats: torch.Tensor, lengths: torch.Tensor | None = None,
                          context: Context | None = None) -> torch.Tensor:

@@ -140,6 +140,17 @@ class TextTokens:
         yield torch.LongTensor(self.sp.encode_as_ids(text)) + 1
 
 
+class LabelIndex:
+    """A ``label`` -> (1,) class index of ``label_encoder`` (a class: picklable, see
+    ``AudioReader``)."""
+
+    def __init__(self, label_encoder):
+        self.label_encoder = label_encoder
+
+    def __call__(self, label: str) -> torch.Tensor:
+        return torch.LongTensor([self.label_encoder.encode_label(label)])
+
+
 def nemo_manifest_to_csv(manifest: str | Path, csv_path: str | Path) -> Path:
     """Converts a NeMo JSON-lines manifest (``audio_filepath, duration, text``) to a CSV.
 

@@ -81,9 +81,14 @@ def best_ssl_checkpoint(ssl_folder: str | Path) -> Path | None:
 
 
 def ssl_checkpoint_fields(pretrained_ssl: str | Path | None) -> dict:
-    """``ssl_checkpoint`` (folder) and ``ssl_checkpoint_sha256`` (of its ``encoder.ckpt``)."""
-    checkpoint = best_ssl_checkpoint(pretrained_ssl) if pretrained_ssl else None
-    encoder = checkpoint / "encoder.ckpt" if checkpoint is not None else None
+    """``ssl_checkpoint`` (folder) and ``ssl_checkpoint_sha256`` (of its ``encoder.ckpt``; of an
+    exported folder's ``encoder_network.ckpt``)."""
+    if pretrained_ssl and (Path(pretrained_ssl) / "encoder_network.ckpt").is_file():
+        checkpoint = Path(pretrained_ssl)  # an exported model folder (recipes/export.py)
+        encoder = checkpoint / "encoder_network.ckpt"
+    else:
+        checkpoint = best_ssl_checkpoint(pretrained_ssl) if pretrained_ssl else None
+        encoder = checkpoint / "encoder.ckpt" if checkpoint is not None else None
     return {"ssl_checkpoint": str(checkpoint.resolve()) if checkpoint is not None else None,
             "ssl_checkpoint_sha256": sha256_file(encoder) if encoder and encoder.is_file()
             else None}

@@ -3,7 +3,8 @@
 
 ``task: ssl``: streaming self-supervised pretraining (``ssl_brain.py``, BEST-RQ / NEST-style
 masked-token prediction); ``task: ctc``: CTC fine-tuning or training from scratch
-(``ctc_brain.py``). Both extend ``streaming_brain.py``; the command line (device presets, the SSL
+(``ctc_brain.py``); ``task: classify``: downstream utterance classification on an exported SSL
+encoder, a random one or features (``classify_brain.py``). All extend ``streaming_brain.py``; the command line (device presets, the SSL
 run's sizes, ``--help``) is ``command_line.py``. The encoder, masker, quantizer, context sampler
 and schedule are all defined in the hparams file; this file holds the data pipeline, the
 training loop's setup and the JSON summary.
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from dataio import (  # noqa: E402
     AudioFileError,
     AudioReader,
+    LabelIndex,
     ManifestError,
     TextTokens,
     check_manifest,
@@ -55,23 +57,27 @@ from provenance import (  # noqa: E402
 from modules.checkpointing import RandomState  # noqa: E402
 
 from command_line import NOTES, load_hparams, parse_command_line, resolve_hparams  # noqa: E402
+from classify_brain import ClassifyBrain  # noqa: E402
 from ctc_brain import CTCBrain  # noqa: E402
 from ssl_brain import SSLBrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-BRAINS = {"ssl": SSLBrain, "ctc": CTCBrain}
+BRAINS = {"ssl": SSLBrain, "ctc": CTCBrain, "classify": ClassifyBrain}
+# Tasks that test after training (on test_csv).
+TESTED = ("ctc", "classify")
 
 
 def dataio_prepare(hparams: dict) -> dict:
     """``DynamicItemDataset``s (train, valid, and test for CTC) reading validated audio as ``sig``.
 
-    For CTC, items also carry ``wrd`` and ``tokens`` (tokenizer ids + 1; 0 is the blank).
+    For CTC, items also carry ``wrd`` and ``tokens`` (tokenizer ids + 1; 0 is the blank); for
+    classification, ``label_encoded`` (the ``label`` column's index in ``label_encoder``).
     """
     compute_features = hparams["compute_features"]
     # Shortest usable audio: enough samples for one encoder frame of features.
     min_samples = compute_features.min_samples(hparams["subsampling_factor"])
-    names = ["train", "valid"] + (["test"] if hparams["task"] == "ctc" else [])
+    names = ["train", "valid"] + (["test"] if hparams["task"] in TESTED else [])
     datasets = {}
     for name in names:
         manifest = hparams[f"{name}_csv"]
@@ -96,8 +102,38 @@ def dataio_prepare(hparams: dict) -> dict:
                                                       TextNormalizer(hparams["tokenizer"].sp)),
                                            takes="wrd", provides=["wrd", "tokens"])
         keys += ["wrd", "tokens"]
+    if hparams["task"] == "classify":
+        encode_labels(datasets, hparams)
+        keys.append("label_encoded")
     sb.dataio.dataset.set_output_keys(list(datasets.values()), keys)
     return datasets
+
+
+def encode_labels(datasets: dict, hparams: dict) -> None:
+    """The classes of the training set, in ``<save_folder>/label_encoder.txt`` (kept across
+    resumes), as ``label_encoded``; a label of valid or test unseen in training, or a class count
+    other than ``num_classes``, stops with a line naming the manifest and the fix."""
+    label_encoder = hparams["label_encoder"]
+    path = Path(hparams["save_folder"]) / "label_encoder.txt"
+    run_on_main(label_encoder.load_or_create,
+                kwargs={"path": path, "from_didatasets": [datasets["train"]],
+                        "output_key": "label"})
+    if not if_main_process():  # DDP: what the main process wrote
+        label_encoder.load(path)
+    if len(label_encoder) != hparams["num_classes"]:
+        raise ManifestError(f"{hparams['train_csv']}: {len(label_encoder)} classes in its label "
+                            f"column but num_classes is {hparams['num_classes']}; pass "
+                            f"--num_classes {len(label_encoder)}")
+    for name in ("valid", "test"):
+        with datasets[name].output_keys_as(["label"]):
+            labels = {item["label"] for item in datasets[name]}
+        unknown = sorted(labels - set(label_encoder.lab2ind))
+        if unknown:
+            raise ManifestError(f"{hparams[name + '_csv']}: labels {unknown} never occur in "
+                                f"--train_csv {hparams['train_csv']}; the classifier cannot "
+                                "output them: give every class training examples")
+    sb.dataio.dataset.add_dynamic_item(
+        list(datasets.values()), LabelIndex(label_encoder), takes="label", provides="label_encoded")
 
 
 def make_train_loader(brain: sb.Brain, train_set, hparams: dict):
@@ -160,12 +196,15 @@ def load_pretrained_ssl(hparams: dict, ssl_folder: str) -> None:
 
 def check_manifests(hparams: dict) -> None:
     """Each manifest of the run exists, has a row and the columns the task reads (CTC: ``wrd``
-    too); else one ``ManifestError`` line naming the file and its ``--<name>_csv``."""
+    too, classification ``label``); else one ``ManifestError`` line naming the file and its ``--<name>_csv``."""
     names = ["train_csv", "valid_csv"]
     columns = ["ID", "duration", "wav"]
     if hparams.get("task") == "ctc":
         names += ["test_csv", "tokenizer_csv"]
         columns.append("wrd")
+    if hparams.get("task") == "classify":
+        names.append("test_csv")
+        columns.append("label")
     for name in names:
         if hparams.get(name):
             check_manifest_file(hparams[name], columns, f"--{name}")
@@ -180,7 +219,7 @@ def peak_memory(device: str) -> float:
 
 
 def main(argv: list[str]) -> dict | None:
-    """Trains (CTC: then tests); returns the summary on the main process, None on the others."""
+    """Trains (CTC, classification: then tests); returns the summary on the main process, None on the others."""
     hparams_file, run_opts, overrides = parse_command_line(argv)
     try:
         check_device(run_opts.device)
@@ -204,7 +243,8 @@ def main(argv: list[str]) -> dict | None:
         logger.info(note)
     record = None
     if if_main_process():  # what produced this run; also in the summary
-        record = run_record(argv, hparams_file, overrides, hparams.get("pretrained_ssl"))
+        record = run_record(argv, hparams_file, overrides,
+                            hparams.get("pretrained_ssl") or hparams.get("ssl_model"))
         write_json_atomic(Path(hparams["output_folder"]) / "run_record.json", record)
     if hparams["task"] == "ctc":
         pieces = hparams["tokenizer"].sp.get_piece_size()
@@ -223,14 +263,15 @@ def main(argv: list[str]) -> dict | None:
                                     checkpointer=hparams["checkpointer"])
     brain.train_set = datasets["train"]
     train_loader = make_train_loader(brain, datasets["train"], hparams)
-    if hparams["task"] == "ctc":
+    if hparams["task"] in TESTED:
         brain.plan_schedule(len(train_loader) // hparams["grad_accumulation_factor"])
     start = time.time()
     brain.fit(brain.hparams.epoch_counter, train_loader, datasets["valid"],
               valid_loader_kwargs=hparams["valid_dataloader_opts"])
     train_seconds = round(time.time() - start, 1)
-    if hparams["task"] == "ctc":
-        brain.evaluate(datasets["test"], min_key=selection_key(brain.checkpointer),
+    if hparams["task"] in TESTED:
+        min_key = "error" if hparams["task"] == "classify" else selection_key(brain.checkpointer)
+        brain.evaluate(datasets["test"], min_key=min_key,
                        test_loader_kwargs=hparams["valid_dataloader_opts"])
     if not if_main_process():
         return None
@@ -262,6 +303,15 @@ def main(argv: list[str]) -> dict | None:
             "peak_memory_mb": peak_memory_mb,
             "output_folder": output_folder,
             **common,
+        }
+    if hparams["task"] == "classify":
+        return {
+            "test_accuracy": brain.test_stats["accuracy"],
+            "valid_accuracy_best": max(h["valid"]["accuracy"] for h in history),
+            "valid_accuracy_last": history[-1]["valid"]["accuracy"],
+            "upstream": hparams["upstream"], "context": list(brain.context),
+            "epochs": len(history), "train_seconds": train_seconds, "world_size": world_size,
+            "peak_memory_mb": peak_memory_mb, "output_folder": output_folder, **common,
         }
     return {
         "ctc_wer": brain.test_stats["WER"], "ctc_cer": brain.test_stats["CER"],

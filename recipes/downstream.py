@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Downstream tasks (keyword spotting, intent) on an exported SSL encoder, compared with the
+same encoder randomly initialized and with fbank features, several seeds each; test accuracy
+with t-intervals, paired voice-bootstrap differences, and the streaming decision latency.
+
+Usage::
+
+    make corpus-downstream
+    python recipes/export.py <SSL run> --out exported/ssl_benchmark
+    python recipes/downstream.py --ssl_model exported/ssl_benchmark \\
+        [--tasks kws intent] [--upstreams ssl random fbank] [--seeds 1 2 3] [--context medium] \\
+        [--grid lr=0.002,0.01 ...] [--overrides number_of_epochs=2 ...]
+
+Each upstream is tuned on its own: every ``--grid`` setting trains once (``--grid_seed``) and
+the one of best dev accuracy runs with each of ``--seeds``, scored on test. Each run is
+``recipes/train.py hparams/downstream/<task>.yaml`` (frozen encoder, learnable layer sum, the
+task's ``train_few.csv``: 8 examples per class); its ``result.json`` records the
+command, code commit and SSL checkpoint hash, and is read back (not rerun) when they match.
+Writes ``<output_folder>/<task>/summary.{json,md}``; the last stdout line is the summary as JSON.
+
+Latency: the decision after the audio ends waits for the last chunk to fill (the context's
+chunk; fbank: one 10 ms frame) and for its compute (the encoder's ``forward_streaming`` of a
+chunk, the layer sum and the classifier), measured on test utterances with the seed-1 model,
+whose streamed decisions are checked against its offline ones. Features are computed before
+(frame-exact in streaming; the same cost for every upstream) and not timed.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import quiet  # noqa: F401  (before SpeechBrain)
+from cli import RecipeParser, run_cli
+from demo import ROOT, run
+from provenance import check_result, current_code_commit, ssl_checkpoint_fields, write_result
+from stats import paired_cluster_bootstrap, t_interval
+
+TASKS = ("kws", "intent")
+UPSTREAMS = ("ssl", "random", "fbank")
+
+
+def flags(pairs: list[str]) -> list[str]:
+    """``["lr=0.01"]`` -> ``["--lr", "0.01"]``."""
+    return [a for pair in pairs for a in (f"--{pair.split('=', 1)[0]}", pair.split("=", 1)[1])]
+
+
+def grid_settings(grid: list[str]) -> list[list[str]]:
+    """``["lr=0.002,0.01", "hidden_size=64,256"]`` -> every combination, as KEY=VALUE lists."""
+    axes = [[f"{key}={value}" for value in values.split(",")]
+            for key, values in (axis.split("=", 1) for axis in grid)]
+    return [list(setting) for setting in itertools.product(*axes)]
+
+
+def train(task: str, upstream: str, seed: int, setting: list[str], folder: Path, args,
+          expected: dict) -> dict:
+    """One run (``recipes/train.py`` under ``folder``), or its stored result when its record
+    matches (else a one-line refusal)."""
+    ssl = ["--ssl_model", args.ssl_model] if upstream == "ssl" else []
+    arguments = [f"hparams/downstream/{task}.yaml", "--upstream", upstream, "--seed", str(seed),
+                 "--context", args.context, "--data_folder", str(Path(args.data_root) / task),
+                 *ssl, *flags(args.overrides + setting), "--output_folder", str(folder / "run")]
+    path = folder / "result.json"
+    stored = check_result(path, {**expected, "command": ["recipes/train.py", *arguments],
+                                 "ssl_checkpoint_sha256": expected["ssl_checkpoint_sha256"]
+                                 if upstream == "ssl" else None})
+    if stored is None:
+        start = time.time()
+        summary = run("train.py", *arguments)
+        stored = {**{k: v for k, v in summary.items() if k != "record"},
+                  "wall_seconds": round(time.time() - start, 1)}
+        write_result(path, stored, summary["record"])
+    return stored
+
+
+def choose(task: str, upstream: str, args, expected: dict) -> dict:
+    """The ``--grid`` setting of best dev accuracy for this task and upstream (its own tuning),
+    each setting trained once with ``--grid_seed``; ties go to the first setting."""
+    settings = grid_settings(args.grid)
+    if len(settings) == 1:
+        return {"setting": settings[0], "dev_accuracy": None}
+    dev = {}
+    for setting in settings:
+        name = "_".join(setting).replace("=", "")  # lr0.01
+        folder = Path(args.output_folder) / task / upstream / "grid" / name
+        result = train(task, upstream, args.grid_seed, setting, folder, args, expected)
+        dev[" ".join(setting)] = 100 * result["valid_accuracy_best"]
+    best = max(settings, key=lambda setting: dev[" ".join(setting)])
+    return {"setting": best, "dev_accuracy": dev}
+
+
+def predictions(run_output: str | Path) -> dict[str, tuple[str, str]]:
+    """``{utterance: (label, predicted)}`` of a run's test set."""
+    with open(Path(run_output) / "test_predictions.csv", newline="") as f:
+        return {row["ID"]: (row["label"], row["predicted"]) for row in csv.DictReader(f)}
+
+
+def voices(manifest: Path) -> dict[str, str]:
+    with open(manifest, newline="") as f:
+        return {row["ID"]: row["spk_id"] for row in csv.DictReader(f)}
+
+
+def load_trained(run_output: str | Path) -> dict:
+    """The hparams of a finished downstream run, its best checkpoint (by valid error) loaded."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    with open(Path(run_output) / "hyperparams.yaml") as f:
+        hparams = load_hyperpyyaml(f, {"ssl_model": None})  # the run's weights, not the export
+    checkpointer = hparams["checkpointer"]
+    if hparams["upstream"] == "fbank":
+        for name in ("encoder", "layer_sum"):
+            checkpointer.recoverables.pop(name)
+    if checkpointer.recover_if_possible(min_key="error") is None:
+        raise FileNotFoundError(f"{run_output}: no checkpoint to measure the latency with")
+    for name in ("encoder", "layer_sum", "classifier", "normalize"):
+        hparams[name].eval()
+    return hparams
+
+
+@torch.no_grad()
+def streaming_latency(run_output: str | Path, manifest: Path, utterances: int) -> dict:
+    """Decision latency after the audio ends, and agreement of streamed and offline decisions,
+    on the first ``utterances`` of ``manifest``."""
+    from dataio import load_audio
+    from modules.context import parse_context
+    from modules.downstream import StreamingClassifier
+    from modules.interfaces import encoder_frames
+
+    hparams = load_trained(run_output)
+    fbank = hparams["upstream"] == "fbank"
+    encoder = None if fbank else hparams["encoder"]
+    layer_sum = None if fbank else hparams["layer_sum"]
+    context = parse_context(hparams["context"], hparams["context_presets"])
+    data_root = ROOT / hparams["data_folder"]  # train.py ran in ROOT
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))[:utterances]
+    chunk_seconds, agree, push_seconds, decide_seconds = [], 0, [], []
+    for row in rows:
+        wav = load_audio(row["wav"].replace("$data_root", str(data_root)), hparams["sample_rate"])
+        feats, _, _ = encoder_frames(hparams["compute_features"], hparams["encoder"], wav[None],
+                                     None, hparams["normalize"])  # encoder: its subsampling
+        if fbank:
+            offline = hparams["classifier"](feats)
+        else:
+            offline = hparams["classifier"](layer_sum(hparams["encoder"](feats, None, context,
+                                                                         all_layers=True)))
+        stream = StreamingClassifier(encoder, layer_sum, hparams["classifier"], context)
+        size = stream.chunk_frames
+        chunk_seconds.append(size * hparams["compute_features"].hop_samples
+                             / hparams["sample_rate"])
+        for start in range(0, feats.shape[1], size):
+            began = time.perf_counter()
+            stream.push(feats[:, start:start + size])
+            push_seconds.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        streamed = stream.logits()
+        decide_seconds.append(time.perf_counter() - began)
+        agree += int(streamed.argmax(-1).item() == offline.argmax(-1).item())
+    wait_ms = 1000 * statistics.fmean(chunk_seconds)
+    compute_ms = 1000 * (statistics.fmean(push_seconds) + statistics.fmean(decide_seconds))
+    return {"chunk_ms": round(wait_ms, 1), "compute_ms_per_chunk": round(compute_ms, 2),
+            "latency_ms": round(wait_ms + compute_ms, 1), "utterances": len(rows),
+            "streamed_equals_offline": f"{agree}/{len(rows)}", "threads": torch.get_num_threads()}
+
+
+def compare(task_runs: dict[str, list[dict]], cluster_of: dict[str, str], resamples: int
+            ) -> dict[str, dict]:
+    """Per upstream other than ssl: the paired voice-cluster bootstrap of its test error minus
+    the ssl one's (per utterance, errors averaged over seeds)."""
+    def errors(runs):
+        tables = [predictions(r["output_folder"]) for r in runs]
+        return {uid: (statistics.fmean(float(t[uid][0] != t[uid][1]) for t in tables), 1)
+                for uid in tables[0]}
+
+    if "ssl" not in task_runs:
+        return {}
+    ssl = errors(task_runs["ssl"])
+    return {upstream: paired_cluster_bootstrap(errors(runs), ssl, cluster_of, resamples)
+            for upstream, runs in task_runs.items() if upstream != "ssl"}
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"Code `{summary['code_commit']}`; `{summary['command']}`; SSL model "
+             f"`{summary['ssl_model']}` (encoder sha256 {str(summary['ssl_sha256'])[:12]}); "
+             f"context {summary['context']}; {torch.get_num_threads()} CPU threads.", "",
+             "| task | upstream | chosen on dev | test accuracy % (95 % CI over seeds) | error vs "
+             "ssl, points [95 % CI], p | dev accuracy % | latency ms (chunk + compute) | "
+             "streamed = offline |", "|---|---|---|---|---|---|---|---|"]
+    for task, rows in summary["tasks"].items():
+        for upstream, row in rows.items():
+            interval = row["test_accuracy"]
+            half = interval["half_width"]
+            accuracy = f"{interval['mean']:.1f}" + (f" ± {half:.1f}" if half is not None else "")
+            diff = row.get("vs_ssl")
+            versus = "-" if diff is None else (f"{diff['difference']:+.1f} [{diff['low']:+.1f}, "
+                                               f"{diff['high']:+.1f}], p {diff['p_value']:.3f}")
+            latency = row["latency"]
+            setting = " ".join(row["tuning"]["setting"]) or "-"
+            lines.append(f"| {task} | {upstream} | {setting} | {accuracy} (n={interval['n']}) | "
+                         f"{versus} | "
+                         f"{row['dev_accuracy']['mean']:.1f} | {latency['latency_ms']:.0f} "
+                         f"({latency['chunk_ms']:.0f} + {latency['compute_ms_per_chunk']:.1f}) | "
+                         f"{latency['streamed_equals_offline']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> dict:
+    parser = RecipeParser(prog="recipes/downstream.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ssl_model", help="exported SSL folder (recipes/export.py); needed "
+                        "for the ssl upstream")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--upstreams", nargs="+", choices=UPSTREAMS, default=list(UPSTREAMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--context", default="medium", help="the encoder's context preset")
+    parser.add_argument("--data_root", default="data/downstream",
+                        help="the corpora: <data_root>/<task>/{train_few,dev,test}.csv")
+    parser.add_argument("--output_folder", default="results/downstream")
+    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="hparams of every run (e.g. number_of_epochs=2)")
+    parser.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2",
+                        help="hparams tuned per task and upstream on dev (best dev accuracy, "
+                        "one run each with --grid_seed), e.g. lr=0.002,0.01")
+    parser.add_argument("--grid_seed", type=int, default=0)
+    parser.add_argument("--latency_utterances", type=int, default=50)
+    parser.add_argument("--bootstrap_resamples", type=int, default=10000)
+    args = parser.parse_strict(argv)
+    if "ssl" in args.upstreams and not args.ssl_model:
+        raise ValueError("--ssl_model: give the exported SSL folder (recipes/export.py <SSL run> "
+                         "--out <folder>), or leave ssl out of --upstreams")
+    for name in ("overrides", "grid"):
+        if any("=" not in pair for pair in getattr(args, name)):
+            raise ValueError(f"--{name} {getattr(args, name)}: give KEY=VALUE pairs")
+    sha = ssl_checkpoint_fields(args.ssl_model)["ssl_checkpoint_sha256"] if args.ssl_model else None
+    expected = {"code_commit": current_code_commit(), "ssl_checkpoint_sha256": sha}
+    out = Path(args.output_folder)
+    summary = {"command": " ".join(["recipes/downstream.py", *argv]),
+               "code_commit": expected["code_commit"], "ssl_model": args.ssl_model,
+               "ssl_sha256": sha, "context": args.context, "tasks": {}}
+    for task in args.tasks:
+        runs, chosen = {}, {}
+        for upstream in args.upstreams:
+            chosen[upstream] = choose(task, upstream, args, expected)
+            runs[upstream] = [train(task, upstream, seed, chosen[upstream]["setting"],
+                                    out / task / upstream / f"seed{seed}", args, expected)
+                              for seed in args.seeds]
+        test_csv = ROOT / args.data_root / task / "test.csv"
+        versus = compare(runs, voices(test_csv), args.bootstrap_resamples)
+        summary["tasks"][task] = {upstream: {
+            "test_accuracy": t_interval([100 * r["test_accuracy"] for r in task_runs]),
+            "dev_accuracy": t_interval([100 * r["valid_accuracy_best"] for r in task_runs]),
+            "vs_ssl": versus.get(upstream), "tuning": chosen[upstream],
+            "latency": streaming_latency(task_runs[0]["output_folder"], test_csv,
+                                         args.latency_utterances),
+            "runs": [{k: r[k] for k in ("output_folder", "test_accuracy", "wall_seconds")}
+                     for r in task_runs]} for upstream, task_runs in runs.items()}
+        one = {**summary, "tasks": {task: summary["tasks"][task]}}
+        (out / task / "summary.json").write_text(json.dumps(one, indent=1))
+        (out / task / "summary.md").write_text(markdown(one))
+    print(markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,155 @@
+"""Downstream classification (issue 19): the layer sum and the streaming classifier equal the
+offline model, the recipe runs end to end for both tasks on an exported SSL encoder, a random
+encoder and fbank (recipes/downstream.py reads its results back), and bad inputs get one line."""
+import csv
+import json
+
+import pytest
+import torch
+
+import downstream
+import export
+from conftest import ROOT, tiny_encoder
+from modules.downstream import PooledClassifier, StreamingClassifier, WeightedLayerSum
+from test_ctc import run_recipe
+from test_recipe import CORPUS, TINY
+
+SIZES = ["d_model=32", "nhead=2", "num_encoder_layers=1", "d_ffn=64",
+         "subsampling_conv_channels=4"]
+
+
+def test_layer_sum_weights_are_learned_and_start_equal():
+    layer_sum = WeightedLayerSum(2)
+    layers = [torch.ones(1, 3, 4), torch.zeros(1, 3, 4)]
+    assert torch.allclose(layer_sum(layers), torch.full((1, 3, 4), 0.5))
+    layer_sum(layers).sum().backward()
+    assert layer_sum.weights.grad[0] > 0 > layer_sum.weights.grad[1]
+    with pytest.raises(ValueError, match="num_layers"):
+        layer_sum(layers[:1])
+
+
+@pytest.mark.parametrize("kind", ["conformer", "transformer"])
+@pytest.mark.parametrize("context", [(8, 1), (4, 3), (16, 0)])
+def test_streaming_classifier_equals_offline(kind, context):
+    """Chunk by chunk (every layer from forward_streaming, running pooled sum) the decision
+    equals the offline classifier on the offline layers, for a batch of two streams."""
+    encoder = tiny_encoder(kind=kind, num_layers=3)
+    layer_sum = WeightedLayerSum(3)
+    with torch.no_grad():
+        layer_sum.weights.copy_(torch.tensor([0.3, -1.0, 2.0]))
+    classifier = PooledClassifier(32, 16, 5).eval()
+    feats = torch.randn(2, 45, 80)
+    offline = classifier(layer_sum(encoder(feats, None, context, all_layers=True)))
+    stream = StreamingClassifier(encoder, layer_sum, classifier, context)
+    for start in range(0, feats.shape[1], stream.chunk_frames):
+        stream.push(feats[:, start:start + stream.chunk_frames])
+    assert torch.allclose(stream.logits(), offline, atol=1e-5)
+    with pytest.raises(ValueError, match="push a chunk"):
+        StreamingClassifier(encoder, layer_sum, classifier, context).logits()
+
+
+def classification_csv(split: str, rows: int, out) -> str:
+    """``rows`` utterances of the shipped corpus's ``split`` (absolute audio paths), labeled
+    long / short (above or below its median duration): every split has both classes."""
+    with open(CORPUS / f"{split}.csv", newline="") as f:
+        items = list(csv.DictReader(f))[:rows]
+    median = sorted(float(item["duration"]) for item in items)[rows // 2]
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*items[0], "label"])
+        writer.writeheader()
+        for item in items:
+            writer.writerow({**item, "wav": item["wav"].replace("$data_root", str(CORPUS)),
+                             "label": "long" if float(item["duration"]) >= median else "short"})
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A one-epoch tiny SSL run exported, and both tasks' folders with long / short corpora."""
+    base = tmp_path_factory.mktemp("downstream")
+    run_recipe("SSL/conformer.yaml", base, "ssl", *TINY, "--number_of_epochs", "1")
+    export.main([str(base / "ssl"), "--out", str(base / "ssl_model")])
+    for task in downstream.TASKS:
+        folder = base / "data" / task
+        folder.mkdir(parents=True)
+        for name, split, rows in (("train_few", "train", 8), ("dev", "valid", 4),
+                                  ("test", "test", 4)):
+            classification_csv(split, rows, folder / f"{name}.csv")
+    return base
+
+
+def driver_args(base, *extra):
+    return ["--ssl_model", str(base / "ssl_model"), "--data_root", str(base / "data"),
+            "--output_folder", str(base / "results"), "--seeds", "1", "--latency_utterances", "2",
+            "--bootstrap_resamples", "200", "--overrides", *SIZES, "number_of_epochs=1",
+            "num_classes=2", "hidden_size=16", *extra]
+
+
+def test_downstream_recipe_end_to_end(tiny_setup, monkeypatch):
+    """kws with the three upstreams, intent with the SSL one: every run trains and tests, the
+    streamed decisions equal the offline ones, and a second call reads the results back."""
+    base = tiny_setup
+    summary = downstream.main(driver_args(base, "--tasks", "kws"))
+    intent = downstream.main(driver_args(base, "--tasks", "intent", "--upstreams", "ssl",
+                                         "--grid", "lr=0.002,0.01"))
+    tuning = intent["tasks"]["intent"]["ssl"]["tuning"]
+    assert set(tuning["dev_accuracy"]) == {"lr=0.002", "lr=0.01"}
+    assert tuning["setting"] in (["lr=0.002"], ["lr=0.01"])
+    rows = summary["tasks"]["kws"]
+    assert set(rows) == {"ssl", "random", "fbank"} and set(intent["tasks"]) == {"intent"}
+    for upstream, row in rows.items():
+        assert 0 <= row["test_accuracy"]["mean"] <= 100
+        assert row["latency"]["streamed_equals_offline"] == "2/2"
+        assert (row["vs_ssl"] is None) == (upstream == "ssl")
+        result = base / "results" / "kws" / upstream / "seed1" / "result.json"
+        run = json.loads(result.read_text())
+        assert run["upstream"] == upstream and run["record"]["command"][0] == "recipes/train.py"
+        assert (run["record"]["ssl_checkpoint_sha256"] is None) == (upstream != "ssl")
+    assert rows["fbank"]["latency"]["chunk_ms"] == 10.0
+    assert rows["ssl"]["latency"]["chunk_ms"] == 160.0  # medium: 4 frames of 40 ms
+    assert "| kws | fbank |" in (base / "results" / "kws" / "summary.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored result was trained again")
+
+    monkeypatch.setattr(downstream, "run", no_training)
+    again = downstream.main(driver_args(base, "--tasks", "kws"))
+    assert again["tasks"]["kws"]["ssl"]["test_accuracy"] == rows["ssl"]["test_accuracy"]
+
+
+def test_grid_settings_are_every_combination():
+    assert downstream.grid_settings([]) == [[]]
+    assert downstream.grid_settings(["lr=1,2", "hidden_size=8"]) == [
+        ["lr=1", "hidden_size=8"], ["lr=2", "hidden_size=8"]]
+
+
+def test_bad_downstream_inputs_get_one_line(tiny_setup, tmp_path):
+    base = tiny_setup
+    with pytest.raises(ValueError, match="--ssl_model"):
+        downstream.main(["--tasks", "kws"])
+    # A test label never seen in training.
+    folder = tmp_path / "kws"
+    folder.mkdir()
+    for name in ("train_few", "dev"):
+        (folder / f"{name}.csv").write_text((base / "data" / "kws" / f"{name}.csv").read_text())
+    text = (base / "data" / "kws" / "test.csv").read_text().replace(",short\n", ",medium\n", 1)
+    (folder / "test.csv").write_text(text)
+    common = ["--upstream", "fbank", "--number_of_epochs", "1",
+              "--train_csv", str(folder / "train_few.csv"), "--valid_csv", str(folder / "dev.csv"),
+              "--test_csv", str(folder / "test.csv"), "--num_classes", "2"]
+    import subprocess
+    import sys
+
+    def train(*args):
+        command = [sys.executable, str(ROOT / "recipes" / "train.py"),
+                   str(ROOT / "hparams" / "downstream" / "kws.yaml"), *common, *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+    done = train("--output_folder", str(tmp_path / "unknown_label"))
+    assert done.returncode != 0 and "['medium'] never occur" in done.stderr
+    assert "Traceback" not in done.stderr
+    # SSL weights of other sizes than the recipe's: the file is named.
+    done = train("--upstream", "ssl", "--ssl_model", str(base / "ssl_model"),
+                 "--test_csv", str(base / "data" / "kws" / "test.csv"),
+                 "--output_folder", str(tmp_path / "sizes"))
+    assert done.returncode != 0 and "encoder_network.ckpt" in done.stderr.splitlines()[-1]
