@@ -116,17 +116,21 @@ class ClassifyBrain(StreamingBrain):
             return self.modules.classifier(feats, lengths)
         with contextlib.nullcontext() if self.encoder_trains else torch.no_grad():
             layers = self.modules.encoder(feats, lengths, self.context, all_layers=True)
+        # Each utterance's own encoder frames (its last one from a partial group of feature
+        # frames, as in streaming), the same count the layer cache keeps.
+        frames = -(-frame_lengths // self.hparams.subsampling_factor)
         if not self.encoder_trains:
-            self.cache_layers(batch.id, layers, frame_lengths)
-        return self.modules.classifier(self.modules.layer_sum(layers), lengths)
+            self.cache_layers(batch.id, layers, frames)
+        return self.modules.classifier(self.modules.layer_sum(layers),
+                                       frames / layers[0].shape[1])
 
     def cache_layers(self, ids: list[str], layers: list[torch.Tensor],
-                     frame_lengths: torch.Tensor) -> None:
+                     frames: torch.Tensor) -> None:
         """A frozen encoder (eval mode, no augmentation) gives each utterance the same layer
-        outputs in every epoch: keep each one's (L, T', D) frames and skip the encoder next time
-        (SSL and random upstreams then train as fast as the fbank one)."""
+        outputs in every epoch: keep each one's (L, frames, D) frames and skip the encoder next
+        time (SSL and random upstreams then train as fast as the fbank one)."""
         stacked = torch.stack(layers)  # (L, B, T', D)
-        frames = -(-frame_lengths.cpu() // self.hparams.subsampling_factor)
+        frames = frames.cpu()
         for index, utterance in enumerate(ids):
             self.frozen_layers[utterance] = stacked[:, index, :int(frames[index])].clone()
 

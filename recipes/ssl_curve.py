@@ -505,8 +505,7 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, costs: di
                 f"| {point['encoder']} | {point['size']} ({point['labeled_hours']:.2f} h) | "
                 f"{row['context']} {row['pair']} | {interval_text(row['ssl_cer'])} | "
                 f"{interval_text(row['scratch_cer'])} | {d['difference']:+.1f} "
-                f"[{d['low']:+.1f}, {d['high']:+.1f}] | {100 * d['relative']:+.0f} % "
-                f"[{100 * d['relative_low']:+.0f}, {100 * d['relative_high']:+.0f}] | "
+                f"[{d['low']:+.1f}, {d['high']:+.1f}] | {relative_text(d)} | "
                 f"{d['p_value']:.3f} |")
             for arm in ("ssl", "scratch"):
                 rows.append({"encoder": point["encoder"], "size": point["size"],
@@ -562,12 +561,21 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, costs: di
     plot(points, stem.with_suffix(".png"))
 
 
+def relative_text(d: dict) -> str:
+    """``-12 % [-20, -4]``; ``-`` where scratch makes no error (undefined)."""
+    if d["relative"] is None:
+        return "-"
+    return (f"{100 * d['relative']:+.0f} % [{100 * d['relative_low']:+.0f}, "
+            f"{100 * d['relative_high']:+.0f}]")
+
+
 def goal_verdict(point: dict) -> str:
     """Whether a size meets the issue's goal at every reported context (a conjunction: no
     multiple-comparison correction needed within a size)."""
     target = 0.2 if point["labeled_hours"] <= 0.25 else 0.1
-    met = all(row["ssl_minus_scratch"]["relative"] <= -target and row["ssl_minus_scratch"]["high"] < 0
-              for row in point["summary"])
+    met = all(row["ssl_minus_scratch"]["relative"] is not None
+              and row["ssl_minus_scratch"]["relative"] <= -target
+              and row["ssl_minus_scratch"]["high"] < 0 for row in point["summary"])
     return f"{'met' if met else 'not met'} (target -{100 * target:.0f} % relative)"
 
 

@@ -53,7 +53,8 @@ def paired_cluster_bootstrap(errors_a: dict[str, tuple[float, int]],
     (voices) with replacement and keeping each drawn cluster's utterances paired between A and B.
 
     Returns the observed difference, its percentile interval, the relative difference
-    ``(A - B) / B`` with its interval, and the two-sided bootstrap p-value of "no difference".
+    ``(A - B) / B`` with its interval (None where B makes no error: undefined), and the
+    two-sided bootstrap p-value of "no difference".
 
     >>> a = {f"s{s}-{u}": (1.0, 10) for s in range(8) for u in range(5)}
     >>> b = {k: (2.0, 10) for k in a}
@@ -79,15 +80,17 @@ def paired_cluster_bootstrap(errors_a: dict[str, tuple[float, int]],
     observed_a, observed_b = float(100 * total[0] / total[2]), float(100 * total[1] / total[2])
     tail = (1 - confidence) / 2 * 100
     difference = rate_a - rate_b
-    relative = difference / np.maximum(rate_b, 1e-9)
     # Two-sided percentile p-value, floored at 1 / resamples (never reported as exactly 0).
     p_value = max(1 / resamples,
                   min(1.0, 2 * min((difference >= 0).mean(), (difference <= 0).mean())))
+    relative = {"relative": None, "relative_low": None, "relative_high": None}
+    if observed_b > 0:  # a resample where B makes no error has no relative difference: dropped
+        ratios = difference[rate_b > 0] / rate_b[rate_b > 0]
+        relative = {"relative": (observed_a - observed_b) / observed_b,
+                    "relative_low": float(np.percentile(ratios, tail)),
+                    "relative_high": float(np.percentile(ratios, 100 - tail))}
     return {"a": observed_a, "b": observed_b, "difference": observed_a - observed_b,
             "low": float(np.percentile(difference, tail)),
-            "high": float(np.percentile(difference, 100 - tail)),
-            "relative": (observed_a - observed_b) / observed_b,
-            "relative_low": float(np.percentile(relative, tail)),
-            "relative_high": float(np.percentile(relative, 100 - tail)),
+            "high": float(np.percentile(difference, 100 - tail)), **relative,
             "p_value": float(p_value), "clusters": len(clusters),
             "utterances": len(errors_a), "resamples": resamples}

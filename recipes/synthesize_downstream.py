@@ -10,19 +10,21 @@ benchmark's unlabeled partition, whose base voices none of these share.
 
 **kws** (12 classes): the ten Speech Commands keywords, ``_unknown_`` (other words; the words
 of train, dev and test are disjoint, so test asks about unheard words too) and ``_silence_`` (a
-second of the shipped noises at a random level). **intent** (8 intents): spoken commands from
+second of a shipped noise at a random level and circular shift; the noises are 3 s long and
+each split takes its own second of each, so no noise sample is in two splits). **intent** (8 intents): spoken commands from
 templates with slots (rooms, times, cities, ...); each intent's templates are partitioned,
 so test sentences come from templates never heard in training, and slot values are drawn per
 utterance.
 
 Few labels: ``train.csv`` holds ``--train_per_class`` utterances per class and
 ``train_few.csv`` (a subset) ``--few_per_class``; dev and test one utterance per class and
-speaker. Deterministic for a given ``--seed``.
+speaker. ``voice`` is the speaker's base voice (timbre; several speakers are settings of one):
+the unit a paired bootstrap resamples. Deterministic for a given ``--seed``.
 
 Output (``--out``, default ``data/downstream``)::
 
     <task>/audio/<split>/<id>.flac
-    <task>/{train,train_few,dev,test}.csv   ID,duration,wav,spk_id,label,wrd
+    <task>/{train,train_few,dev,test}.csv   ID,duration,wav,spk_id,voice,label,wrd
     <task>/corpus.json                      utterances, speakers and classes per split
 
 Usage::
@@ -37,6 +39,7 @@ import random
 from multiprocessing import Pool
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 import torch
 
@@ -126,11 +129,17 @@ def intent_items(split: str, speakers: list, per_class: int | None, rng: random.
     return items
 
 
+SILENCE_SECOND = {"train": 0, "dev": 1, "test": 2}  # which second of each noise a split uses
+
+
 def silence(job: tuple) -> float:
-    """One second of a shipped noise, at a random level (the ``_silence_`` class)."""
-    noise_path, offset, gain, path = job
+    """One second of a shipped noise (the split's own second, circularly shifted), at a random
+    level: the ``_silence_`` class."""
+    noise_path, second, shift, gain, path = job
     noise, rate = sf.read(noise_path, dtype="float32")
-    clip = noise[offset:offset + SAMPLE_RATE] * gain
+    if len(noise) < (second + 1) * SAMPLE_RATE or rate != SAMPLE_RATE:
+        raise ValueError(f"{noise_path}: the silence class needs 3 s of 16 kHz noise")
+    clip = np.roll(noise[second * SAMPLE_RATE:(second + 1) * SAMPLE_RATE], shift) * gain
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, clip, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
     return len(clip) / SAMPLE_RATE
@@ -153,13 +162,14 @@ def build(task: str, out: Path, speakers: dict[str, list], noises: list[Path], a
             path = str(out / rel)
             if text is None:
                 noise = rng.choice(noises)
-                jobs.append(("silence", str(noise), rng.randrange(2 * SAMPLE_RATE),
-                             10 ** rng.uniform(-2.5, -0.5), path))
+                jobs.append(("silence", str(noise), SILENCE_SECOND[split],
+                             rng.randrange(SAMPLE_RATE), 10 ** rng.uniform(-2.5, -0.5), path))
             else:
                 argv, stdin = command(speaker, text.lower(), f"{path}.wav", rng)
                 jobs.append(("speech", argv, stdin, f"{path}.wav", path))
             rows.append({"ID": uid, "duration": None, "wav": f"$data_root/{rel}",
-                         "spk_id": speaker.spk_id, "label": label, "wrd": text or "",
+                         "spk_id": speaker.spk_id, "voice": speaker.base_voice, "label": label,
+                         "wrd": text or "",
                          "split": split})
     torch.set_num_threads(1)
     with Pool(args.workers) as pool:
@@ -174,6 +184,7 @@ def build(task: str, out: Path, speakers: dict[str, list], noises: list[Path], a
     for name, subset in splits.items():
         write_manifest(out / f"{name}.csv", subset)
         stats[name] = {"utterances": len(subset), "speakers": len({r["spk_id"] for r in subset}),
+                       "voices": len({r["voice"] for r in subset}),
                        "classes": len({r["label"] for r in subset}),
                        "minutes": round(sum(float(r["duration"]) for r in subset) / 60, 2)}
     (out / "corpus.json").write_text(json.dumps({"seed": args.seed, "task": task,
@@ -185,7 +196,7 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
     import csv
 
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["ID", "duration", "wav", "spk_id", "label", "wrd"],
+        writer = csv.DictWriter(f, ["ID", "duration", "wav", "spk_id", "voice", "label", "wrd"],
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -4,8 +4,8 @@
 ``task: ssl``: streaming self-supervised pretraining (``ssl_brain.py``, BEST-RQ / NEST-style
 masked-token prediction); ``task: ctc``: CTC fine-tuning or training from scratch
 (``ctc_brain.py``); ``task: classify``: downstream utterance classification on an exported SSL
-encoder, a random one or features (``classify_brain.py``). All extend ``streaming_brain.py``; the command line (device presets, the SSL
-run's sizes, ``--help``) is ``command_line.py``. The encoder, masker, quantizer, context sampler
+encoder, a random one or features (``classify_brain.py``). All extend ``streaming_brain.py``;
+the command line (device presets, the SSL run's sizes, ``--help``) is ``command_line.py``. The encoder, masker, quantizer, context sampler
 and schedule are all defined in the hparams file; this file holds the data pipeline, the
 training loop's setup and the JSON summary.
 

@@ -91,7 +91,7 @@ def test_downstream_recipe_end_to_end(tiny_setup, monkeypatch):
     """kws with the three upstreams, intent with the SSL one: every run trains and tests, the
     streamed decisions equal the offline ones, and a second call reads the results back."""
     base = tiny_setup
-    summary = downstream.main(driver_args(base, "--tasks", "kws"))
+    summary = downstream.main(driver_args(base, "--tasks", "kws", "--grid", "lr=0.01"))
     intent = downstream.main(driver_args(base, "--tasks", "intent", "--upstreams", "ssl",
                                          "--grid", "lr=0.002,0.01"))
     tuning = intent["tasks"]["intent"]["ssl"]["tuning"]
@@ -115,8 +115,43 @@ def test_downstream_recipe_end_to_end(tiny_setup, monkeypatch):
         raise AssertionError("a stored result was trained again")
 
     monkeypatch.setattr(downstream, "run", no_training)
-    again = downstream.main(driver_args(base, "--tasks", "kws"))
+    again = downstream.main(driver_args(base, "--tasks", "kws", "--grid", "lr=0.01"))
     assert again["tasks"]["kws"]["ssl"]["test_accuracy"] == rows["ssl"]["test_accuracy"]
+
+
+def test_cached_layers_pool_the_frames_of_the_first_epoch():
+    """Epoch 1 runs the frozen encoder on the padded batch and pools each utterance's own
+    encoder frames; later epochs read the cache: the same logits."""
+    from types import SimpleNamespace
+
+    from classify_brain import ClassifyBrain
+
+    encoder = tiny_encoder(num_layers=2).eval()
+    layer_sum, classifier = WeightedLayerSum(2), PooledClassifier(32, 16, 3).eval()
+    feats, frame_lengths = torch.randn(3, 37, 80), torch.tensor([37, 30, 5])
+    with torch.no_grad():
+        layers = encoder(feats, frame_lengths / 37, (8, 3), all_layers=True)
+    frames = -(-frame_lengths // 4)  # as ClassifyBrain.compute_forward
+    first = classifier(layer_sum(layers), frames / layers[0].shape[1])
+    brain = SimpleNamespace(frozen_layers={})
+    ClassifyBrain.cache_layers(brain, ["a", "b", "c"], layers, frames)
+    assert [brain.frozen_layers[u].shape[1] for u in "abc"] == [10, 8, 2]
+    cached, lengths = ClassifyBrain.cached_layers(brain, ["a", "b", "c"])
+    assert torch.allclose(classifier(layer_sum(cached), lengths), first, atol=1e-6)
+
+
+def test_latency_sample_takes_every_class_in_turn():
+    rows = [{"ID": str(i), "label": label} for i, label in enumerate("aaaabbbc")]
+    assert [r["ID"] for r in downstream.stratified(rows, 5)] == ["0", "4", "7", "1", "5"]
+
+
+def test_relative_difference_is_undefined_when_the_reference_makes_no_error():
+    from stats import paired_cluster_bootstrap
+
+    a = {f"v{v}-{u}": (float(u == 0), 1) for v in range(4) for u in range(3)}
+    result = paired_cluster_bootstrap(a, {k: (0.0, 1) for k in a},
+                                      {k: k.split("-")[0] for k in a}, resamples=100)
+    assert result["relative"] is None and result["difference"] == pytest.approx(100 / 3)
 
 
 def test_grid_settings_are_every_combination():

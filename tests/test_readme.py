@@ -38,6 +38,10 @@ NOT_RUN = {
     "make ssl-curve": "hours of CPU on the benchmark corpus (tests/test_ssl_curve.py runs a tiny "
                       "curve)",
     "make recognizer": "hours of CPU on the benchmark corpus",
+    "make corpus-downstream": "the benchmark corpus's voices, 10 minutes of synthesis "
+                              "(tests/test_synthesize_downstream.py checks the partitions)",
+    "exported/ssl_benchmark": "an SSL run on the benchmark corpus (hours), then an hour of "
+                              "downstream runs (tests/test_downstream.py runs them tiny)",
     "--nproc_per_node=8": "8 GPUs per node (tests/test_distributed.py runs torchrun on CPU)",
     "#SBATCH": "a Slurm cluster",
     "/data/LibriSpeech": "needs LibriSpeech, which a clone does not have",

@@ -4,6 +4,8 @@ in dev and test, few labels per class in train."""
 import random
 from collections import Counter
 
+import pytest
+
 from synthesize_downstream import (INTENTS, KEYWORDS, SILENCE, TEMPLATE_SPLIT, UNKNOWN,
                                    UNKNOWN_WORDS, intent_items, kws_items)
 
@@ -39,3 +41,25 @@ def test_items_per_class_and_speaker():
         if any(s in template for s in slots) and prefix:
             continue
         assert template not in test_texts
+
+
+def test_silence_clips_of_each_split_come_from_its_own_second_of_noise(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from synthesize_downstream import SAMPLE_RATE, SILENCE_SECOND, silence
+
+    assert sorted(SILENCE_SECOND.values()) == [0, 1, 2]  # one second each, none shared
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, 3 * SAMPLE_RATE).astype("float32")
+    sf.write(tmp_path / "noise.flac", noise, SAMPLE_RATE)
+    noise = sf.read(tmp_path / "noise.flac", dtype="float32")[0]  # as 16-bit FLAC stores it
+    for split, second in SILENCE_SECOND.items():
+        path = tmp_path / f"{split}.flac"
+        assert silence((str(tmp_path / "noise.flac"), second, 123, 0.5, str(path))) == 1.0
+        clip = sf.read(path, dtype="float32")[0]
+        own = np.roll(noise[second * SAMPLE_RATE:(second + 1) * SAMPLE_RATE], 123) * 0.5
+        assert np.abs(clip - own).max() < 1e-4
+    short = tmp_path / "short.flac"
+    sf.write(short, noise[:SAMPLE_RATE], SAMPLE_RATE)
+    with pytest.raises(ValueError, match="short.flac.*3 s"):
+        silence((str(short), 2, 0, 0.5, str(tmp_path / "x.flac")))
