@@ -94,3 +94,36 @@ def paired_cluster_bootstrap(errors_a: dict[str, tuple[float, int]],
             "high": float(np.percentile(difference, 100 - tail)), **relative,
             "p_value": float(p_value), "clusters": len(clusters),
             "utterances": len(errors_a), "resamples": resamples}
+
+
+def paired_sign_flip(errors_a: dict[str, tuple[float, int]],
+                     errors_b: dict[str, tuple[float, int]], cluster_of: dict[str, str],
+                     exact_up_to: int = 16, resamples: int = 100000, seed: int = 0) -> dict:
+    """Two-sided sign-flip (permutation) test of "A and B have the same error rate", the
+    clusters (voices) as the exchangeable units: under the null, each cluster's summed
+    difference of edits is as likely negated. Exact over all ``2 ** clusters`` sign patterns up
+    to ``exact_up_to`` clusters, else ``resamples`` random ones.
+
+    Unlike the percentile bootstrap, it keeps its level with few clusters (with 9 voices the
+    bootstrap rejects a true null about twice as often as it should); its smallest p-value is
+    ``2 / 2 ** clusters``.
+
+    >>> a = {f"s{s}-{u}": (1.0, 10) for s in range(8) for u in range(5)}
+    >>> b = {k: (2.0, 10) for k in a}
+    >>> paired_sign_flip(a, b, {k: k.split("-")[0] for k in a})
+    {'p_value': 0.0078125, 'clusters': 8, 'exact': True}
+    """
+    if set(errors_a) != set(errors_b):
+        raise ValueError("A and B were scored on different utterances")
+    differences: dict[str, float] = defaultdict(float)
+    for uid in errors_a:
+        differences[cluster_of[uid]] += errors_a[uid][0] - errors_b[uid][0]
+    d = np.array([differences[c] for c in sorted(differences)])
+    exact = len(d) <= exact_up_to
+    if exact:
+        patterns = (np.arange(2 ** len(d))[:, None] >> np.arange(len(d))[None]) & 1
+    else:
+        patterns = np.random.default_rng(seed).integers(0, 2, size=(resamples, len(d)))
+    totals = np.abs(((1 - 2 * patterns) * d).sum(axis=1))
+    p_value = float((totals >= abs(d.sum()) - 1e-9).mean())
+    return {"p_value": p_value, "clusters": len(d), "exact": exact}

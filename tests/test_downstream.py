@@ -95,7 +95,11 @@ def test_downstream_recipe_end_to_end(tiny_setup, monkeypatch):
     intent = downstream.main(driver_args(base, "--tasks", "intent", "--upstreams", "ssl",
                                          "--grid", "lr=0.002,0.01"))
     tuning = intent["tasks"]["intent"]["ssl"]["tuning"]
-    assert set(tuning["dev_accuracy"]) == {"lr=0.002", "lr=0.01"}
+    assert set(tuning["dev_accuracy"]) == {"lr=0.002", "lr=0.01"} and not tuning["grid_edge"]
+    grid_run = json.loads((base / "results" / "intent" / "ssl" / "grid" / "lr0.01"
+                           / "result.json").read_text())
+    command = grid_run["record"]["command"]  # tuning never scores the test set
+    assert command[command.index("--test_csv") + 1].endswith("dev.csv")
     assert tuning["setting"] in (["lr=0.002"], ["lr=0.01"])
     rows = summary["tasks"]["kws"]
     assert set(rows) == {"ssl", "random", "fbank"} and set(intent["tasks"]) == {"intent"}
@@ -103,6 +107,8 @@ def test_downstream_recipe_end_to_end(tiny_setup, monkeypatch):
         assert 0 <= row["test_accuracy"]["mean"] <= 100
         assert row["latency"]["streamed_equals_offline"] == "2/2"
         assert (row["vs_ssl"] is None) == (upstream == "ssl")
+        if row["vs_ssl"]:
+            assert row["vs_ssl"]["p_exact"] and 0 < row["vs_ssl"]["p_value"] <= 1
         result = base / "results" / "kws" / upstream / "seed1" / "result.json"
         run = json.loads(result.read_text())
         assert run["upstream"] == upstream and run["record"]["command"][0] == "recipes/train.py"
@@ -143,6 +149,27 @@ def test_cached_layers_pool_the_frames_of_the_first_epoch():
 def test_latency_sample_takes_every_class_in_turn():
     rows = [{"ID": str(i), "label": label} for i, label in enumerate("aaaabbbc")]
     assert [r["ID"] for r in downstream.stratified(rows, 5)] == ["0", "4", "7", "1", "5"]
+
+
+def test_sign_flip_test_keeps_its_level_with_few_voices():
+    """Under a true null with voice-level variation (9 voices of unequal size), the exact
+    sign-flip test rejects at 5 % no more often than 5 % (up to simulation noise)."""
+    from stats import paired_sign_flip
+
+    rng = __import__("numpy").random.default_rng(0)
+    sizes = [48, 48, 36, 36, 24, 24, 24, 24, 24]
+    rejections = 0
+    for trial in range(300):
+        a, b, cluster = {}, {}, {}
+        for voice, size in enumerate(sizes):
+            shift = rng.normal(0, 0.15)  # this voice favours A or B; zero on average
+            for u in range(size):
+                uid = f"v{voice}-{u}"
+                p_a, p_b = (min(max(0.4 + s, 0), 1) for s in (shift, -shift))
+                a[uid], b[uid] = (float(rng.random() < p_a), 1), (float(rng.random() < p_b), 1)
+                cluster[uid] = f"v{voice}"
+        rejections += paired_sign_flip(a, b, cluster)["p_value"] < 0.05
+    assert rejections / 300 <= 0.08
 
 
 def test_relative_difference_is_undefined_when_the_reference_makes_no_error():
