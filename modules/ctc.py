@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from speechbrain.decoders import ctc_greedy_decode
@@ -97,3 +98,79 @@ def _join(text: str, words: str) -> str:
     """``text`` and ``words`` single-spaced (``text`` already is)."""
     words = " ".join(words.split())
     return f"{text} {words}" if text and words else text or words
+
+
+class CTCPrefixBeam:
+    """Token-level CTC prefix beam search, frame by frame, so that a stream pushes chunks and
+    keeps its n-best (token ids and CTC log-scores) for a second pass: pushing the frames in
+    any chunking gives the same beams as one push of them all.
+
+    Each prefix carries the log-probability of its alignments ending in blank and in a
+    non-blank; a frame extends the ``beam_size`` best prefixes by the ``beam_size`` likeliest
+    outputs of that frame, then the best ``beam_size`` prefixes stay. Without pruning
+    (``beam_size`` at least the number of prefixes and outputs), a prefix's score is its exact
+    CTC log-probability, ``-ctc_loss``.
+
+    Written here: SpeechBrain's ``CTCPrefixBeamSearcher`` works on merged text (its vocabulary
+    is strings) and gives no token sequences to rescore.
+
+    Arguments
+    ---------
+    beam_size : prefixes kept, and outputs tried per frame.
+    blank : the blank's output index (0 in our heads; a token's index is its id + 1).
+
+    Example
+    -------
+    >>> log_probs = torch.tensor([[0.1, 0.8, 0.1], [0.8, 0.1, 0.1], [0.1, 0.1, 0.8]]).log()
+    >>> search = CTCPrefixBeam(beam_size=4)
+    >>> search.push(log_probs)
+    >>> search.nbest()[0][0]
+    (1, 2)
+    """
+
+    def __init__(self, beam_size: int = 10, blank: int = 0):
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+        self.beam_size, self.blank = beam_size, blank
+        self.beams: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, -math.inf)}
+
+    def push(self, log_probs: torch.Tensor) -> None:
+        """(T, V) log-probabilities of the next frames (a leading batch dimension of 1 is
+        allowed)."""
+        frames = log_probs.reshape(-1, log_probs.shape[-1]).double()
+        top = frames.topk(min(self.beam_size, frames.shape[-1]), dim=-1)
+        for values, indices in zip(top.values.tolist(), top.indices.tolist()):
+            self.beams = self._frame(dict(zip(indices, values)))
+
+    def _frame(self, outputs: dict[int, float]) -> dict[tuple[int, ...], tuple[float, float]]:
+        new: dict[tuple[int, ...], list[float]] = {}
+
+        def add(prefix, blank_score, other_score):
+            old = new.setdefault(prefix, [-math.inf, -math.inf])
+            old[0], old[1] = _logadd(old[0], blank_score), _logadd(old[1], other_score)
+
+        for prefix, (blank_end, other_end) in self.beams.items():
+            total = _logadd(blank_end, other_end)
+            for index, score in outputs.items():
+                if index == self.blank:
+                    add(prefix, total + score, -math.inf)
+                elif prefix and prefix[-1] == index:
+                    add(prefix, -math.inf, other_end + score)  # the repeat collapses
+                    add(prefix + (index,), -math.inf, blank_end + score)  # after a blank
+                else:
+                    add(prefix + (index,), -math.inf, total + score)
+        best = sorted(new.items(), key=lambda item: -_logadd(*item[1]))[:self.beam_size]
+        return {prefix: (scores[0], scores[1]) for prefix, scores in best}
+
+    def nbest(self) -> list[tuple[tuple[int, ...], float]]:
+        """The prefixes (output indices, blank excluded) with their CTC log-scores, best first."""
+        ranked = sorted(self.beams.items(), key=lambda item: -_logadd(*item[1]))
+        return [(prefix, _logadd(*scores)) for prefix, scores in ranked]
+
+
+def _logadd(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    return max(a, b) + math.log1p(math.exp(-abs(a - b)))

@@ -230,3 +230,39 @@ class TokenDecoder(torch.nn.Module):
             return value
 
         return pick(state)
+
+
+@torch.no_grad()
+def attention_rescoring(decoder: TokenDecoder, memory: torch.Tensor, frame_count: int,
+                        nbest: list[tuple[list[int], float]], bos: int, eos: int,
+                        ctc_weight: float = 0.5) -> list[tuple[list[int], float, float]]:
+    """The second pass of two-pass decoding (WeNet U2's attention rescoring): the n-best of
+    a CTC prefix beam search scored by one teacher-forced pass of the decoder over all of them.
+
+    Arguments
+    ---------
+    decoder : the attention decoder.
+    memory : (1, T, D) the utterance's encoder output; ``frame_count`` its frames.
+    nbest : (decoder token ids, CTC log-score) per hypothesis.
+    bos, eos : the decoder's begin and end tokens.
+    ctc_weight : score = ``ctc_weight * CTC + (1 - ctc_weight) * attention`` log-scores.
+
+    Returns
+    -------
+    (tokens, combined score, attention log-score) per hypothesis, best first.
+    """
+    if not nbest:
+        raise ValueError("attention_rescoring: no hypothesis to rescore")
+    longest = max(len(tokens) for tokens, _ in nbest) + 1
+    inputs = torch.full((len(nbest), longest), eos, dtype=torch.long, device=memory.device)
+    targets = torch.full_like(inputs, -1)
+    for row, (tokens, _) in enumerate(nbest):
+        inputs[row, :len(tokens) + 1] = torch.tensor([bos, *tokens])
+        targets[row, :len(tokens) + 1] = torch.tensor([*tokens, eos])
+    counts = torch.full((len(nbest),), frame_count, device=memory.device)
+    log_probs = decoder(inputs, memory.expand(len(nbest), -1, -1), counts).log_softmax(-1)
+    picked = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    attention = (picked * (targets >= 0)).sum(-1).tolist()
+    scored = [(list(tokens), ctc_weight * ctc + (1 - ctc_weight) * att, att)
+              for (tokens, ctc), att in zip(nbest, attention)]
+    return sorted(scored, key=lambda item: -item[1])

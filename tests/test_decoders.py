@@ -105,3 +105,26 @@ def test_bad_inputs_are_named(mixer):
         model(tokens, memory, torch.tensor([14, 13]))
     with pytest.raises(ValueError, match="mixer"):
         TokenDecoder(VOCAB, D_MODEL, mixer="lstm")
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_rescoring_scores_are_the_decoders_sequence_log_probabilities(mixer):
+    """One teacher-forced pass over the n-best gives each hypothesis the summed log-probability
+    that step-by-step decoding gives it (with eos); the weights order the result."""
+    from modules.decoders import attention_rescoring
+
+    model = decoder(mixer)
+    memory = inputs(batch=1)[1]
+    bos, eos = 1, 2
+    nbest = [([5, 6, 7], -1.0), ([5], -3.0), ([8, 9, 10, 3, 4], -2.0)]
+    rescored = attention_rescoring(model, memory, 13, nbest, bos, eos, ctc_weight=0.0)
+    for tokens, score, attention in rescored:
+        state, total = model.start(memory, torch.tensor([13])), 0.0
+        for previous, target in zip([bos, *tokens], [*tokens, eos]):
+            total += model.step(torch.tensor([previous]), state).log_softmax(-1)[0, target].item()
+        assert attention == pytest.approx(total, abs=1e-9) and score == attention
+    assert [s for _, s, _ in rescored] == sorted((s for _, s, _ in rescored), reverse=True)
+    ctc_only = attention_rescoring(model, memory, 13, nbest, bos, eos, ctc_weight=1.0)
+    assert [tokens for tokens, _, _ in ctc_only] == [[5, 6, 7], [8, 9, 10, 3, 4], [5]]
+    with pytest.raises(ValueError, match="no hypothesis"):
+        attention_rescoring(model, memory, 13, [], bos, eos)
