@@ -82,8 +82,13 @@ class CTCBrain(StreamingBrain):
         return {name: (self.hparams.lr_annealing[name], self.optimizers_dict[name])
                 for name in names}
 
+    def head_modules(self) -> dict[str, torch.nn.Module]:
+        """What the head optimizer trains (and what the test averages, with the encoder)."""
+        return {"ctc_head": self.hparams.ctc_head}
+
     def init_optimizers(self):
-        self.optimizers_dict = {"head": self.hparams.head_optimizer(self.hparams.ctc_head.parameters())}
+        head = [p for module in self.head_modules().values() for p in module.parameters()]
+        self.optimizers_dict = {"head": self.hparams.head_optimizer(head)}
         if not self.hparams.freeze_encoder:
             self.optimizers_dict["encoder"] = self.hparams.encoder_optimizer(
                 [p for p in self.hparams.encoder.parameters() if p.requires_grad])
@@ -91,6 +96,12 @@ class CTCBrain(StreamingBrain):
             self.checkpointer.add_recoverable(f"{name}_optimizer", optimizer)
 
     def compute_forward(self, batch, stage):
+        encoded, enc_lengths = self.encode(batch, stage)
+        return self.modules.ctc_head(encoded).log_softmax(-1), enc_lengths
+
+    def encode(self, batch, stage) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's (B, T', D) encoder output under this stage's context, and its (B,)
+        relative lengths on the CPU (where CTC reads them)."""
         host_wav_lens = batch.sig[1]  # the loader's CPU copy: CTC lengths without a GPU sync
         batch = batch.to(self.device, non_blocking=True)
         wavs, wav_lens = batch.sig
@@ -106,10 +117,9 @@ class CTCBrain(StreamingBrain):
         with torch.no_grad() if head_only else contextlib.nullcontext():
             encoded = self.modules.encoder(feats, lengths, self.training_context(stage),
                                            num_layers=self.hparams.probe_layer)
-        log_probs = self.modules.ctc_head(encoded).log_softmax(-1)
         host_frames = self.frame_lengths(host_wav_lens, wavs.shape[1])
         enc_lengths = -(-host_frames // self.hparams.subsampling_factor) / encoded.shape[1]
-        return log_probs, enc_lengths
+        return encoded, enc_lengths
 
     def compute_objectives(self, predictions, batch, stage):
         log_probs, enc_lengths = predictions  # lengths on the CPU, where CTC reads them
@@ -183,7 +193,7 @@ class CTCBrain(StreamingBrain):
             min_key=min_key or selection_key(self.checkpointer),
             max_num_checkpoints=self.hparams.average_checkpoints))
         load_averaged_best(self.checkpointer, {"encoder": self.hparams.encoder,
-                                               "ctc_head": self.hparams.ctc_head},
+                                               **self.head_modules()},
                            self.hparams.average_checkpoints, min_key)
 
     def warn_unknown_characters(self, stage) -> None:

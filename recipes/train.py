@@ -3,7 +3,8 @@
 
 ``task: ssl``: streaming self-supervised pretraining (``ssl_brain.py``, BEST-RQ / NEST-style
 masked-token prediction); ``task: ctc``: CTC fine-tuning or training from scratch
-(``ctc_brain.py``); ``task: classify``: downstream utterance classification on an exported SSL
+(``ctc_brain.py``); ``task: s2s``: joint CTC / attention with a Transformer or Mamba decoder
+(``s2s_brain.py``); ``task: classify``: downstream utterance classification on an exported SSL
 encoder, a random one or features (``classify_brain.py``). All extend ``streaming_brain.py``;
 the command line (device presets, the SSL run's sizes, ``--help``) is ``command_line.py``. The encoder, masker, quantizer, context sampler
 and schedule are all defined in the hparams file; this file holds the data pipeline, the
@@ -59,13 +60,15 @@ from modules.checkpointing import RandomState  # noqa: E402
 from command_line import NOTES, load_hparams, parse_command_line, resolve_hparams  # noqa: E402
 from classify_brain import ClassifyBrain  # noqa: E402
 from ctc_brain import CTCBrain  # noqa: E402
+from s2s_brain import S2SBrain, check_decoding  # noqa: E402
 from ssl_brain import SSLBrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-BRAINS = {"ssl": SSLBrain, "ctc": CTCBrain, "classify": ClassifyBrain}
-# Tasks that test after training (on test_csv).
-TESTED = ("ctc", "classify")
+BRAINS = {"ssl": SSLBrain, "ctc": CTCBrain, "s2s": S2SBrain, "classify": ClassifyBrain}
+# Tasks that test after training (on test_csv); tasks that read transcripts.
+TESTED = ("ctc", "s2s", "classify")
+TRANSCRIBED = ("ctc", "s2s")
 
 
 def dataio_prepare(hparams: dict) -> dict:
@@ -96,7 +99,7 @@ def dataio_prepare(hparams: dict) -> dict:
                                        AudioReader(hparams["sample_rate"], min_samples),
                                        takes="wav", provides="sig")
     keys = ["id", "sig"]
-    if hparams["task"] == "ctc":
+    if hparams["task"] in TRANSCRIBED:
         sb.dataio.dataset.add_dynamic_item(list(datasets.values()),
                                            TextTokens(hparams["tokenizer"].sp,
                                                       TextNormalizer(hparams["tokenizer"].sp)),
@@ -199,7 +202,7 @@ def check_manifests(hparams: dict) -> None:
     too, classification ``label``); else one ``ManifestError`` line naming the file and its ``--<name>_csv``."""
     names = ["train_csv", "valid_csv"]
     columns = ["ID", "duration", "wav"]
-    if hparams.get("task") == "ctc":
+    if hparams.get("task") in TRANSCRIBED:
         names += ["test_csv", "tokenizer_csv"]
         columns.append("wrd")
     if hparams.get("task") == "classify":
@@ -231,6 +234,8 @@ def main(argv: list[str]) -> dict | None:
     resolved = resolve_hparams(hparams_file, overrides)
     resuming = check_resume(resolved)
     check_manifests(hparams_data(resolved))  # before the tokenizer trains on one of them
+    if hparams_data(resolved).get("task") == "s2s":
+        check_decoding(hparams_data(resolved).get("decoding"))
     hparams = load_hparams(hparams_file, overrides)
     if hparams["task"] not in BRAINS:
         raise SystemExit(f"error: task {hparams['task']!r} in {hparams_file}; known: {list(BRAINS)}")
@@ -246,7 +251,7 @@ def main(argv: list[str]) -> dict | None:
         record = run_record(argv, hparams_file, overrides,
                             hparams.get("pretrained_ssl") or hparams.get("ssl_model"))
         write_json_atomic(Path(hparams["output_folder"]) / "run_record.json", record)
-    if hparams["task"] == "ctc":
+    if hparams["task"] in TRANSCRIBED:
         pieces = hparams["tokenizer"].sp.get_piece_size()
         if pieces != hparams["vocab_size"]:
             raise SystemExit(f"error: the {hparams['token_type']} tokenizer of {hparams_file} has "
@@ -313,15 +318,17 @@ def main(argv: list[str]) -> dict | None:
             "epochs": len(history), "train_seconds": train_seconds, "world_size": world_size,
             "peak_memory_mb": peak_memory_mb, "output_folder": output_folder, **common,
         }
+    task = hparams["task"]  # ctc_* or s2s_* keys; valid: greedy CTC, test: the decoding's
     return {
-        "ctc_wer": brain.test_stats["WER"], "ctc_cer": brain.test_stats["CER"],
-        "ctc_valid_wer_first": history[0]["valid"]["WER"],
-        "ctc_valid_wer_last": history[-1]["valid"]["WER"],
-        "ctc_valid_cer_first": history[0]["valid"]["CER"],
-        "ctc_valid_cer_last": history[-1]["valid"]["CER"],
+        f"{task}_wer": brain.test_stats["WER"], f"{task}_cer": brain.test_stats["CER"],
+        f"{task}_valid_wer_first": history[0]["valid"]["WER"],
+        f"{task}_valid_wer_last": history[-1]["valid"]["WER"],
+        f"{task}_valid_cer_first": history[0]["valid"]["CER"],
+        f"{task}_valid_cer_last": history[-1]["valid"]["CER"],
+        **({"decoding": hparams["decoding"]} if task == "s2s" else {}),
         "epochs": len(history), "train_seconds": train_seconds, "world_size": world_size,
-        "peak_memory_mb": peak_memory_mb, "ctc_hparams": str(Path(output_folder) / "hyperparams.yaml"),
-        "ctc_output_folder": output_folder, **common,
+        "peak_memory_mb": peak_memory_mb, f"{task}_hparams": str(Path(output_folder) / "hyperparams.yaml"),
+        f"{task}_output_folder": output_folder, **common,
     }
 
 

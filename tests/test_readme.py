@@ -58,6 +58,10 @@ SHORTENED = {
     "recipes/train.py hparams/CTC/": [*CTC_TINY, *TINY_DATA, "--test_csv", "tiny/test.csv",
                                       "--number_of_epochs", "1"],
     "recipes/train.py hparams/SSL/": [*TINY, *TINY_DATA, "--number_of_epochs", "1"],
+    "recipes/train.py hparams/S2S/": [*CTC_TINY, *TINY_DATA, "--test_csv", "tiny/test.csv",
+                                      "--number_of_epochs", "1", "--num_decoder_layers", "1",
+                                      "--beam_size", "2"],
+    "benchmarks/decoder_step.py": ["--tokens", "8", "--frames", "20", "--repeats", "1"],
 }
 
 
