@@ -15,7 +15,8 @@ Each upstream is tuned on its own: every ``--grid`` setting trains once (``--gri
 the one of best dev accuracy runs with each of ``--seeds``, scored on test. Each run is
 ``recipes/train.py hparams/downstream/<task>.yaml`` (frozen encoder, learnable layer sum, the
 task's ``train_few.csv``: 8 examples per class); its ``result.json`` records the
-command, code commit and SSL checkpoint hash, and is read back (not rerun) when they match.
+command, code commit, SSL checkpoint hash and a hash of the task's manifests, and is read back
+(not rerun) when they match.
 Writes ``<output_folder>/<task>/summary.{json,md}``; the last stdout line is the summary as JSON.
 
 Streaming (``streaming_latency``): the seed-1 model classifies test clips chunk by chunk (a
@@ -28,6 +29,7 @@ clips; spotting words in a continuing stream (windows, resets, false alarms) is 
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import statistics
@@ -39,7 +41,8 @@ import torch
 import quiet  # noqa: F401  (before SpeechBrain)
 from cli import RecipeParser, run_cli
 from demo import ROOT, run
-from provenance import check_result, current_code_commit, ssl_checkpoint_fields, write_result
+from provenance import (check_result, current_code_commit, sha256_file, ssl_checkpoint_fields,
+                        write_result)
 from stats import paired_cluster_bootstrap, paired_sign_flip, t_interval
 
 TASKS = ("kws", "intent")
@@ -70,16 +73,25 @@ def train(task: str, upstream: str, seed: int, setting: list[str], folder: Path,
                  "--context", args.context, "--data_folder", str(data), *dev_as_test,
                  *ssl, *flags(args.overrides + setting), "--output_folder", str(folder / "run")]
     path = folder / "result.json"
+    corpus = manifests_sha256(ROOT / data)  # a regenerated corpus is another experiment
     stored = check_result(path, {**expected, "command": ["recipes/train.py", *arguments],
                                  "ssl_checkpoint_sha256": expected["ssl_checkpoint_sha256"]
-                                 if upstream == "ssl" else None})
+                                 if upstream == "ssl" else None, "manifests_sha256": corpus})
     if stored is None:
         start = time.time()
         summary = run("train.py", *arguments)
         stored = {**{k: v for k, v in summary.items() if k != "record"},
                   "wall_seconds": round(time.time() - start, 1)}
-        write_result(path, stored, summary["record"])
+        write_result(path, stored, {**summary["record"], "manifests_sha256": corpus})
     return stored
+
+
+def manifests_sha256(folder: Path) -> str:
+    """One hash of a task's manifests (train_few, dev, test), which name every clip."""
+    digest = hashlib.sha256()
+    for name in ("train_few.csv", "dev.csv", "test.csv"):
+        digest.update(sha256_file(folder / name).encode())
+    return digest.hexdigest()
 
 
 def choose(task: str, upstream: str, args, expected: dict) -> dict:

@@ -123,6 +123,14 @@ def test_downstream_recipe_end_to_end(tiny_setup, monkeypatch):
     monkeypatch.setattr(downstream, "run", no_training)
     again = downstream.main(driver_args(base, "--tasks", "kws", "--grid", "lr=0.01"))
     assert again["tasks"]["kws"]["ssl"]["test_accuracy"] == rows["ssl"]["test_accuracy"]
+    test_csv = base / "data" / "kws" / "test.csv"  # a regenerated corpus: refused, not reused
+    original = test_csv.read_text()
+    test_csv.write_text(original + original.splitlines()[-1] + "\n")
+    try:
+        with pytest.raises(SystemExit, match="manifests_sha256"):
+            downstream.main(driver_args(base, "--tasks", "kws", "--grid", "lr=0.01"))
+    finally:
+        test_csv.write_text(original)
 
 
 def test_cached_layers_pool_the_frames_of_the_first_epoch():
