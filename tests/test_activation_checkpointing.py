@@ -125,8 +125,8 @@ def test_default_off():
     assert all(not tiny(kind).activation_checkpointing for kind in ENCODERS)
 
 
-YAMLS = sorted((ROOT / "hparams").glob("SSL/*.yaml")) + sorted(
-    (ROOT / "hparams").glob("CTC/*.yaml"))
+YAMLS = [path for folder in ("SSL", "CTC", "S2S")
+         for path in sorted((ROOT / "hparams").glob(f"{folder}/*.yaml"))]
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
