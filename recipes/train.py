@@ -233,9 +233,10 @@ def main(argv: list[str]) -> dict | None:
     # only under the hparams it ran with.
     resolved = resolve_hparams(hparams_file, overrides)
     resuming = check_resume(resolved)
-    check_manifests(hparams_data(resolved))  # before the tokenizer trains on one of them
-    if hparams_data(resolved).get("task") == "s2s":
-        check_decoding(hparams_data(resolved).get("decoding"))
+    unbuilt = hparams_data(resolved)  # checked before the tokenizer trains on a manifest
+    check_manifests(unbuilt)
+    if unbuilt.get("task") == "s2s":
+        check_decoding(unbuilt.get("decoding"))
     hparams = load_hparams(hparams_file, overrides)
     if hparams["task"] not in BRAINS:
         raise SystemExit(f"error: task {hparams['task']!r} in {hparams_file}; known: {list(BRAINS)}")
