@@ -40,14 +40,18 @@ def key_padding_mask(frame_counts: torch.Tensor, frames: int) -> torch.Tensor:
             )[:, None, None]
 
 
+def check_heads(d_model: int, nhead: int) -> None:
+    if d_model % nhead:
+        raise ValueError(f"d_model {d_model} is not divisible by nhead {nhead}")
+
+
 class CrossAttention(torch.nn.Module):
     """Queries from the tokens, keys and values from the encoder frames (no positions: the
     encoder's own carry them)."""
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0):
         super().__init__()
-        if d_model % nhead:
-            raise ValueError(f"d_model {d_model} is not divisible by nhead {nhead}")
+        check_heads(d_model, nhead)
         self.nhead, self.dropout = nhead, dropout
         self.query = torch.nn.Linear(d_model, d_model)
         self.key_value = torch.nn.Linear(d_model, 2 * d_model)
@@ -77,8 +81,7 @@ class CausalSelfAttention(torch.nn.Module):
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0):
         super().__init__()
-        if d_model % nhead:
-            raise ValueError(f"d_model {d_model} is not divisible by nhead {nhead}")
+        check_heads(d_model, nhead)
         self.nhead, self.dropout = nhead, dropout
         self.qkv = torch.nn.Linear(d_model, 3 * d_model)
         self.out = torch.nn.Linear(d_model, d_model)
@@ -210,8 +213,8 @@ class TokenDecoder(torch.nn.Module):
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """(B,) next tokens -> (B, vocab) logits of the token after them; ``state`` is updated
-        in place."""
-        self._check_tokens(tokens)
+        in place. The tokens are not range-checked here (a search's own outputs; a check would
+        sync the device at every step): ``forward`` checks them."""
         x = self.embedding(tokens)[:, None]
         for layer, memory, cache in zip(self.layers, state["memory"], state["layers"]):
             x = layer(x, memory, state["mask"], cache)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import speechbrain as sb
 
 from ctc_brain import CTCBrain
-from modules.ctc import CTCPrefixBeam
+from modules.ctc import CTCPrefixBeam, greedy_transcripts
 from modules.decoders import attention_rescoring
 
 DECODINGS = ("ctc_greedy", "ctc_prefix_beam", "attention_rescoring")
@@ -80,9 +80,9 @@ class S2SBrain(CTCBrain):
         return weight * ctc + (1 - weight) * attention
 
     def decode(self, log_probs, enc_lengths, stage) -> list[str]:
-        if stage != sb.Stage.TEST or self.hparams.decoding == "ctc_greedy":
-            return super().decode(log_probs, enc_lengths, sb.Stage.VALID)  # greedy
         sp = self.hparams.tokenizer.sp
+        if stage != sb.Stage.TEST or self.hparams.decoding == "ctc_greedy":
+            return greedy_transcripts(log_probs, enc_lengths, sp)
         encoded, frames = self.memory
         texts = []
         for row, count in enumerate(frames.tolist()):
