@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 from speechbrain.decoders import ctc_greedy_decode
@@ -109,7 +110,9 @@ class CTCPrefixBeam:
     non-blank; a frame extends the ``beam_size`` best prefixes by the ``beam_size`` likeliest
     outputs of that frame, then the best ``beam_size`` prefixes stay. Without pruning
     (``beam_size`` at least the number of prefixes and outputs), a prefix's score is its exact
-    CTC log-probability, ``-ctc_loss``.
+    CTC log-probability, ``-ctc_loss``. With a language model (shallow fusion), prefixes are
+    ranked by ``CTC + lm_weight * LM`` log-scores, the LM scoring each token given the tokens
+    before it (``modules.lm.LMScorer``).
 
     Written here: SpeechBrain's ``CTCPrefixBeamSearcher`` works on merged text (its vocabulary
     is strings) and gives no token sequences to rescore.
@@ -118,21 +121,26 @@ class CTCPrefixBeam:
     ---------
     beam_size : prefixes kept, and outputs tried per frame.
     blank : the blank's output index (0 in our heads; a token's index is its id + 1).
+    lm : next-token log-probabilities of token-id prefixes (``modules.lm.LMScorer``), or None.
+    lm_weight : the LM's weight in the ranking.
 
     Example
     -------
     >>> log_probs = torch.tensor([[0.1, 0.8, 0.1], [0.8, 0.1, 0.1], [0.1, 0.1, 0.8]]).log()
     >>> search = CTCPrefixBeam(beam_size=4)
     >>> search.push(log_probs)
-    >>> search.nbest()[0][0]
+    >>> search.nbest()[0].prefix
     (1, 2)
     """
 
-    def __init__(self, beam_size: int = 10, blank: int = 0):
+    def __init__(self, beam_size: int = 10, blank: int = 0, lm=None, lm_weight: float = 0.0):
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
         self.beam_size, self.blank = beam_size, blank
+        self.lm, self.lm_weight = lm, lm_weight if lm is not None else 0.0
+        # prefix -> (blank-ending, non-blank-ending) CTC log-scores; and its LM log-score.
         self.beams: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, -math.inf)}
+        self.lm_scores: dict[tuple[int, ...], float] = {(): 0.0}
 
     def push(self, log_probs: torch.Tensor) -> None:
         """(T, V) log-probabilities of the next frames (a leading batch dimension of 1 is
@@ -149,23 +157,51 @@ class CTCPrefixBeam:
             old = new.setdefault(prefix, [-math.inf, -math.inf])
             old[0], old[1] = _logadd(old[0], blank_score), _logadd(old[1], other_score)
 
+        next_token = self._next_token_scores(outputs)
         for prefix, (blank_end, other_end) in self.beams.items():
             total = _logadd(blank_end, other_end)
             for index, score in outputs.items():
                 if index == self.blank:
                     add(prefix, total + score, -math.inf)
-                elif prefix and prefix[-1] == index:
+                    continue
+                extended = prefix + (index,)
+                if extended not in self.lm_scores:
+                    self.lm_scores[extended] = self.lm_scores[prefix] + next_token(prefix, index)
+                if prefix and prefix[-1] == index:
                     add(prefix, -math.inf, other_end + score)  # the repeat collapses
-                    add(prefix + (index,), -math.inf, blank_end + score)  # after a blank
+                    add(extended, -math.inf, blank_end + score)  # after a blank
                 else:
-                    add(prefix + (index,), -math.inf, total + score)
-        best = sorted(new.items(), key=lambda item: -_logadd(*item[1]))[:self.beam_size]
+                    add(extended, -math.inf, total + score)
+        best = sorted(new.items(), key=lambda item: -self._rank(*item))[:self.beam_size]
+        self.lm_scores = {prefix: self.lm_scores[prefix] for prefix, _ in best}
         return {prefix: (scores[0], scores[1]) for prefix, scores in best}
 
-    def nbest(self) -> list[tuple[tuple[int, ...], float]]:
-        """The prefixes (output indices, blank excluded) with their CTC log-scores, best first."""
-        ranked = sorted(self.beams.items(), key=lambda item: -_logadd(*item[1]))
-        return [(prefix, _logadd(*scores)) for prefix, scores in ranked]
+    def _next_token_scores(self, outputs: dict[int, float]):
+        """``(prefix, index) -> LM log-score of the index's token after the prefix`` (0 without
+        an LM); the LM runs once per frame, on every kept prefix together."""
+        if self.lm is None or all(index == self.blank for index in outputs):
+            return lambda prefix, index: 0.0
+        prefixes = list(self.beams)
+        log_probs = self.lm([[i - 1 for i in prefix] for prefix in prefixes]).tolist()
+        rows = dict(zip(prefixes, log_probs))
+        return lambda prefix, index: rows[prefix][index - 1]
+
+    def _rank(self, prefix: tuple[int, ...], scores) -> float:
+        return _logadd(*scores) + self.lm_weight * self.lm_scores[prefix]
+
+    def nbest(self) -> list["Hypothesis"]:
+        """The prefixes (output indices, blank excluded) with their CTC and LM log-scores,
+        best first."""
+        ranked = sorted(self.beams.items(), key=lambda item: -self._rank(*item))
+        return [Hypothesis(prefix, _logadd(*scores), self.lm_scores[prefix])
+                for prefix, scores in ranked]
+
+
+class Hypothesis(NamedTuple):
+    """A prefix of output indices (token id + 1) with its CTC and LM log-scores."""
+    prefix: tuple[int, ...]
+    ctc: float
+    lm: float
 
 
 def _logadd(a: float, b: float) -> float:

@@ -1,5 +1,6 @@
-"""A trained CTC model for decoding: offline, or streamed from raw audio chunk by chunk
-(``Recognizer.stream``, see ``stream.py``)."""
+"""A trained CTC or joint CTC / attention (S2S) model for decoding, with any decoding mode of
+``modules.decoding`` and an optional language model: offline, or streamed from raw audio chunk
+by chunk (``Recognizer.stream``, see ``stream.py``)."""
 from __future__ import annotations
 
 import logging
@@ -13,11 +14,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]  # also as ``recipes.inference``
 
-from run_folder import find_run_folder, load_run_hparams  # noqa: E402
+from run_folder import (  # noqa: E402
+    find_run_folder,
+    load_run_hparams,
+    run_hparams_text,
+    tokenizer_model,
+)
 from stream import Stream  # noqa: E402
 from modules.context import Context, parse_context, parse_contexts  # noqa: E402
 from modules.ctc import greedy_transcripts  # noqa: E402
+from modules.decoding import (  # noqa: E402
+    DecodingOptions,
+    UtteranceDecoder,
+    attention_beam_search,
+)
 from modules.interfaces import encoder_frames, is_model_folder, load_model_folder  # noqa: E402
+from modules.lm import LMScorer, check_same_tokenizer  # noqa: E402
+from provenance import hparams_data  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +62,8 @@ def load_averaged_best(checkpointer, modules: dict, count: int, key: str | None 
 
 
 class Recognizer:
-    """Encoder + CTC head + tokenizer + feature statistics of a CTC run, in eval mode on ``device``.
+    """Encoder + CTC head (+ attention decoder of an S2S run) + tokenizer + feature statistics
+    of a trained run, in eval mode on ``device``.
 
     Arguments
     ---------
@@ -57,6 +71,10 @@ class Recognizer:
         any copy of it works from any directory and loads its own weights (``run_folder.py``);
         or a model folder exported from it (``recipes/export.py``), which decodes the same.
     device : where to decode ("cpu", "cuda", "cuda:1", "mps").
+    decoding : how to decode (default: greedy CTC); ``attention_rescoring`` and ``attention``
+        need an S2S run.
+    lm : an LM run folder (``hparams/LM/transformer.yaml``) trained with this run's tokenizer,
+        fused with weight ``decoding.lm_weight``.
 
     Example
     -------
@@ -64,7 +82,8 @@ class Recognizer:
     >>> recognizer.transcribe(samples, recognizer.context("low"))  # doctest: +SKIP
     """
 
-    def __init__(self, run: str | Path, device: str = "cpu"):
+    def __init__(self, run: str | Path, device: str = "cpu",
+                 decoding: DecodingOptions | None = None, lm: str | Path | None = None):
         self.device = torch.device(check_device(device))
         self.folder = find_run_folder(run)
         if is_model_folder(self.folder):  # exported (recipes/export.py)
@@ -74,20 +93,56 @@ class Recognizer:
             self.hparams = load_run_hparams(self.folder)
             self.load_run_weights()
             self.sp = self.hparams["tokenizer"].sp
-        for name in ("compute_features", "encoder", "ctc_head", "normalize"):
-            self.hparams[name] = self.hparams[name].to(self.device).eval()
+        for name in ("compute_features", "encoder", "ctc_head", "normalize", "decoder"):
+            if name in self.hparams:
+                self.hparams[name] = self.hparams[name].to(self.device).eval()
         self.text_normalizer = TextNormalizer(self.sp)
+        self.decoding = decoding or DecodingOptions()
+        if self.decoding.needs_decoder and self.decoder is None:
+            raise ValueError(f"decoding {self.decoding.decoding} needs an attention decoder, and "
+                             f"{self.folder} is a CTC model: give an S2S run (hparams/S2S/*.yaml) "
+                             "or decode with ctc_greedy or ctc_prefix_beam")
+        self.lm_module = self.lm_scorer = None
+        if lm is not None:
+            self.lm_module = load_language_model(lm, self.tokenizer_file, self.folder,
+                                                 self.hparams.get("vocab_size"), self.device)
+            self.lm_scorer = LMScorer(self.lm_module, self.bos, self.eos, self.device)
+        elif self.decoding.lm_weight > 0:
+            raise ValueError(f"lm_weight {self.decoding.lm_weight} without a language model: "
+                             "give one (--lm <LM run folder>) or lm_weight 0")
 
     def load_run_weights(self) -> None:
         """A training run's average of its best checkpoints (by valid CER) and statistics."""
         if "ctc_head" not in self.hparams:
             raise ValueError(f"{self.folder} is a {self.hparams.get('task', 'non-CTC')} run: "
-                             "give the folder of a CTC run (hparams/CTC/*.yaml)")
+                             "give the folder of a CTC or S2S run (hparams/CTC, hparams/S2S)")
         key = selection_key(self.hparams["checkpointer"])
         self.hparams["checkpointer"].recover_if_possible(min_key=key)  # statistics, etc.
-        load_averaged_best(self.hparams["checkpointer"],
-                           {"encoder": self.encoder, "ctc_head": self.hparams["ctc_head"]},
+        heads = {name: self.hparams[name] for name in ("ctc_head", "decoder")
+                 if name in self.hparams}
+        load_averaged_best(self.hparams["checkpointer"], {"encoder": self.encoder, **heads},
                            self.hparams["average_checkpoints"], key)
+
+    @property
+    def decoder(self):
+        """The attention decoder of an S2S run (None for CTC)."""
+        return self.hparams.get("decoder")
+
+    @property
+    def bos(self) -> int:
+        """The decoder's and LM's begin token (after the tokenizer's ids)."""
+        return self.hparams.get("bos_index", self.sp.get_piece_size())
+
+    @property
+    def eos(self) -> int:
+        return self.hparams.get("eos_index", self.sp.get_piece_size() + 1)
+
+    @property
+    def tokenizer_file(self) -> Path:
+        """The SentencePiece model file the run decodes with."""
+        if is_model_folder(self.folder):
+            return self.folder / "tokenizer.ckpt"
+        return tokenizer_model(hparams_data(run_hparams_text(self.folder)))
 
     @property
     def min_samples(self) -> int:
@@ -126,9 +181,31 @@ class Recognizer:
             wav_lens.to(self.device), self.hparams["normalize"])
         encode = self.encoder.encode_in_chunks if streaming else self.encoder
         encoded = encode(feats, lengths, context)
-        texts = greedy_transcripts(self.log_probs(encoded).cpu(),
-                                   (frames / encoded.shape[1]).cpu(), self.sp)
-        return [collapse_spaces(text) for text in texts]
+        return self.decode(encoded, frames)
+
+    def decode(self, encoded: torch.Tensor, frames: torch.Tensor) -> list[str]:
+        """(B, T, D) encoder output and (B,) frame counts -> texts, with ``self.decoding``."""
+        log_probs = self.log_probs(encoded)
+        if self.decoding.decoding == "ctc_greedy":
+            texts = greedy_transcripts(log_probs.cpu(), (frames / encoded.shape[1]).cpu(), self.sp)
+            return [collapse_spaces(text) for text in texts]
+        if self.decoding.decoding == "attention":
+            ids = attention_beam_search(self.decoder, self.hparams["ctc_head"], encoded, frames,
+                                        self.decoding, self.bos, self.eos, self.lm_module)
+        else:
+            ids = []
+            for row, count in enumerate(frames.tolist()):
+                search = self.utterance_decoder()
+                search.push(log_probs[row, :count].cpu())
+                ids.append(search.finish(encoded[row:row + 1, :count]))
+        return [self.text(tokens) for tokens in ids]
+
+    def utterance_decoder(self) -> UtteranceDecoder:
+        """One utterance's streaming decoder (first pass, then ``finish``)."""
+        return UtteranceDecoder(self.decoding, self.decoder, self.lm_scorer, self.bos, self.eos)
+
+    def text(self, tokens: list[int]) -> str:
+        return collapse_spaces(self.sp.decode_ids(tokens))
 
     def transcribe(self, samples: torch.Tensor, context: Context) -> str:
         """Offline greedy transcript of one (n,) utterance under ``context``."""
@@ -150,6 +227,24 @@ class Recognizer:
         """A ``stream.Stream`` starting under ``context`` (see there for ``max_left`` and
         ``controller``)."""
         return Stream(self, context, max_left, controller)
+
+
+def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_size: int | None,
+                        device: torch.device) -> torch.nn.Module:
+    """The LM of an LM run (its best checkpoint by valid loss), in eval mode; an LM trained with
+    another tokenizer than the ASR model's is refused in one line."""
+    folder = find_run_folder(lm)
+    hparams = load_run_hparams(folder)
+    if hparams.get("task") != "lm":
+        raise ValueError(f"--lm {lm} is a {hparams.get('task')} run: give an LM run "
+                         "(hparams/LM/transformer.yaml)")
+    check_same_tokenizer(tokenizer_model(hparams_data(run_hparams_text(folder))), asr_tokenizer,
+                         str(lm), str(asr_name))
+    if vocab_size is not None and hparams["vocab_size"] != vocab_size:
+        raise ValueError(f"--lm {lm}: vocab_size {hparams['vocab_size']}, the ASR model's "
+                         f"{vocab_size}")
+    hparams["checkpointer"].recover_if_possible(min_key="loss")
+    return hparams["lm"].to(device).eval()
 
 
 def collapse_spaces(text: str) -> str:

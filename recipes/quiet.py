@@ -3,11 +3,13 @@
 Imported by the entry points *before* SpeechBrain: SpeechBrain logs ``torchvision is not
 available - cannot save figures`` while importing ``speechbrain.utils.train_logger`` (the recipes
 save no figures), and SentencePiece's trainer writes ~50 INFO lines to stderr when the CTC
-tokenizer is trained (its warnings and errors still show).
+tokenizer is trained (its warnings and errors still show). SpeechBrain's ``TransformerLM``
+passes a float attention mask with a bool padding mask, which PyTorch warns about at every call.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 
 QUIET = {"speechbrain.utils.train_logger": "torchvision is not available"}
 
@@ -30,6 +32,7 @@ def silence() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMessage) and f.text == text for f in logger.filters):
             logger.addFilter(DropMessage(text))
+    warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
     try:
         import sentencepiece
         sentencepiece.set_min_log_level(1)  # 0 INFO, 1 WARNING

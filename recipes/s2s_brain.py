@@ -1,6 +1,7 @@
 """Joint CTC / attention training of a streaming encoder with an attention decoder
-(Transformer or Mamba, ``modules.decoders``), and its decoding on the test set: greedy CTC,
-the token-level CTC prefix beam, or two-pass attention rescoring of that beam's n-best."""
+(Transformer or Mamba, ``modules.decoders``), and its decoding on the test set with one of
+``modules.decoding.DECODINGS``: greedy CTC, the token-level CTC prefix beam, two-pass
+attention rescoring of that beam's n-best, or the joint CTC / attention beam search."""
 from __future__ import annotations
 
 import torch
@@ -9,10 +10,8 @@ import torch.nn.functional as F
 import speechbrain as sb
 
 from ctc_brain import CTCBrain
-from modules.ctc import CTCPrefixBeam, greedy_transcripts
-from modules.decoders import attention_rescoring
-
-DECODINGS = ("ctc_greedy", "ctc_prefix_beam", "attention_rescoring")
+from modules.ctc import greedy_transcripts
+from modules.decoding import DECODINGS, DecodingOptions, UtteranceDecoder, attention_beam_search
 
 
 def check_decoding(decoding: str) -> None:
@@ -84,15 +83,16 @@ class S2SBrain(CTCBrain):
         if stage != sb.Stage.TEST or self.hparams.decoding == "ctc_greedy":
             return greedy_transcripts(log_probs, enc_lengths, sp)
         encoded, frames = self.memory
-        texts = []
-        for row, count in enumerate(frames.tolist()):
-            search = CTCPrefixBeam(self.hparams.beam_size)
-            search.push(log_probs[row, :count])
-            nbest = [([index - 1 for index in prefix], score) for prefix, score in search.nbest()]
-            if self.hparams.decoding == "attention_rescoring":
-                rescored = attention_rescoring(
-                    self.modules.decoder, encoded[row:row + 1, :count], count, nbest,
-                    self.hparams.bos_index, self.hparams.eos_index, self.hparams.ctc_weight_decode)
-                nbest = [(tokens, score) for tokens, score, _ in rescored]
-            texts.append(" ".join(sp.decode_ids(nbest[0][0]).split()))
-        return texts
+        hparams = self.hparams
+        options = DecodingOptions(hparams.decoding, hparams.beam_size, hparams.ctc_weight_decode)
+        if options.decoding == "attention":
+            ids = attention_beam_search(hparams.decoder, hparams.ctc_head, encoded, frames,
+                                        options, hparams.bos_index, hparams.eos_index)
+        else:
+            ids = []
+            for row, count in enumerate(frames.tolist()):
+                search = UtteranceDecoder(options, hparams.decoder, bos=hparams.bos_index,
+                                          eos=hparams.eos_index)
+                search.push(log_probs[row, :count])
+                ids.append(search.finish(encoded[row:row + 1, :count]))
+        return [" ".join(sp.decode_ids(tokens).split()) for tokens in ids]

@@ -26,8 +26,13 @@ class Stream:
     controller : a ``modules.adaptive.ContextController`` that picks each next chunk's context
         from the chunk just encoded (its compute time, the audio's running SNR).
 
-    Memory stays bounded: the caches of ``max_left`` frames, the features of one chunk, the
-    transcript's text and one open word's token ids; no log-probabilities are kept.
+    Decoding follows the recognizer's (``modules.decoding``): greedy CTC and the CTC prefix
+    beam give partial transcripts chunk by chunk; ``attention_rescoring`` also keeps the
+    utterance's encoder output, which ``finish`` rescores the beam's n-best with (its
+    ``second_pass_seconds``). ``first_partial`` records when the transcript first held text
+    (audio seconds and that chunk's compute). With greedy CTC, memory stays bounded: the caches
+    of ``max_left`` frames, the features of one chunk, the transcript's text and one open
+    word's token ids; no log-probabilities are kept.
     ``switches`` lists every change of context (audio time, from, to, reason) and ``stats`` the
     chunks, audio, compute and deadline misses (compute longer than the chunk) per context.
     The final transcript equals the offline pass under the piecewise context the stream ran.
@@ -42,7 +47,12 @@ class Stream:
             max_left = max(left for left, _ in recognizer.trained_contexts)
         self.state = self.encoder.make_streaming_context(
             recognizer.check_trained(context) if max_left is not None else context, max_left)
-        self.decoder = IncrementalGreedyCTC(recognizer.sp)
+        decoding = recognizer.decoding.decoding
+        self.decoder = IncrementalGreedyCTC(recognizer.sp) if decoding == "ctc_greedy" else \
+            BeamText(recognizer)
+        self.memory: list[torch.Tensor] | None = [] if decoding == "attention_rescoring" else None
+        self.first_partial: dict | None = None
+        self.second_pass_seconds: float | None = None
         self.controller = controller
         self.snr = RunningSNR(recognizer.hparams["sample_rate"]) if (
             controller is not None and "snr" in controller.policies) else None
@@ -90,10 +100,15 @@ class Stream:
 
     @torch.inference_mode()
     def finish(self) -> str:
-        """Encodes the last, shorter chunk; returns the final transcript."""
+        """Encodes the last, shorter chunk (and runs the second pass); returns the final
+        transcript."""
         if self.pending is not None and self.pending.shape[1]:
             self._encode(self.pending, time.perf_counter())
             self.pending = self.pending[:, :0]
+        if self.memory is not None and self.second_pass_seconds is None:
+            begin = time.perf_counter()
+            self.decoder.finish(torch.cat(self.memory, dim=1))
+            self.second_pass_seconds = time.perf_counter() - begin
         return self.decoder.text()
 
     def text(self) -> str:
@@ -103,11 +118,16 @@ class Stream:
         """Encodes and decodes one chunk; records its compute since ``begin``, then lets the
         controller pick the next context. Returns the time it ended."""
         context = self.context
-        self.decoder.push(self.recognizer.log_probs(
-            self.encoder.forward_streaming(feats, self.state)))
+        encoded = self.encoder.forward_streaming(feats, self.state)
+        if self.memory is not None:
+            self.memory.append(encoded)
+        self.decoder.push(self.recognizer.log_probs(encoded))
         end = time.perf_counter()
         chunk_seconds = feats.shape[1] * 0.01  # 10 ms feature hop
         self.seconds += chunk_seconds
+        if self.first_partial is None and self.decoder.text():
+            self.first_partial = {"audio_seconds": round(self.seconds, 3),
+                                  "compute_seconds": end - begin}
         stats = self.stats.setdefault(context, {"chunks": 0, "audio_seconds": 0.0,
                                                 "compute_seconds": 0.0, "deadline_misses": 0})
         stats["chunks"] += 1
@@ -140,3 +160,27 @@ class Stream:
             {"context": list(c), "context_seconds": describe_context(c, frame), **s,
              "compute_per_audio_second": round(s["compute_seconds"] / max(s["audio_seconds"], 1e-9), 5)}
             for c, s in self.stats.items()]}
+
+
+class BeamText:
+    """A CTC prefix beam (and second pass) with ``IncrementalGreedyCTC``'s interface:
+    ``push`` log-probabilities, ``text`` the best transcript so far (the final one once
+    ``finish`` has rescored the n-best)."""
+
+    def __init__(self, recognizer):
+        self.recognizer = recognizer
+        self.search = recognizer.utterance_decoder()
+        self.final: str | None = None
+
+    def push(self, log_probs: torch.Tensor) -> None:
+        """(1, C, V + 1) log-probabilities of the next frames."""
+        self.search.push(log_probs.cpu())
+
+    def finish(self, memory: torch.Tensor) -> None:
+        """The second pass over (1, T, D), the utterance's encoder output."""
+        self.final = self.recognizer.text(self.search.finish(memory))
+
+    def text(self) -> str:
+        if self.final is not None:
+            return self.final
+        return self.recognizer.text(self.search.partial())

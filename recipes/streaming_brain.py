@@ -139,21 +139,22 @@ class StreamingBrain(sb.Brain):
         self.hparams.train_logger.log_stats(stats_meta={**meta, **(extra_meta or {})},
                                             train_stats=self.train_stats, valid_stats=stats)
         if if_main_process():
-            self._append_history({"epoch": epoch, "train": self.train_stats, "valid": stats,
-                                  **getattr(self, "train_timing", {})})
+            append_history(self.hparams.output_folder,
+                           {"epoch": epoch, "train": self.train_stats, "valid": stats,
+                            **getattr(self, "train_timing", {})})
 
     def optimizer_lrs(self):
         lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers_dict.values()]
         return lrs[0] if len(lrs) == 1 else lrs
 
-    def _append_history(self, record):
-        """Per-epoch statistics in ``history.json`` (survives restarts; read for the summary).
 
-        Written to a temporary file and renamed: a kill while writing keeps the old file.
-        """
-        path = Path(self.hparams.output_folder) / "history.json"
-        history = json.loads(path.read_text()) if path.exists() else []
-        history = [h for h in history if h["epoch"] < record["epoch"]] + [record]
-        partial = path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(history, indent=1))
-        partial.replace(path)
+def append_history(output_folder: str | Path, record: dict) -> None:
+    """Per-epoch statistics in ``<output_folder>/history.json`` (survives restarts; read for
+    the summary). Written to a temporary file and renamed: a kill while writing keeps the old
+    file."""
+    path = Path(output_folder) / "history.json"
+    history = json.loads(path.read_text()) if path.exists() else []
+    history = [h for h in history if h["epoch"] < record["epoch"]] + [record]
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(history, indent=1))
+    partial.replace(path)

@@ -4,7 +4,8 @@
 ``task: ssl``: streaming self-supervised pretraining (``ssl_brain.py``, BEST-RQ / NEST-style
 masked-token prediction); ``task: ctc``: CTC fine-tuning or training from scratch
 (``ctc_brain.py``); ``task: s2s``: joint CTC / attention with a Transformer or Mamba decoder
-(``s2s_brain.py``); ``task: classify``: downstream utterance classification on an exported SSL
+(``s2s_brain.py``); ``task: lm``: a token language model for fusion, on transcripts, with an
+ASR run's tokenizer (``lm_brain.py``); ``task: classify``: downstream utterance classification on an exported SSL
 encoder, a random one or features (``classify_brain.py``). All extend ``streaming_brain.py``;
 the command line (device presets, the SSL run's sizes, ``--help``) is ``command_line.py``. The encoder, masker, quantizer, context sampler
 and schedule are all defined in the hparams file; this file holds the data pipeline, the
@@ -60,14 +61,16 @@ from modules.checkpointing import RandomState  # noqa: E402
 from command_line import NOTES, load_hparams, parse_command_line, resolve_hparams  # noqa: E402
 from classify_brain import ClassifyBrain  # noqa: E402
 from ctc_brain import CTCBrain  # noqa: E402
+from lm_brain import LMBrain, prepare_tokenizer, text_datasets  # noqa: E402
 from s2s_brain import S2SBrain, check_decoding  # noqa: E402
 from ssl_brain import SSLBrain  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-BRAINS = {"ssl": SSLBrain, "ctc": CTCBrain, "s2s": S2SBrain, "classify": ClassifyBrain}
-# Tasks that test after training (on test_csv); tasks that read transcripts.
-TESTED = ("ctc", "s2s", "classify")
+BRAINS = {"ssl": SSLBrain, "ctc": CTCBrain, "s2s": S2SBrain, "lm": LMBrain,
+          "classify": ClassifyBrain}
+# Tasks that test after training (on test_csv); tasks that read transcripts with audio.
+TESTED = ("ctc", "s2s", "lm", "classify")
 TRANSCRIBED = ("ctc", "s2s")
 
 
@@ -202,6 +205,8 @@ def check_manifests(hparams: dict) -> None:
     too, classification ``label``); else one ``ManifestError`` line naming the file and its ``--<name>_csv``."""
     names = ["train_csv", "valid_csv"]
     columns = ["ID", "duration", "wav"]
+    if hparams.get("task") == "lm":  # text only (train_csv: with more_text_csvs, lm_brain.py)
+        names, columns = ["valid_csv", "test_csv"], ["ID", "wrd"]
     if hparams.get("task") in TRANSCRIBED:
         names += ["test_csv", "tokenizer_csv"]
         columns.append("wrd")
@@ -237,6 +242,8 @@ def main(argv: list[str]) -> dict | None:
     check_manifests(unbuilt)
     if unbuilt.get("task") == "s2s":
         check_decoding(unbuilt.get("decoding"))
+    if unbuilt.get("task") == "lm":  # the ASR run's tokenizer, where loading finds it
+        run_on_main(prepare_tokenizer, args=[unbuilt])
     hparams = load_hparams(hparams_file, overrides)
     if hparams["task"] not in BRAINS:
         raise SystemExit(f"error: task {hparams['task']!r} in {hparams_file}; known: {list(BRAINS)}")
@@ -252,7 +259,7 @@ def main(argv: list[str]) -> dict | None:
         record = run_record(argv, hparams_file, overrides,
                             hparams.get("pretrained_ssl") or hparams.get("ssl_model"))
         write_json_atomic(Path(hparams["output_folder"]) / "run_record.json", record)
-    if hparams["task"] in TRANSCRIBED:
+    if hparams["task"] in TRANSCRIBED + ("lm",):
         pieces = hparams["tokenizer"].sp.get_piece_size()
         if pieces != hparams["vocab_size"]:
             raise SystemExit(f"error: the {hparams['token_type']} tokenizer of {hparams_file} has "
@@ -261,7 +268,7 @@ def main(argv: list[str]) -> dict | None:
     # Masks, dropout and noise continue exactly after a resume; optional, so that checkpoints
     # written before it existed still load.
     hparams["checkpointer"].add_recoverable("random_state", RandomState(), optional_load=True)
-    datasets = dataio_prepare(hparams)
+    datasets = text_datasets(hparams) if hparams["task"] == "lm" else dataio_prepare(hparams)
     if hparams.get("pretrained_ssl"):
         load_pretrained_ssl(hparams, hparams["pretrained_ssl"])
     brain = BRAINS[hparams["task"]](modules=hparams["modules"], opt_class=hparams.get("optimizer"),
@@ -276,7 +283,8 @@ def main(argv: list[str]) -> dict | None:
               valid_loader_kwargs=hparams["valid_dataloader_opts"])
     train_seconds = round(time.time() - start, 1)
     if hparams["task"] in TESTED:
-        min_key = "error" if hparams["task"] == "classify" else selection_key(brain.checkpointer)
+        min_key = {"classify": "error", "lm": "loss"}.get(hparams["task"]) or selection_key(
+            brain.checkpointer)
         brain.evaluate(datasets["test"], min_key=min_key,
                        test_loader_kwargs=hparams["valid_dataloader_opts"])
     if not if_main_process():
@@ -318,6 +326,14 @@ def main(argv: list[str]) -> dict | None:
             "upstream": hparams["upstream"], "context": list(brain.context),
             "epochs": len(history), "train_seconds": train_seconds, "world_size": world_size,
             "peak_memory_mb": peak_memory_mb, "output_folder": output_folder, **common,
+        }
+    if hparams["task"] == "lm":
+        return {
+            "lm_test_perplexity": brain.test_stats["perplexity"],
+            "lm_valid_perplexity_best": min(h["valid"]["perplexity"] for h in history),
+            "epochs": len(history), "train_seconds": train_seconds, "world_size": world_size,
+            "lm_hparams": str(Path(output_folder) / "hyperparams.yaml"),
+            "lm_output_folder": output_folder, **common,
         }
     task = hparams["task"]  # ctc_* or s2s_* keys; valid: greedy CTC, test: the decoding's
     return {
