@@ -173,7 +173,8 @@ def attention_beam_search(decoder: TokenDecoder, ctc_head: torch.nn.Module,
                           options: DecodingOptions, bos: int, eos: int,
                           lm: torch.nn.Module | None = None,
                           max_decode_ratio: float = 1.0) -> list[list[int]]:
-    """``attention`` decoding of a batch: joint CTC / attention beam search with the LM.
+    """``attention`` decoding of a batch, utterance by utterance: joint CTC / attention beam
+    search with the LM.
 
     Arguments
     ---------
@@ -201,5 +202,10 @@ def attention_beam_search(decoder: TokenDecoder, ctc_head: torch.nn.Module,
         max_decode_ratio=max_decode_ratio, beam_size=options.beam_size,
         scorer=ScorerBuilder(full_scorers=scorers, weights=weights) if scorers else None,
         using_eos_threshold=False, length_normalization=True)
-    hyps, _, _, _ = searcher(memory, frame_counts.float() / memory.shape[1])
-    return [[int(token) for token in hyp if token < vocab - 2] for hyp in hyps]
+    # One utterance at a time: SpeechBrain bounds every hypothesis of a batch by the longest
+    # utterance's frames, so a batch mate would change a short utterance's result.
+    found = []
+    for row, count in enumerate(frame_counts.tolist()):
+        hyps, _, _, _ = searcher(memory[row:row + 1, :count], torch.ones(1, device=memory.device))
+        found.append([int(token) for token in hyps[0] if token < vocab - 2])
+    return found

@@ -9,8 +9,9 @@ from typing import Mapping, Sequence
 
 Context = tuple[int, int]  # (left, right), as in modules/context.py
 
-TABLE_COLUMNS = ["context", "context_seconds", "chunk_seconds", "streaming", "cer", "wer", "rtf",
-                 "audio_seconds"]
+TABLE_COLUMNS = ["context", "context_seconds", "chunk_seconds", "streaming", "decoding", "cer",
+                 "wer", "rtf", "audio_seconds", "first_partial_ms", "final_latency_ms",
+                 "second_pass_ms", "latency_utterances"]
 
 
 def context_name(context: Context, presets: Mapping[str, Sequence[int]]) -> str:
@@ -22,13 +23,15 @@ def context_name(context: Context, presets: Mapping[str, Sequence[int]]) -> str:
 
 
 def output_stem(folder: str | Path, manifest: str | Path, contexts: str | list[Context],
-                presets: Mapping[str, Sequence[int]], streaming: bool) -> Path:
-    """``<folder>/eval_<manifest stem>_<contexts>_<streaming|offline>``; ``contexts``: the
-    decoded pairs, or ``"all"``."""
+                presets: Mapping[str, Sequence[int]], streaming: bool,
+                decoding: str = "ctc_greedy") -> Path:
+    """``<folder>/eval_<manifest stem>_<contexts>_<streaming|offline>[_<decoding>]``;
+    ``contexts``: the decoded pairs, or ``"all"``; greedy CTC is not named."""
     names = contexts if isinstance(contexts, str) else "+".join(
         context_name(c, presets) for c in contexts)
     mode = "streaming" if streaming else "offline"
-    return Path(folder) / f"eval_{Path(manifest).stem}_{names}_{mode}"
+    suffix = "" if decoding == "ctc_greedy" else f"_{decoding}"
+    return Path(folder) / f"eval_{Path(manifest).stem}_{names}_{mode}{suffix}"
 
 
 def write_outputs(results: list[dict], stem: Path, title: str,
@@ -62,12 +65,18 @@ def write_tables(results: list[dict], stem: Path) -> None:
         writer = csv.DictWriter(f, TABLE_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
-    lines = ["| context | frames and seconds | decoding | CER % | WER % | RTF |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| context | frames and seconds | encoder | decoding | CER % | WER % | RTF | "
+             "first partial ms | final result ms |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['context']} | {r['context_seconds']} | "
-              f"{'streaming' if r['streaming'] else 'offline'} | {r['cer']:.2f} | {r['wer']:.2f} | "
-              f"{r['rtf']:.3f} |" for r in results]
+              f"{'streaming' if r['streaming'] else 'offline'} | {r.get('decoding', 'ctc_greedy')} | "
+              f"{r['cer']:.2f} | {r['wer']:.2f} | {r['rtf']:.3f} | "
+              f"{_shown(r.get('first_partial_ms'))} | {_shown(r.get('final_latency_ms'))} |"
+              for r in results]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _shown(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def plot_error_rates(results: list[dict], path: Path, title: str) -> None:

@@ -1,16 +1,30 @@
 #!/usr/bin/env python3
-"""Decodes a test set with a trained CTC model at one or several contexts (latencies).
+"""Decodes a test set with a trained CTC or S2S model at one or several contexts (latencies).
 
 Usage::
 
     python recipes/evaluate.py <run folder> --test_csv data/espeak_corpus/test.csv \\
         [--context medium] [--context low ... | --context all] [--streaming] [--device cuda] \\
-        [--batch_size 16] [--data_folder <$data_root>] [--output_folder <folder>]
+        [--decoding ctc_greedy|ctc_prefix_beam|attention_rescoring|attention] \\
+        [--beam_size 10] [--ctc_weight 0.4] [--lm <LM run> --lm_weight 0.6] \\
+        [--latency_utterances 24] [--batch_size 16] [--data_folder <$data_root>] \\
+        [--output_folder <folder>]
 
-``<run folder>`` is the ``--output_folder`` of a ``recipes/train.py`` CTC run (or its
-``hyperparams.yaml``); a copy of it works from any directory. Utterances are decoded in batches
-of similar length (greedy CTC). ``--streaming`` encodes each batch chunk by chunk, every
-utterance its own stream, which gives the offline outputs of the same context.
+``<run folder>`` is the ``--output_folder`` of a ``recipes/train.py`` CTC or S2S run (or its
+``hyperparams.yaml``); a copy of it works from any directory. Utterances are encoded in batches
+of similar length. ``--streaming`` encodes each batch chunk by chunk, every utterance its own
+stream, which gives the offline outputs of the same context. ``--decoding`` (default: greedy
+CTC; an S2S run's own ``decoding``): ``ctc_prefix_beam`` and ``attention_rescoring`` (two-pass)
+stream, ``attention`` (joint CTC / attention beam search) is offline; ``--lm`` fuses an LM run
+(``hparams/LM/transformer.yaml``) trained with the model's tokenizer.
+
+Latency (``--latency_utterances`` N > 0, on N utterances spread over the durations, through the
+streaming API, audio pushed one chunk at a time as it would arrive): ``first_partial_ms``, from
+the stream's start to the first non-empty partial (the audio of the chunks up to it, then that
+chunk's compute); ``final_latency_ms``, from the arrival of the last audio to the final result
+(the last chunk's compute, plus the second pass: ``second_pass_ms``); medians. An offline
+context or ``attention`` decoding has no partial results: its final latency is the whole
+utterance's compute.
 
 References and hypotheses are scored as the tokenizer was trained (its letter case, single
 spaces); characters the tokenizer never saw are reported once. Every audio file is checked
@@ -28,6 +42,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +58,9 @@ from dataio import check_manifest, load_audio, nemo_manifest_to_csv
 from eval_outputs import output_stem, write_outputs
 from inference import Recognizer, default_device
 from modules.context import describe_context
-from run_folder import find_run_folder, is_run_folder
+from modules.decoding import DECODINGS, STREAMING_DECODINGS, DecodingOptions
+from provenance import hparams_data
+from run_folder import find_run_folder, is_run_folder, run_hparams_text
 
 REQUIRED_COLUMNS = ("ID", "wav", "wrd")
 QUOTES = "'\""  # around the text of a KeyError
@@ -142,7 +159,8 @@ def decode_set(recognizer: Recognizer, items: list[dict], context, streaming: bo
     return {"wer": wer.summarize("error_rate"), "cer": cer.summarize("error_rate"),
             "context": list(context), "context_seconds": describe_context(context, frame),
             "chunk_seconds": None if context[1] == -1 else round((context[1] + 1) * frame, 3),
-            "streaming": streaming, "audio_seconds": round(audio_seconds, 2),
+            "streaming": streaming, "decoding": recognizer.decoding.decoding,
+            "audio_seconds": round(audio_seconds, 2),
             "rtf": round(compute_seconds / audio_seconds, 4),
             "utterances": [utterance_record(w, c, refs[w["key"]])
                            for w, c in zip(wer.scores, cer.scores)]}
@@ -155,6 +173,46 @@ def utterance_record(word: dict, char: dict, ref: str) -> dict:
             "wer": round(100 * word["num_edits"] / max(word["num_ref_tokens"], 1), 2),
             "word_edits": word["num_edits"], "words": word["num_ref_tokens"],
             "char_edits": char["num_edits"], "chars": char["num_ref_tokens"]}
+
+
+def measure_latency(recognizer: Recognizer, items: list[dict], context, count: int) -> dict:
+    """Median first-partial and final-result latencies (ms) of ``count`` utterances spread over
+    ``items`` (sorted by duration), each streamed with the audio pushed one chunk at a time (see
+    the module docstring); offline (an unstreamable context, ``attention``): the compute of the
+    whole utterance, as its final latency."""
+    picked = [items[round(i * (len(items) - 1) / max(count - 1, 1))]
+              for i in range(min(count, len(items)))]
+    sample_rate = recognizer.hparams["sample_rate"]
+    online = (recognizer.decoding.decoding in STREAMING_DECODINGS
+              and streamable(recognizer, context))
+    first, final, second = [], [], []
+    for item in picked:
+        samples = load_audio(item["wav"], sample_rate)
+        if not online:
+            start = time.perf_counter()
+            recognizer.transcribe(samples, context)
+            final.append(time.perf_counter() - start)
+            continue
+        stream = recognizer.stream(context)
+        piece = stream.chunk * sample_rate // 100  # one chunk's samples (10 ms feature hop)
+        last = max(0, (len(samples) - 1) // piece * piece)
+        for begin in range(0, last, piece):
+            stream.push(samples[begin:begin + piece])
+        start = time.perf_counter()
+        stream.push(samples[last:])
+        stream.finish()
+        final.append(time.perf_counter() - start)
+        second.append(stream.second_pass_seconds or 0.0)
+        if stream.first_partial is not None:
+            first.append(stream.first_partial["audio_seconds"]
+                         + stream.first_partial["compute_seconds"])
+
+    def median_ms(values):
+        return round(1000 * statistics.median(values), 1) if values else None
+
+    return {"first_partial_ms": median_ms(first), "final_latency_ms": median_ms(final),
+            "second_pass_ms": median_ms(second) if online else None,
+            "latency_utterances": len(picked)}
 
 
 def streamable(recognizer: Recognizer, context) -> bool:
@@ -188,6 +246,20 @@ def parse_arguments(argv: list[str]):
                         help="preset, 'L,R', or 'all' (every preset); repeat for several "
                              "(default: the run's valid_context)")
     parser.add_argument("--streaming", action="store_true", help="decode chunk by chunk")
+    parser.add_argument("--decoding", choices=DECODINGS, default=None,
+                        help="default: greedy CTC (an S2S run: its own decoding)")
+    parser.add_argument("--beam_size", type=int, default=None,
+                        help="CTC prefix beam / attention beam (default: the run's, else 10)")
+    parser.add_argument("--ctc_weight", type=float, default=None,
+                        help="CTC weight of rescoring and attention decoding (default: the "
+                             "run's ctc_weight_decode, else 0.4)")
+    parser.add_argument("--lm", help="an LM run folder (hparams/LM/transformer.yaml) trained "
+                                     "with this model's tokenizer")
+    parser.add_argument("--lm_weight", type=float, default=None,
+                        help="LM weight (default 0.6 with --lm)")
+    parser.add_argument("--latency_utterances", type=int, default=0,
+                        help="measure first-partial and final-result latency on this many "
+                             "utterances per context (0: not measured)")
     parser.add_argument("--device", default=default_device(), help="default: cuda, mps or cpu")
     parser.add_argument("--batch_size", type=int, default=8, help="utterances decoded at once")
     parser.add_argument("--output_folder", help="where the tables, plot and hypotheses go "
@@ -197,14 +269,33 @@ def parse_arguments(argv: list[str]):
     args = parser.parse_strict(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.lm_weight is not None and args.lm is None and args.lm_weight > 0:
+        parser.error("--lm_weight needs --lm <LM run folder>")
+    if args.latency_utterances < 0:
+        parser.error(f"--latency_utterances must be >= 0, got {args.latency_utterances}")
     return args
+
+
+def decoding_options(args, run: Path) -> DecodingOptions:
+    """The command line's decoding, its defaults from the run's hparams (S2S: ``decoding``,
+    ``beam_size``, ``ctc_weight_decode``)."""
+    saved = {} if not (run / "hyperparams.yaml").is_file() else hparams_data(
+        run_hparams_text(run))
+    s2s = saved.get("task") == "s2s"
+    decoding = args.decoding or (saved.get("decoding") if s2s else "ctc_greedy")
+    return DecodingOptions(
+        decoding=decoding,
+        beam_size=args.beam_size or (saved.get("beam_size") if s2s else None) or 10,
+        ctc_weight=args.ctc_weight if args.ctc_weight is not None else (
+            saved.get("ctc_weight_decode", 0.4) if s2s else 0.4),
+        lm_weight=args.lm_weight if args.lm_weight is not None else (0.6 if args.lm else 0.0))
 
 
 def main(argv: list[str]) -> dict:
     args = parse_arguments(argv)
     run = find_run_folder(args.run, args.output_folder)
     output_folder = check_output_folder(run, args.output_folder)
-    recognizer = Recognizer(run, args.device)
+    recognizer = Recognizer(run, args.device, decoding_options(args, run), args.lm)
     specs = args.context or [recognizer.hparams["valid_context"]]
     if "all" in specs:
         specs = list(recognizer.hparams["context_presets"])
@@ -218,13 +309,17 @@ def main(argv: list[str]) -> dict:
         # A context that cannot be streamed (offline; all-past attention) is decoded offline.
         streaming = args.streaming and streamable(recognizer, context)
         results.append(decode_set(recognizer, items, context, streaming, args.batch_size))
+        if args.latency_utterances:
+            results[-1].update(measure_latency(recognizer, items, context,
+                                               args.latency_utterances))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "utterances"}),
               file=sys.stderr)
     stem = output_stem(output_folder, args.test_csv, "all" if args.context and "all" in
                        args.context else contexts, recognizer.hparams["context_presets"],
-                       args.streaming)
+                       args.streaming, recognizer.decoding.decoding + ("+lm" if args.lm else ""))
     title = f"{run.name}: {Path(args.test_csv).name}, " \
-            f"{'streaming' if args.streaming else 'offline'} decoding"
+            f"{'streaming' if args.streaming else 'offline'} encoding, " \
+            f"{recognizer.decoding.decoding}{' + LM' if args.lm else ''}"
     paths = write_outputs(results, stem, title, args.utterances)
     for result in results:
         del result["utterances"]

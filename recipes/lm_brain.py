@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import speechbrain as sb
-from speechbrain.utils.distributed import if_main_process
+from speechbrain.utils.distributed import ddp_all_reduce, if_main_process
 
 from dataio import ManifestError, TextTokens, check_manifest_file, dataset_from_manifest
 from inference import TextNormalizer
@@ -142,7 +142,10 @@ class LMBrain(sb.Brain):
         self.nll_sum, self.token_count = 0.0, 0
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        per_token = self.nll_sum / max(self.token_count, 1)
+        totals = torch.tensor([self.nll_sum, float(self.token_count)], device=self.device)
+        if torch.distributed.is_initialized():  # every rank's share of the stage
+            totals = ddp_all_reduce(totals, torch.distributed.ReduceOp.SUM)
+        per_token = float(totals[0] / totals[1].clamp(min=1))
         stats = {"loss": per_token, "perplexity": math.exp(per_token)}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats

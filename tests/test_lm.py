@@ -1,0 +1,161 @@
+"""The LM recipe and decoding with it (issue 22): a tiny LM trains on an S2S run's tokenizer;
+every decoding mode runs through evaluate.py with LM fusion; a two-pass stream's final result
+is the offline rescoring and its partials the prefix beam's; mismatched tokenizers, leaked test
+sentences and decodings a model cannot run are refused in one line."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_ctc import CTC_TINY, slice_csv
+from test_recipe import CORPUS
+
+LM_TINY = ["--d_model", "32", "--nhead", "2", "--num_layers", "1", "--d_ffn", "64",
+           "--vocab_size", "26", "--batch_size", "8"]
+
+
+def train(*args, check=True):
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), *args],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny S2S run (Transformer decoder) and an LM trained with its tokenizer."""
+    tmp = tmp_path_factory.mktemp("lm")
+    test_csv = slice_csv("test", 4, tmp / "test.csv")
+    train(str(ROOT / "hparams" / "S2S" / "conformer_small.yaml"), "--data_folder", str(CORPUS),
+          "--output_folder", str(tmp / "s2s"), "--train_csv", slice_csv("train", 8, tmp / "t.csv"),
+          "--valid_csv", slice_csv("valid", 4, tmp / "valid.csv"), "--test_csv", test_csv,
+          *CTC_TINY, "--number_of_epochs", "2", "--num_decoder_layers", "1",
+          "--decoding", "attention")
+    run = train(*lm_command(tmp, tmp / "lm"), "--number_of_epochs", "2")
+    return tmp, json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def lm_command(tmp, output_folder) -> list[str]:
+    return [str(ROOT / "hparams" / "LM" / "transformer.yaml"), "--asr_run", str(tmp / "s2s"),
+            "--data_folder", str(CORPUS), "--output_folder", str(output_folder),
+            "--valid_csv", str(tmp / "valid.csv"), "--test_csv", str(tmp / "test.csv"), *LM_TINY]
+
+
+def test_lm_recipe_trains_on_the_asr_tokenizer(runs):
+    tmp, summary = runs
+    assert summary["epochs"] == 2 and 1.0 < summary["lm_test_perplexity"] < 40
+    model = "save/tokenizer/26_char.model"
+    assert (tmp / "lm" / model).read_bytes() == (tmp / "s2s" / model).read_bytes()
+    assert list((tmp / "lm" / "save").glob("CKPT+*/lm.ckpt"))
+
+
+def test_lm_text_holding_a_valid_sentence_is_refused(runs, tmp_path):
+    tmp, _ = runs
+    run = train(*lm_command(tmp, tmp_path / "lm"), "--more_text_csvs",
+                f"[{CORPUS / 'valid.csv'}]", check=False)
+    assert run.returncode != 0 and "of its sentences are in the LM's training text" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_lm_needs_an_asr_run_with_the_same_tokenizer_kind(runs, tmp_path):
+    tmp, _ = runs
+    base = [str(ROOT / "hparams" / "LM" / "transformer.yaml"), "--data_folder", str(CORPUS),
+            "--output_folder", str(tmp_path / "lm"), *LM_TINY]
+    run = train(*base, check=False)
+    assert run.returncode != 0 and "--asr_run: give the ASR run" in run.stderr
+    run = train(*base, "--asr_run", str(tmp / "s2s"), "--vocab_size", "30", check=False)
+    assert run.returncode != 0 and "pass --vocab_size 26 --token_type char" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def evaluate(tmp, *args, check=True):
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "evaluate.py"), str(tmp / "s2s"),
+                          "--test_csv", str(tmp / "test.csv"), "--output_folder",
+                          str(tmp / "eval"), *args],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check:
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+    return run
+
+
+@pytest.mark.parametrize("decoding", ["ctc_prefix_beam", "attention_rescoring", "attention"])
+def test_every_decoding_runs_with_lm_fusion_and_latencies(runs, decoding):
+    tmp, _ = runs
+    result = evaluate(tmp, "--decoding", decoding, "--lm", str(tmp / "lm"), "--context", "low",
+                      "--context", "unlimited", "--streaming", "--beam_size", "3",
+                      "--latency_utterances", "2")
+    streamed, offline = result["results"]
+    assert streamed["decoding"] == offline["decoding"] == decoding
+    assert streamed["final_latency_ms"] > 0 and offline["first_partial_ms"] is None
+    if decoding == "attention":  # offline decoding: no partial results
+        assert streamed["first_partial_ms"] is None
+    else:
+        assert streamed["second_pass_ms"] is not None
+    assert f"_{decoding}+lm.md" in result["table_md"]
+
+
+def test_two_pass_stream_final_is_the_offline_rescoring(runs):
+    """Chunk by chunk: the partials are the prefix beam's, the final result the offline
+    two-pass decoding of the same utterance (with the LM, when trained)."""
+    from dataio import load_audio
+    from inference import Recognizer
+    from modules.decoding import DecodingOptions
+
+    tmp, _ = runs
+    lm = tmp / "lm"
+    rows = (tmp / "test.csv").read_text().splitlines()[1:3]
+    for weight in [0.0, 0.5]:
+        two_pass = Recognizer(tmp / "s2s", decoding=DecodingOptions(
+            "attention_rescoring", 4, 0.4, weight), lm=lm if weight else None)
+        beam = Recognizer(tmp / "s2s", decoding=DecodingOptions(
+            "ctc_prefix_beam", 4, 0.4, weight), lm=lm if weight else None)
+        for row in rows:
+            samples = load_audio(row.split(",")[2].replace("$data_root", str(CORPUS)))
+            context = two_pass.context("low")
+            stream = two_pass.stream(context)
+            for start in range(0, len(samples), 2000):
+                partial = stream.push(samples[start:start + 2000])
+            first_pass = beam.stream(context)
+            first_pass.push(samples)
+            assert partial == first_pass.text()
+            assert stream.finish() == two_pass.transcribe(samples, context)
+            assert stream.second_pass_seconds is not None and first_pass.finish() == \
+                beam.transcribe(samples, context)
+
+
+def test_decodings_a_model_or_lm_cannot_run_are_refused(runs, tmp_path):
+    from modules.lm import check_same_tokenizer
+
+    tmp, _ = runs
+    run = evaluate(tmp, "--lm_weight", "0.5", check=False)
+    assert run.returncode != 0 and "--lm_weight needs --lm" in run.stderr
+    run = evaluate(tmp, "--lm", str(tmp / "s2s"), check=False)
+    assert run.returncode != 0 and "is a s2s run: give an LM run" in run.stderr
+    assert "Traceback" not in run.stderr
+    from speechbrain.tokenizers.SentencePiece import SentencePiece
+
+    SentencePiece(str(tmp_path), 20, annotation_train=str(CORPUS / "valid.csv"),
+                  annotation_read="wrd", model_type="char")
+    other = next(tmp_path.glob("*.model"))
+    with pytest.raises(ValueError, match="trained with another tokenizer"):
+        check_same_tokenizer(other, tmp / "s2s" / "save" / "tokenizer" / "26_char.model",
+                             "lm", "asr")
+
+
+def test_a_ctc_model_cannot_rescore(tmp_path):
+    from inference import Recognizer
+    from modules.decoding import DecodingOptions
+
+    from test_ctc import run_recipe
+
+    run_recipe("CTC/conformer_small.yaml", tmp_path, "ctc", *CTC_TINY, "--number_of_epochs",
+               "1", "--test_csv", slice_csv("test", 2, tmp_path / "test.csv"))
+    with pytest.raises(ValueError, match="needs an attention decoder"):
+        Recognizer(tmp_path / "ctc", decoding=DecodingOptions("attention_rescoring"))
+    beam = Recognizer(tmp_path / "ctc", decoding=DecodingOptions("ctc_prefix_beam", 3))
+    assert isinstance(beam.transcribe(torch.randn(16000) * 0.1, beam.context("low")), str)
