@@ -141,6 +141,7 @@ class CTCPrefixBeam:
         # prefix -> (blank-ending, non-blank-ending) CTC log-scores; and its LM log-score.
         self.beams: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, -math.inf)}
         self.lm_scores: dict[tuple[int, ...], float] = {(): 0.0}
+        self.lm_rows: dict[tuple[int, ...], list[float]] = {}  # next-token LM log-probs
 
     def push(self, log_probs: torch.Tensor) -> None:
         """(T, V) log-probabilities of the next frames (a leading batch dimension of 1 is
@@ -178,12 +179,17 @@ class CTCPrefixBeam:
 
     def _next_token_scores(self, outputs: dict[int, float]):
         """``(prefix, index) -> LM log-score of the index's token after the prefix`` (0 without
-        an LM); the LM runs once per frame, on every kept prefix together."""
+        an LM); the LM runs at most once per frame, on the kept prefixes it has not scored."""
         if self.lm is None or all(index == self.blank for index in outputs):
             return lambda prefix, index: 0.0
-        prefixes = list(self.beams)
-        log_probs = self.lm([[i - 1 for i in prefix] for prefix in prefixes]).tolist()
-        rows = dict(zip(prefixes, log_probs))
+        # Most frames keep the beam's prefixes: the LM runs on the new ones only.
+        self.lm_rows = {prefix: self.lm_rows[prefix] for prefix in self.beams
+                        if prefix in self.lm_rows}
+        new = [prefix for prefix in self.beams if prefix not in self.lm_rows]
+        if new:
+            rows = self.lm([[i - 1 for i in prefix] for prefix in new]).tolist()
+            self.lm_rows.update(zip(new, rows))
+        rows = self.lm_rows
         return lambda prefix, index: rows[prefix][index - 1]
 
     def _rank(self, prefix: tuple[int, ...], scores) -> float:

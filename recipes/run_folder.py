@@ -88,9 +88,10 @@ def resolve_data_path(value: str, bases: list[Path]) -> str:
 
 def relocated_text(text: str, recorded: str, folder: Path) -> str:
     """``text`` with the path ``recorded`` (and paths under it) replaced by ``folder``, where it
-    starts a YAML value (``key: <path>`` or ``- <path>``)."""
-    pattern = re.compile(r"(?<=: |- )" + re.escape(recorded.rstrip("/")) + r"(?=/|\s|$)",
-                         re.MULTILINE)
+    starts a YAML value after a space (``key: <path>``, ``- <path>``, or an indented line: the
+    YAML writer folds a long value onto the next line)."""
+    pattern = re.compile(r"(?<=\s)" + re.escape(recorded.rstrip("/"))
+                         + r"(?=/|\s|$)", re.MULTILINE)
     return pattern.sub(lambda _: str(folder), text)
 
 

@@ -82,7 +82,7 @@ def test_lm_scores_are_the_prefix_tokens_log_probabilities_and_rank_the_beam():
         assert hypothesis.lm == pytest.approx(expected, abs=1e-9)
     ranks = [h.ctc + 0.5 * h.lm for h in nbest]
     assert ranks == sorted(ranks, reverse=True)
-    assert lm.calls <= 12  # one batched LM call per frame
+    assert lm.calls <= 12  # at most one batched LM call per frame
 
 
 def test_a_strong_lm_overrules_ambiguous_acoustics():

@@ -1,5 +1,5 @@
 """Scale-out on CPU: torchrun with 2 gloo processes (SSL for both encoders, CTC with a test on
-averaged checkpoints), one context draw per step on every rank, the device each rank takes, and
+averaged checkpoints, joint CTC / attention and the LM trained on its tokenizer), one context draw per step on every rank, the device each rank takes, and
 data pipelines that spawn-started DataLoader workers can unpickle."""
 import json
 import subprocess
@@ -63,6 +63,21 @@ def test_torchrun_ctc_train_valid_and_test_on_averaged_checkpoints(tmp_path):
     assert 0 <= summary["ctc_cer"] and (tmp_path / "out" / "test_wer.txt").is_file()
     assert len(list((tmp_path / "out" / "save").glob("CKPT+*"))) == 2
     assert (tmp_path / "out" / "save" / "tokenizer" / "26_char.model").is_file()
+
+
+def test_torchrun_s2s_then_its_language_model(tmp_path):
+    run = torchrun(tmp_path, "S2S/conformer_small.yaml", *CTC_TINY, "--number_of_epochs", "1",
+                   "--num_decoder_layers", "1", "--decoding", "attention_rescoring",
+                   "--beam_size", "2", "--test_csv", slice_csv("test", 3, tmp_path / "test.csv"))
+    (summary,) = summary_lines(run)
+    assert summary["world_size"] == 2 and 0 <= summary["s2s_cer"]
+    (tmp_path / "out").rename(tmp_path / "s2s")
+    run = torchrun(tmp_path, "LM/transformer.yaml", "--asr_run", str(tmp_path / "s2s"),
+                   "--vocab_size", "26", "--d_model", "32", "--nhead", "2", "--num_layers", "1",
+                   "--d_ffn", "64", "--number_of_epochs", "1",
+                   "--test_csv", str(tmp_path / "test.csv"))
+    (summary,) = summary_lines(run)
+    assert summary["world_size"] == 2 and summary["lm_test_perplexity"] > 1.0
 
 
 def test_torchrun_ctc_probe_of_a_trained_encoder(tmp_path):

@@ -137,3 +137,14 @@ def test_choice_follows_measured_latency_not_chunk_size():
     assert transcribe.choose(rows, 300)["preset"] == "medium"
     rows[1]["latency_ms"] = 310  # measured slower: the budget now only fits "low"
     assert transcribe.choose(rows, 300)["preset"] == "low"
+
+
+def test_a_moved_run_reads_its_own_files_even_where_yaml_folded_a_long_path():
+    """hyperparams.yaml folds a long value onto an indented next line: relocated too."""
+    from pathlib import Path
+
+    from run_folder import relocated_text
+
+    text = "output_folder: /x/out\nsave_folder:\n    /x/out/save\nother: /x/outer\n- /x/out/y\n"
+    assert relocated_text(text, "/x/out", Path("/new")) == \
+        "output_folder: /new\nsave_folder:\n    /new/save\nother: /x/outer\n- /new/y\n"

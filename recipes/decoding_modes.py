@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""The decoding modes of one joint CTC / attention model compared on a test set, the LM weight
+of each LM system chosen on dev first (issue 22's results table).
+
+Systems: greedy CTC, the CTC prefix beam, two-pass attention rescoring, the attention beam
+search, and the last three with LM fusion. Each LM system's ``lm_weight`` is chosen on
+``--dev_csv`` (lowest WER, then CER) at ``--tune_context`` from ``--lm_weights``; the CTC weight
+and beam are the model's hparams (``ctc_weight_decode``, ``beam_size``), not tuned. Then every
+system decodes ``--test_csv`` once at each of ``--contexts``, the encoder streamed chunk by
+chunk (offline at ``unlimited``), with first-partial and final-result latency measured on
+``--latency_utterances`` utterances (``evaluate.py``). Differences (rescoring vs prefix beam, LM
+vs none, every system vs greedy) are paired over utterances, resampling test voices (the base voice of
+the manifest's ``voice`` column, else ``spk_id``): bootstrap interval and sign-flip p-value.
+
+Usage::
+
+    python recipes/decoding_modes.py --asr_run <S2S run> --lm <LM run> \\
+        --dev_csv data/benchmark/dev.csv --test_csv data/benchmark/test.csv \\
+        --output_folder results/decoding_modes [--contexts very_low,medium,high,unlimited] \\
+        [--lm_weights 0.2,0.4,0.6] [--threads 1]
+
+Resumable: each finished decoding is kept (``<output_folder>/<split>/<system>.json``) and read
+back only for the same code commit, command and models. Writes ``decoding_modes.json`` and
+``decoding_modes.md``; the last stdout line is the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import quiet  # noqa: F401
+import evaluate
+from eval_outputs import _shown
+from provenance import current_commit, current_code_commit, script_command, sha256_file
+from stats import paired_cluster_bootstrap, paired_sign_flip
+
+SYSTEMS = [("ctc_greedy", False), ("ctc_prefix_beam", False), ("attention_rescoring", False),
+           ("attention", False), ("ctc_prefix_beam", True), ("attention_rescoring", True),
+           ("attention", True)]
+COMPARISONS = [("attention_rescoring", "ctc_prefix_beam"),
+               ("ctc_prefix_beam+lm", "ctc_prefix_beam"),
+               ("attention_rescoring+lm", "attention_rescoring"),
+               ("attention+lm", "attention")]
+
+
+def name(decoding: str, lm: bool) -> str:
+    return decoding + ("+lm" if lm else "")
+
+
+def decode(args, split: str, system: str, manifest: str, contexts: list[str],
+           lm_weight: float | None, latency: int) -> dict:
+    """One ``evaluate.py`` pass, kept in ``<output>/<split>/<system>.json`` (read back only for
+    the same code commit and command)."""
+    decoding, with_lm = system.split("+")[0], system.endswith("+lm")
+    folder = Path(args.output_folder) / split
+    tag = system if lm_weight is None else f"{system}_w{lm_weight}"
+    argv = [args.asr_run, "--test_csv", manifest, "--decoding", decoding, "--streaming",
+            "--output_folder", str(folder / tag), "--latency_utterances", str(latency),
+            "--utterances", str(folder / f"{tag}.jsonl"), "--device", "cpu"]
+    for context in contexts:
+        argv += ["--context", context]
+    if with_lm:
+        argv += ["--lm", args.lm, "--lm_weight", str(lm_weight)]
+    record = {"code_commit": current_code_commit(), "argv": argv}
+    path = folder / f"{tag}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["record"] == record:
+            return saved["result"]
+    result = evaluate.main(argv)
+    results = result.get("results", [result])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"record": record, "result": {"results": results,
+                                                             "hypotheses": result["hypotheses"]}},
+                               indent=1))
+    return {"results": results, "hypotheses": result["hypotheses"]}
+
+
+def voices(manifest: str) -> dict[str, str]:
+    """Utterance id -> its voice (the base voice after ``|`` in ``voice``, else ``spk_id``)."""
+    with open(manifest, newline="") as f:
+        return {row["ID"]: row["voice"].split("|")[-1] if row.get("voice") else row["spk_id"]
+                for row in csv.DictReader(f)}
+
+
+def word_errors(hypotheses: str) -> dict[tuple, dict[str, tuple[int, int]]]:
+    """``{context: {id: (word edits, reference words)}}`` of an ``evaluate.py`` hypotheses file."""
+    errors: dict[tuple, dict] = {}
+    for line in Path(hypotheses).read_text().splitlines():
+        row = json.loads(line)
+        errors.setdefault(tuple(row["context"]), {})[row["id"]] = (row["word_edits"],
+                                                                   row["words"])
+    return errors
+
+
+def compare(test: dict, manifest: str) -> list[dict]:
+    """Paired WER differences per context (A - B, percent points; negative: A better)."""
+    cluster_of = voices(manifest)
+    errors = {system: word_errors(result["hypotheses"]) for system, result in test.items()}
+    rows = []
+    for a, b in COMPARISONS + [(s, "ctc_greedy") for s in test if s != "ctc_greedy"]:
+        for context in errors[a]:
+            boot = paired_cluster_bootstrap(errors[a][context], errors[b][context], cluster_of)
+            flip = paired_sign_flip(errors[a][context], errors[b][context], cluster_of)
+            rows.append({"a": a, "b": b, "context": list(context), "wer_a": round(boot["a"], 2),
+                         "wer_b": round(boot["b"], 2), "difference": round(boot["difference"], 2),
+                         "low": round(boot["low"], 2), "high": round(boot["high"], 2),
+                         "relative": None if boot["relative"] is None else round(boot["relative"], 3),
+                         "sign_flip_p": flip["p_value"], "voices": flip["clusters"]})
+    return rows
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| system | lm_weight (dev) | context | WER % | CER % | RTF | first partial ms | "
+             "final result ms | second pass ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for system, result in summary["test"].items():
+        for r in result["results"]:
+            lines.append(
+                f"| {system} | {summary['lm_weights'].get(system, '-')} | {r['context']} | "
+                f"{r['wer']:.2f} | {r['cer']:.2f} | {r['rtf']:.3f} | "
+                f"{_shown(r.get('first_partial_ms'))} | "
+                f"{_shown(r.get('final_latency_ms'))} | "
+                f"{_shown(r.get('second_pass_ms'))} |")
+    lines += ["", "| A | B | context | WER A | WER B | A - B [95 % interval] | relative | "
+              "sign-flip p |", "|---|---|---|---|---|---|---|---|"]
+    for c in summary["comparisons"]:
+        relative = "-" if c["relative"] is None else f"{100 * c['relative']:+.1f} %"
+        lines.append(f"| {c['a']} | {c['b']} | {c['context']} | {c['wer_a']} | {c['wer_b']} | "
+                     f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] | {relative} | "
+                     f"{c['sign_flip_p']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_arguments(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="decoding_modes.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--asr_run", required=True, help="an S2S run folder")
+    parser.add_argument("--lm", required=True, help="an LM run trained with its tokenizer")
+    parser.add_argument("--dev_csv", required=True)
+    parser.add_argument("--test_csv", required=True)
+    parser.add_argument("--output_folder", required=True)
+    parser.add_argument("--contexts", default="very_low,medium,high,unlimited")
+    parser.add_argument("--tune_context", default="medium")
+    parser.add_argument("--lm_weights", default="0.2,0.4,0.6")
+    parser.add_argument("--latency_utterances", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (timings)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> dict:
+    args = parse_arguments(argv)
+    torch.set_num_threads(args.threads)
+    weights = [float(w) for w in args.lm_weights.split(",")]
+    tuning, chosen = {}, {}
+    for decoding, with_lm in SYSTEMS:
+        if not with_lm:
+            continue
+        system = name(decoding, with_lm)
+        tuning[system] = {w: decode(args, "dev", system, args.dev_csv, [args.tune_context], w,
+                                    0)["results"][0] for w in weights}
+        chosen[system] = min(weights, key=lambda w: (tuning[system][w]["wer"],
+                                                     tuning[system][w]["cer"]))
+    contexts = args.contexts.split(",")
+    test = {name(d, lm): decode(args, "test", name(d, lm), args.test_csv, contexts,
+                                chosen.get(name(d, lm)), args.latency_utterances)
+            for d, lm in SYSTEMS}
+    summary = {
+        "commit": current_commit(), "code_commit": current_code_commit(),
+        "command": script_command(Path(__file__), argv), "threads": args.threads,
+        "asr_run": args.asr_run, "lm": args.lm,
+        "asr_run_record": evaluate_record(args.asr_run), "lm_run_record": evaluate_record(args.lm),
+        "test_csv_sha256": sha256_file(args.test_csv), "dev_csv_sha256": sha256_file(args.dev_csv),
+        "lm_weights": chosen,
+        "dev_tuning": {s: {str(w): {"wer": r["wer"], "cer": r["cer"]} for w, r in t.items()}
+                       for s, t in tuning.items()},
+        "test": test, "comparisons": compare(test, args.test_csv)}
+    out = Path(args.output_folder)
+    (out / "decoding_modes.json").write_text(json.dumps(summary, indent=1))
+    (out / "decoding_modes.md").write_text(markdown(summary))
+    return {"table_md": str(out / "decoding_modes.md"), "lm_weights": chosen,
+            "json": str(out / "decoding_modes.json")}
+
+
+def evaluate_record(folder: str) -> dict:
+    path = Path(folder) / "run_record.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1:])))
