@@ -111,8 +111,9 @@ class CTCPrefixBeam:
     outputs of that frame, then the best ``beam_size`` prefixes stay. Without pruning
     (``beam_size`` at least the number of prefixes and outputs), a prefix's score is its exact
     CTC log-probability, ``-ctc_loss``. With a language model (shallow fusion), prefixes are
-    ranked by ``CTC + lm_weight * LM`` log-scores, the LM scoring each token given the tokens
-    before it (``modules.lm.LMScorer``).
+    ranked by ``CTC + lm_weight * LM + length_bonus * tokens`` log-scores, the LM scoring each
+    token given the tokens before it (``modules.lm.LMScorer``); the bonus offsets the LM's
+    preference for short prefixes (deletions).
 
     Written here: SpeechBrain's ``CTCPrefixBeamSearcher`` works on merged text (its vocabulary
     is strings) and gives no token sequences to rescore.
@@ -123,6 +124,7 @@ class CTCPrefixBeam:
     blank : the blank's output index (0 in our heads; a token's index is its id + 1).
     lm : next-token log-probabilities of token-id prefixes (``modules.lm.LMScorer``), or None.
     lm_weight : the LM's weight in the ranking.
+    length_bonus : added to a prefix's ranking score per token.
 
     Example
     -------
@@ -133,11 +135,13 @@ class CTCPrefixBeam:
     (1, 2)
     """
 
-    def __init__(self, beam_size: int = 10, blank: int = 0, lm=None, lm_weight: float = 0.0):
+    def __init__(self, beam_size: int = 10, blank: int = 0, lm=None, lm_weight: float = 0.0,
+                 length_bonus: float = 0.0):
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
         self.beam_size, self.blank = beam_size, blank
         self.lm, self.lm_weight = lm, lm_weight if lm is not None else 0.0
+        self.length_bonus = length_bonus
         # prefix -> (blank-ending, non-blank-ending) CTC log-scores; and its LM log-score.
         self.beams: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, -math.inf)}
         self.lm_scores: dict[tuple[int, ...], float] = {(): 0.0}
@@ -193,7 +197,8 @@ class CTCPrefixBeam:
         return lambda prefix, index: rows[prefix][index - 1]
 
     def _rank(self, prefix: tuple[int, ...], scores) -> float:
-        return _logadd(*scores) + self.lm_weight * self.lm_scores[prefix]
+        return (_logadd(*scores) + self.lm_weight * self.lm_scores[prefix]
+                + self.length_bonus * len(prefix))
 
     def nbest(self) -> list["Hypothesis"]:
         """The prefixes (output indices, blank excluded) with their CTC and LM log-scores,

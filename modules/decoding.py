@@ -36,11 +36,14 @@ class DecodingOptions:
     ctc_weight : ``ctc_weight * CTC + (1 - ctc_weight) * attention`` log-scores (rescoring and
         attention beam search).
     lm_weight : weight of the LM's log-score (0: no LM).
+    length_bonus : added per token to the CTC prefix beam's ranking and to the rescored score
+        (offsets the deletions an LM favours); the attention search normalizes by length.
     """
     decoding: str = "ctc_greedy"
     beam_size: int = 10
     ctc_weight: float = 0.4
     lm_weight: float = 0.0
+    length_bonus: float = 0.0
 
     def __post_init__(self):
         if self.decoding not in DECODINGS:
@@ -84,7 +87,8 @@ class UtteranceDecoder:
         self.lm = lm if options.lm_weight > 0 else None
         self.beam = None
         if options.decoding != "ctc_greedy":
-            self.beam = CTCPrefixBeam(options.beam_size, lm=self.lm, lm_weight=options.lm_weight)
+            self.beam = CTCPrefixBeam(options.beam_size, lm=self.lm, lm_weight=options.lm_weight,
+                                      length_bonus=options.length_bonus)
         self.greedy: list[int] = []  # best-path token ids
         self.previous = 0  # the last best-path output index (0: blank)
 
@@ -116,11 +120,10 @@ class UtteranceDecoder:
         nbest = [([index - 1 for index in h.prefix], h.ctc) for h in self.beam.nbest()]
         rescored = attention_rescoring(self.decoder, memory, memory.shape[1], nbest, self.bos,
                                        self.eos, self.options.ctc_weight)
-        if self.lm is None:
-            return rescored[0][0]
-        lm_scores = self.lm.sentence_scores([tokens for tokens, _, _ in rescored])
-        fused = [(score + self.options.lm_weight * lm, tokens)
-                 for (tokens, score, _), lm in zip(rescored, lm_scores)]
+        lm_scores = [0.0] * len(rescored) if self.lm is None else self.lm.sentence_scores(
+            [tokens for tokens, _, _ in rescored])
+        fused = [(score + self.options.lm_weight * lm + self.options.length_bonus * len(tokens),
+                  tokens) for (tokens, score, _), lm in zip(rescored, lm_scores)]
         return max(fused, key=lambda item: item[0])[1]
 
 

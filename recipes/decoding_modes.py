@@ -3,10 +3,12 @@
 of each LM system chosen on dev first (issue 22's results table).
 
 Systems: greedy CTC, the CTC prefix beam, two-pass attention rescoring, the attention beam
-search, and the last three with LM fusion. Each LM system's ``lm_weight`` is chosen on
-``--dev_csv`` (lowest WER, then CER) at ``--tune_context`` from ``--lm_weights``; the CTC weight
-and beam are the model's hparams (``ctc_weight_decode``, ``beam_size``), not tuned. Then every
-system decodes ``--test_csv`` once at each of ``--contexts``, the encoder streamed chunk by
+search, and the last three with LM fusion. Each LM system's ``lm_weight`` (and, for the CTC
+beam and rescoring, ``length_bonus``) is chosen on ``--dev_csv`` (lowest WER, then CER) at
+``--tune_context`` from ``--lm_weights`` x ``--length_bonuses``; the CTC weight and beam are the
+model's hparams (``ctc_weight_decode``, ``beam_size``), not tuned. Then every system decodes
+``--test_csv`` once at each of ``--contexts`` (the attention search, the costliest, at
+``--attention_contexts``), the encoder streamed chunk by
 chunk (offline at ``unlimited``), with first-partial and final-result latency measured on
 ``--latency_utterances`` utterances (``evaluate.py``). Differences (rescoring vs prefix beam, LM
 vs none, every system vs greedy) are paired over utterances, resampling test voices (the base voice of
@@ -17,7 +19,12 @@ Usage::
     python recipes/decoding_modes.py --asr_run <S2S run> --lm <LM run> \\
         --dev_csv data/benchmark/dev.csv --test_csv data/benchmark/test.csv \\
         --output_folder results/decoding_modes [--contexts very_low,medium,high,unlimited] \\
-        [--lm_weights 0.2,0.4,0.6] [--threads 1]
+        [--lm_weights 0.3,0.6] [--length_bonuses 0,1] [--dev_every 4] [--test_every 2] \\
+        [--systems ctc_greedy,attention+lm,...] [--threads 1]
+
+``--dev_every`` / ``--test_every`` N keep every Nth utterance of a manifest (the CPU budget;
+every voice stays). ``--systems`` decodes some systems only (two processes can share the
+work); a run with all of them then reads every kept result back and writes the tables.
 
 Resumable: each finished decoding is kept (``<output_folder>/<split>/<system>.json``) and read
 back only for the same code commit, command and models. Writes ``decoding_modes.json`` and
@@ -53,19 +60,20 @@ def name(decoding: str, lm: bool) -> str:
 
 
 def decode(args, split: str, system: str, manifest: str, contexts: list[str],
-           lm_weight: float | None, latency: int) -> dict:
+           weights: tuple[float, float] | None, latency: int) -> dict:
     """One ``evaluate.py`` pass, kept in ``<output>/<split>/<system>.json`` (read back only for
     the same code commit and command)."""
     decoding, with_lm = system.split("+")[0], system.endswith("+lm")
     folder = Path(args.output_folder) / split
-    tag = system if lm_weight is None else f"{system}_w{lm_weight}"
+    tag = system if weights is None else f"{system}_w{weights[0]}_b{weights[1]}"
     argv = [args.asr_run, "--test_csv", manifest, "--decoding", decoding, "--streaming",
             "--output_folder", str(folder / tag), "--latency_utterances", str(latency),
             "--utterances", str(folder / f"{tag}.jsonl"), "--device", "cpu"]
     for context in contexts:
         argv += ["--context", context]
     if with_lm:
-        argv += ["--lm", args.lm, "--lm_weight", str(lm_weight)]
+        argv += ["--lm", args.lm, "--lm_weight", str(weights[0]), "--length_bonus",
+                 str(weights[1])]
     record = {"code_commit": current_code_commit(), "argv": argv}
     path = folder / f"{tag}.json"
     if path.is_file():
@@ -104,7 +112,7 @@ def compare(test: dict, manifest: str) -> list[dict]:
     errors = {system: word_errors(result["hypotheses"]) for system, result in test.items()}
     rows = []
     for a, b in COMPARISONS + [(s, "ctc_greedy") for s in test if s != "ctc_greedy"]:
-        for context in errors[a]:
+        for context in [c for c in errors[a] if c in errors[b]]:
             boot = paired_cluster_bootstrap(errors[a][context], errors[b][context], cluster_of)
             flip = paired_sign_flip(errors[a][context], errors[b][context], cluster_of)
             rows.append({"a": a, "b": b, "context": list(context), "wer_a": round(boot["a"], 2),
@@ -116,12 +124,15 @@ def compare(test: dict, manifest: str) -> list[dict]:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| system | lm_weight (dev) | context | WER % | CER % | RTF | first partial ms | "
-             "final result ms | second pass ms |", "|---|---|---|---|---|---|---|---|---|"]
+    weights = {s: f"{c['lm_weight']}, {c['length_bonus']}"
+               for s, c in summary["chosen_on_dev"].items()}
+    lines = ["| system | LM weight, length bonus (dev) | context | WER % | CER % | RTF | "
+             "first partial ms | final result ms | second pass ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for system, result in summary["test"].items():
         for r in result["results"]:
             lines.append(
-                f"| {system} | {summary['lm_weights'].get(system, '-')} | {r['context']} | "
+                f"| {system} | {weights.get(system, '-')} | {r['context']} | "
                 f"{r['wer']:.2f} | {r['cer']:.2f} | {r['rtf']:.3f} | "
                 f"{_shown(r.get('first_partial_ms'))} | "
                 f"{_shown(r.get('final_latency_ms'))} | "
@@ -146,43 +157,70 @@ def parse_arguments(argv: list[str]):
     parser.add_argument("--output_folder", required=True)
     parser.add_argument("--contexts", default="very_low,medium,high,unlimited")
     parser.add_argument("--tune_context", default="medium")
-    parser.add_argument("--lm_weights", default="0.2,0.4,0.6")
+    parser.add_argument("--lm_weights", default="0.3,0.6")
+    parser.add_argument("--length_bonuses", default="0,1")
+    parser.add_argument("--attention_contexts", default=None,
+                        help="contexts of the attention systems (default: --contexts)")
+    parser.add_argument("--dev_every", type=int, default=1)
+    parser.add_argument("--test_every", type=int, default=1)
+    parser.add_argument("--systems", default=None, help="default: all")
     parser.add_argument("--latency_utterances", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (timings)")
     return parser.parse_args(argv)
 
 
+def subset(manifest: str, every: int, path: Path) -> str:
+    """Every ``every``-th utterance of ``manifest`` in ``path`` (the manifest itself for 1)."""
+    if every == 1:
+        return manifest
+    lines = Path(manifest).read_text().splitlines()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([lines[0], *lines[1::every]]) + "\n")
+    return str(path)
+
+
 def main(argv: list[str]) -> dict:
     args = parse_arguments(argv)
     torch.set_num_threads(args.threads)
-    weights = [float(w) for w in args.lm_weights.split(",")]
+    out = Path(args.output_folder)
+    dev = subset(args.dev_csv, args.dev_every, out / "dev_subset.csv")
+    test_csv = subset(args.test_csv, args.test_every, out / "test_subset.csv")
+    systems = [(d, lm) for d, lm in SYSTEMS
+               if args.systems is None or name(d, lm) in args.systems.split(",")]
+    grid = [float(w) for w in args.lm_weights.split(",")]
+    bonuses = [float(b) for b in args.length_bonuses.split(",")]
     tuning, chosen = {}, {}
-    for decoding, with_lm in SYSTEMS:
+    for decoding, with_lm in systems:
         if not with_lm:
             continue
         system = name(decoding, with_lm)
-        tuning[system] = {w: decode(args, "dev", system, args.dev_csv, [args.tune_context], w,
-                                    0)["results"][0] for w in weights}
-        chosen[system] = min(weights, key=lambda w: (tuning[system][w]["wer"],
-                                                     tuning[system][w]["cer"]))
+        pairs = [(w, b) for w in grid for b in (bonuses if decoding != "attention" else [0.0])]
+        tuning[system] = {pair: decode(args, "dev", system, dev, [args.tune_context], pair,
+                                       0)["results"][0] for pair in pairs}
+        chosen[system] = min(pairs, key=lambda pair: (tuning[system][pair]["wer"],
+                                                      tuning[system][pair]["cer"]))
     contexts = args.contexts.split(",")
-    test = {name(d, lm): decode(args, "test", name(d, lm), args.test_csv, contexts,
+    attention_contexts = (args.attention_contexts or args.contexts).split(",")
+    test = {name(d, lm): decode(args, "test", name(d, lm), test_csv,
+                                attention_contexts if d == "attention" else contexts,
                                 chosen.get(name(d, lm)), args.latency_utterances)
-            for d, lm in SYSTEMS}
+            for d, lm in systems}
+    if len(systems) < len(SYSTEMS):
+        return {"decoded": list(test)}
     summary = {
         "commit": current_commit(), "code_commit": current_code_commit(),
         "command": script_command(Path(__file__), argv), "threads": args.threads,
         "asr_run": args.asr_run, "lm": args.lm,
         "asr_run_record": evaluate_record(args.asr_run), "lm_run_record": evaluate_record(args.lm),
-        "test_csv_sha256": sha256_file(args.test_csv), "dev_csv_sha256": sha256_file(args.dev_csv),
-        "lm_weights": chosen,
-        "dev_tuning": {s: {str(w): {"wer": r["wer"], "cer": r["cer"]} for w, r in t.items()}
-                       for s, t in tuning.items()},
-        "test": test, "comparisons": compare(test, args.test_csv)}
-    out = Path(args.output_folder)
+        "test_csv": test_csv, "test_csv_sha256": sha256_file(test_csv), "dev_csv": dev,
+        "dev_csv_sha256": sha256_file(dev),
+        "chosen_on_dev": {s: {"lm_weight": w, "length_bonus": b} for s, (w, b) in chosen.items()},
+        "dev_tuning": {s: [{"lm_weight": w, "length_bonus": b, "wer": r["wer"], "cer": r["cer"]}
+                           for (w, b), r in t.items()] for s, t in tuning.items()},
+        "test": test, "comparisons": compare(test, test_csv)}
     (out / "decoding_modes.json").write_text(json.dumps(summary, indent=1))
     (out / "decoding_modes.md").write_text(markdown(summary))
-    return {"table_md": str(out / "decoding_modes.md"), "lm_weights": chosen,
+    return {"table_md": str(out / "decoding_modes.md"), "chosen_on_dev": summary["chosen_on_dev"],
             "json": str(out / "decoding_modes.json")}
 
 

@@ -246,17 +246,7 @@ def parse_arguments(argv: list[str]):
                         help="preset, 'L,R', or 'all' (every preset); repeat for several "
                              "(default: the run's valid_context)")
     parser.add_argument("--streaming", action="store_true", help="decode chunk by chunk")
-    parser.add_argument("--decoding", choices=DECODINGS, default=None,
-                        help="default: greedy CTC (an S2S run: its own decoding)")
-    parser.add_argument("--beam_size", type=int, default=None,
-                        help="CTC prefix beam / attention beam (default: the run's, else 10)")
-    parser.add_argument("--ctc_weight", type=float, default=None,
-                        help="CTC weight of rescoring and attention decoding (default: the "
-                             "run's ctc_weight_decode, else 0.4)")
-    parser.add_argument("--lm", help="an LM run folder (hparams/LM/transformer.yaml) trained "
-                                     "with this model's tokenizer")
-    parser.add_argument("--lm_weight", type=float, default=None,
-                        help="LM weight (default 0.6 with --lm)")
+    add_decoding_arguments(parser)
     parser.add_argument("--latency_utterances", type=int, default=0,
                         help="measure first-partial and final-result latency on this many "
                              "utterances per context (0: not measured)")
@@ -269,11 +259,35 @@ def parse_arguments(argv: list[str]):
     args = parser.parse_strict(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.lm_weight is not None and args.lm is None and args.lm_weight > 0:
-        parser.error("--lm_weight needs --lm <LM run folder>")
+    check_decoding_arguments(parser, args)
     if args.latency_utterances < 0:
         parser.error(f"--latency_utterances must be >= 0, got {args.latency_utterances}")
     return args
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--decoding``, ``--beam_size``, ``--ctc_weight``, ``--lm``, ``--lm_weight`` (also
+    transcribe.py's)."""
+    parser.add_argument("--decoding", choices=DECODINGS, default=None,
+                        help="default: greedy CTC (an S2S run: its own decoding)")
+    parser.add_argument("--beam_size", type=int, default=None,
+                        help="CTC prefix beam / attention beam (default: the run's, else 10)")
+    parser.add_argument("--ctc_weight", type=float, default=None,
+                        help="CTC weight of rescoring and attention decoding (default: the "
+                             "run's ctc_weight_decode, else 0.4)")
+    parser.add_argument("--lm", help="an LM run folder (hparams/LM/transformer.yaml) trained "
+                                     "with this model's tokenizer")
+    parser.add_argument("--lm_weight", type=float, default=None,
+                        help="LM weight (default 0.6 with --lm)")
+    parser.add_argument("--length_bonus", type=float, default=0.0,
+                        help="added per token by the CTC prefix beam and rescoring (default 0)")
+
+
+def check_decoding_arguments(parser: argparse.ArgumentParser, args) -> None:
+    if args.lm_weight is not None and args.lm is None and args.lm_weight > 0:
+        parser.error("--lm_weight needs --lm <LM run folder>")
+    if args.beam_size is not None and args.beam_size < 1:
+        parser.error(f"--beam_size must be >= 1, got {args.beam_size}")
 
 
 def decoding_options(args, run: Path) -> DecodingOptions:
@@ -288,7 +302,8 @@ def decoding_options(args, run: Path) -> DecodingOptions:
         beam_size=args.beam_size or (saved.get("beam_size") if s2s else None) or 10,
         ctc_weight=args.ctc_weight if args.ctc_weight is not None else (
             saved.get("ctc_weight_decode", 0.4) if s2s else 0.4),
-        lm_weight=args.lm_weight if args.lm_weight is not None else (0.6 if args.lm else 0.0))
+        lm_weight=args.lm_weight if args.lm_weight is not None else (0.6 if args.lm else 0.0),
+        length_bonus=args.length_bonus)
 
 
 def main(argv: list[str]) -> dict:

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Streaming transcription of one audio file with a trained CTC model.
+"""Streaming transcription of one audio file with a trained CTC or S2S model.
 
 Usage::
 
     python recipes/transcribe.py <run folder> --audio speech.flac [--context medium] \\
         [--mode stream|benchmark|auto|adaptive] [--latency_budget_ms 300] \\
-        [--policy latency,snr,load] [--device cuda] [--quiet]
+        [--policy latency,snr,load] [--decoding attention_rescoring] [--lm <LM run>] \\
+        [--device cuda] [--quiet]
 
-``<run folder>`` is the ``--output_folder`` of a ``recipes/train.py`` CTC run (or its
-``hyperparams.yaml``); a copy of it works from any directory. A file at another sample rate or
+``<run folder>`` is the ``--output_folder`` of a ``recipes/train.py`` CTC or S2S run (or its
+``hyperparams.yaml``); a copy of it works from any directory. ``--decoding`` and the LM options
+are evaluate.py's: ``ctc_prefix_beam`` streams the beam's best prefix; ``attention_rescoring``
+streams it too, then rescores the n-best when the audio ends (``second_pass_ms`` in the JSON);
+``attention`` is offline. A file at another sample rate or
 with several channels is resampled / averaged to mono, with one line saying so.
 
 - ``stream`` (default): feeds the audio one chunk at a time and prints the partial transcript
@@ -40,7 +44,13 @@ import torch
 
 from cli import RecipeParser, note, run_cli
 from dataio import AudioFileError
-from evaluate import check_output_folder, streamable
+from evaluate import (
+    add_decoding_arguments,
+    check_decoding_arguments,
+    check_output_folder,
+    decoding_options,
+    streamable,
+)
 from inference import Recognizer, default_device
 from modules.adaptive import POLICIES, ContextController
 from modules.context import describe_context
@@ -97,8 +107,11 @@ def stream_file(recognizer: Recognizer, samples, context, show: bool = True) -> 
     if show and final != shown:
         print(f"[{len(samples) / sample_rate:6.2f} s] {final}", flush=True)
     offline = recognizer.transcribe(samples, context)
+    second_pass = stream.second_pass_seconds
     return {"text": final, "offline_text": offline, "equal_to_offline": final == offline,
-            "streamed": True, "context": list(context),
+            "streamed": True, "decoding": recognizer.decoding.decoding,
+            "second_pass_ms": None if second_pass is None else round(1000 * second_pass, 1),
+            "context": list(context),
             "context_seconds": describe_context(context, recognizer.encoder.frame_seconds)}
 
 
@@ -128,9 +141,13 @@ def stream_adaptive(recognizer: Recognizer, samples, controller: ContextControll
 
 
 def transcribe_offline(recognizer: Recognizer, samples, context, show: bool = True) -> dict:
-    """A context that cannot be streamed (offline, or all the past): one offline pass, said."""
-    note(f"context {list(context)} cannot be streamed (it needs the whole utterance or all its "
-         "past): transcribed offline")
+    """A context that cannot be streamed (offline, or all the past), or an offline decoding:
+    one offline pass, said."""
+    if recognizer.decoding.decoding == "attention":
+        note("--decoding attention is an offline beam search: transcribed offline")
+    else:
+        note(f"context {list(context)} cannot be streamed (it needs the whole utterance or all "
+             "its past): transcribed offline")
     text = recognizer.transcribe(samples, context)
     if show:
         print(f"[{len(samples) / recognizer.hparams['sample_rate']:6.2f} s] {text}", flush=True)
@@ -147,7 +164,7 @@ def benchmark(recognizer: Recognizer, samples, repeats: int = 2) -> list[dict]:
     rows = []
     for name in recognizer.hparams["context_presets"]:
         context = recognizer.context(name)
-        if not streamable(recognizer, context):
+        if not streamable(recognizer, context) or recognizer.decoding.decoding == "attention":
             continue
         per_chunk = []
         for _ in range(repeats):
@@ -203,11 +220,16 @@ def parse_arguments(argv: list[str]):
     parser.add_argument("--policy", default=None,
                         help=f"adaptive mode: comma-separated policies among {', '.join(POLICIES)}"
                              " (default: snr,load, with latency too when a budget is given)")
+    add_decoding_arguments(parser)
     parser.add_argument("--device", default=default_device(), help="default: cuda, mps or cpu")
     parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
     parser.add_argument("--output_folder", help="the run folder (older form; the first argument "
                                                 "is enough)")
     args = parser.parse_strict(argv)
+    check_decoding_arguments(parser, args)
+    if args.decoding == "attention" and args.mode != "stream":
+        parser.error(f"--mode {args.mode} streams, and --decoding attention is offline: use "
+                     "--mode stream, or a streaming decoding")
     if args.mode == "auto" and args.latency_budget_ms is None:
         parser.error("--mode auto needs --latency_budget_ms (the largest context whose measured "
                      "latency fits it is chosen)")
@@ -236,12 +258,12 @@ def main(argv: list[str]) -> dict:
     args = parse_arguments(argv)
     run = find_run_folder(args.run, args.output_folder)
     check_output_folder(run, args.output_folder)
-    recognizer = Recognizer(run, args.device)
+    recognizer = Recognizer(run, args.device, decoding_options(args, run), args.lm)
     samples = read_audio(args.audio, recognizer.hparams["sample_rate"], recognizer.min_samples)
     show = not args.quiet
     if args.mode == "stream":
         context = recognizer.context(args.context or recognizer.hparams["valid_context"])
-        if not streamable(recognizer, context):
+        if not streamable(recognizer, context) or recognizer.decoding.decoding == "attention":
             return transcribe_offline(recognizer, samples, context, show)
         return stream_file(recognizer, samples, context, show)
     rows = benchmark(recognizer, samples)

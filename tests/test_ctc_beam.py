@@ -72,7 +72,7 @@ def test_a_dominant_path_is_the_best_prefix():
 def test_lm_scores_are_the_prefix_tokens_log_probabilities_and_rank_the_beam():
     log_probs = random_log_probs(12, 5, seed=4)
     lm = BigramLM(4)
-    search = CTCPrefixBeam(beam_size=8, lm=lm, lm_weight=0.5)
+    search = CTCPrefixBeam(beam_size=8, lm=lm, lm_weight=0.5, length_bonus=0.3)
     search.push(log_probs)
     nbest = search.nbest()
     for hypothesis in nbest:
@@ -80,7 +80,7 @@ def test_lm_scores_are_the_prefix_tokens_log_probabilities_and_rank_the_beam():
         expected = sum(float(lm.table[previous][token])
                        for previous, token in zip([lm.bos] + tokens, tokens))
         assert hypothesis.lm == pytest.approx(expected, abs=1e-9)
-    ranks = [h.ctc + 0.5 * h.lm for h in nbest]
+    ranks = [h.ctc + 0.5 * h.lm + 0.3 * len(h.prefix) for h in nbest]
     assert ranks == sorted(ranks, reverse=True)
     assert lm.calls <= 12  # at most one batched LM call per frame
 

@@ -159,3 +159,21 @@ def test_a_ctc_model_cannot_rescore(tmp_path):
         Recognizer(tmp_path / "ctc", decoding=DecodingOptions("attention_rescoring"))
     beam = Recognizer(tmp_path / "ctc", decoding=DecodingOptions("ctc_prefix_beam", 3))
     assert isinstance(beam.transcribe(torch.randn(16000) * 0.1, beam.context("low")), str)
+
+
+def test_transcribe_streams_two_pass_and_says_attention_is_offline(runs):
+    tmp, _ = runs
+    audio = (tmp / "test.csv").read_text().splitlines()[1].split(",")[2].replace(
+        "$data_root", str(CORPUS))
+    for decoding, streamed in [("attention_rescoring", True), ("attention", False)]:
+        run = subprocess.run([sys.executable, str(ROOT / "recipes" / "transcribe.py"),
+                              str(tmp / "s2s"), "--audio", audio, "--context", "low",
+                              "--decoding", decoding, "--lm", str(tmp / "lm"), "--quiet"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        assert result["equal_to_offline"] and result["streamed"] == streamed
+        if streamed:
+            assert result["decoding"] == decoding and result["second_pass_ms"] > 0
+        else:
+            assert "offline beam search: transcribed offline" in run.stderr
