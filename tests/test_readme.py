@@ -49,6 +49,8 @@ NOT_RUN = {
                                  "(tests/test_adaptive_stream.py runs it short)",
     "benchmarks/adaptive_context.py": "the benchmark corpus and a recognizer trained on it, half an "
                                       "hour of CPU (tests/test_adaptive_stream.py runs it short)",
+    "results/s2s_benchmark": "hours of CPU on the benchmark corpus (tests/test_lm.py and "
+                             "tests/test_decoding.py run the recipes and modes tiny)",
     "ablate.py hparams/ablations/": "a 19-minute grid, or a Slurm cluster (tests/test_ablate.py "
                                     "runs a tiny grid)",
 }
@@ -61,6 +63,9 @@ SHORTENED = {
     "recipes/train.py hparams/S2S/": [*CTC_TINY, *TINY_DATA, "--test_csv", "tiny/test.csv",
                                       "--number_of_epochs", "1", "--num_decoder_layers", "1",
                                       "--beam_size", "2"],
+    "recipes/train.py hparams/LM/": ["--d_model", "32", "--nhead", "2", "--num_layers", "1",
+                                     "--d_ffn", "64", "--vocab_size", "26", *TINY_DATA,
+                                     "--test_csv", "tiny/test.csv", "--number_of_epochs", "1"],
     "benchmarks/decoder_step.py": ["--tokens", "8", "--frames", "20", "--repeats", "1"],
 }
 
