@@ -3,16 +3,19 @@
 of each LM system chosen on dev first (issue 22's results table).
 
 Systems: greedy CTC, the CTC prefix beam, two-pass attention rescoring, the attention beam
-search, and the last three with LM fusion. Each LM system's ``lm_weight`` (and, for the CTC
-beam and rescoring, ``length_bonus``) is chosen on ``--dev_csv`` (lowest WER, then CER) at
-``--tune_context`` from ``--lm_weights`` x ``--length_bonuses``; the CTC weight and beam are the
-model's hparams (``ctc_weight_decode``, ``beam_size``), not tuned. Then every system decodes
+search, and the last three with LM fusion. On ``--dev_csv`` at ``--tune_context`` (lowest WER,
+then CER): the CTC beam and rescoring choose their ``length_bonus`` from ``--length_bonuses``,
+with and without the LM (with it, jointly with ``lm_weight`` from ``--lm_weights``); the
+attention search (length-normalized) chooses only its ``lm_weight``. The CTC weight and beam are
+the model's hparams (``ctc_weight_decode``, ``beam_size``), not tuned. Then every system decodes
 ``--test_csv`` once at each of ``--contexts`` (the attention search, the costliest, at
 ``--attention_contexts``), the encoder streamed chunk by
 chunk (offline at ``unlimited``), with first-partial and final-result latency measured on
 ``--latency_utterances`` utterances (``evaluate.py``). Differences (rescoring vs prefix beam, LM
-vs none, every system vs greedy) are paired over utterances, resampling test voices (the base voice of
-the manifest's ``voice`` column, else ``spk_id``): bootstrap interval and sign-flip p-value.
+vs none, and the attention search with the LM vs greedy CTC: declared before any test decoding)
+are paired over utterances, clustered by test voice (the base voice of the manifest's ``voice``
+column, else ``spk_id``): cluster-bootstrap interval of the difference and of the relative
+difference, exact sign-flip p-value (uncorrected: few voices, read them with care).
 
 Usage::
 
@@ -27,7 +30,7 @@ every voice stays). ``--systems`` decodes some systems only (two processes can s
 work); a run with all of them then reads every kept result back and writes the tables.
 
 Resumable: each finished decoding is kept (``<output_folder>/<split>/<system>.json``) and read
-back only for the same code commit, command and models. Writes ``decoding_modes.json`` and
+back only for the same code commit, command, manifest content and model checkpoints. Writes ``decoding_modes.json`` and
 ``decoding_modes.md``; the last stdout line is the JSON.
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +56,9 @@ SYSTEMS = [("ctc_greedy", False), ("ctc_prefix_beam", False), ("attention_rescor
 COMPARISONS = [("attention_rescoring", "ctc_prefix_beam"),
                ("ctc_prefix_beam+lm", "ctc_prefix_beam"),
                ("attention_rescoring+lm", "attention_rescoring"),
-               ("attention+lm", "attention")]
+               ("attention+lm", "attention"),
+               ("attention+lm", "ctc_greedy")]
+BONUSED = ("ctc_prefix_beam", "attention_rescoring")  # the decodings a length bonus acts on
 
 
 def name(decoding: str, lm: bool) -> str:
@@ -72,9 +78,11 @@ def decode(args, split: str, system: str, manifest: str, contexts: list[str],
     for context in contexts:
         argv += ["--context", context]
     if with_lm:
-        argv += ["--lm", args.lm, "--lm_weight", str(weights[0]), "--length_bonus",
-                 str(weights[1])]
-    record = {"code_commit": current_code_commit(), "argv": argv}
+        argv += ["--lm", args.lm, "--lm_weight", str(weights[0])]
+    if weights is not None:
+        argv += ["--length_bonus", str(weights[1])]
+    record = {"code_commit": current_code_commit(), "argv": argv,
+              "manifest_sha256": sha256_file(manifest), "models": args.model_digests}
     path = folder / f"{tag}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -111,14 +119,15 @@ def compare(test: dict, manifest: str) -> list[dict]:
     cluster_of = voices(manifest)
     errors = {system: word_errors(result["hypotheses"]) for system, result in test.items()}
     rows = []
-    for a, b in COMPARISONS + [(s, "ctc_greedy") for s in test if s != "ctc_greedy"]:
+    for a, b in COMPARISONS:
         for context in [c for c in errors[a] if c in errors[b]]:
             boot = paired_cluster_bootstrap(errors[a][context], errors[b][context], cluster_of)
             flip = paired_sign_flip(errors[a][context], errors[b][context], cluster_of)
             rows.append({"a": a, "b": b, "context": list(context), "wer_a": round(boot["a"], 2),
                          "wer_b": round(boot["b"], 2), "difference": round(boot["difference"], 2),
                          "low": round(boot["low"], 2), "high": round(boot["high"], 2),
-                         "relative": None if boot["relative"] is None else round(boot["relative"], 3),
+                         **{key: None if boot[key] is None else round(boot[key], 3)
+                            for key in ("relative", "relative_low", "relative_high")},
                          "sign_flip_p": flip["p_value"], "voices": flip["clusters"]})
     return rows
 
@@ -137,10 +146,12 @@ def markdown(summary: dict) -> str:
                 f"{_shown(r.get('first_partial_ms'))} | "
                 f"{_shown(r.get('final_latency_ms'))} | "
                 f"{_shown(r.get('second_pass_ms'))} |")
-    lines += ["", "| A | B | context | WER A | WER B | A - B [95 % interval] | relative | "
-              "sign-flip p |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| A | B | context | WER A | WER B | A - B [95 % interval] | relative "
+              "[95 % interval] | sign-flip p |", "|---|---|---|---|---|---|---|---|"]
     for c in summary["comparisons"]:
-        relative = "-" if c["relative"] is None else f"{100 * c['relative']:+.1f} %"
+        relative = "-" if c["relative"] is None else (
+            f"{100 * c['relative']:+.1f} % [{100 * c['relative_low']:+.1f}, "
+            f"{100 * c['relative_high']:+.1f}]")
         lines.append(f"| {c['a']} | {c['b']} | {c['context']} | {c['wer_a']} | {c['wer_b']} | "
                      f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] | {relative} | "
                      f"{c['sign_flip_p']:.4f} |")
@@ -170,19 +181,31 @@ def parse_arguments(argv: list[str]):
 
 
 def subset(manifest: str, every: int, path: Path) -> str:
-    """Every ``every``-th utterance of ``manifest`` in ``path`` (the manifest itself for 1)."""
+    """Every ``every``-th utterance of ``manifest`` in ``path`` (the manifest itself for 1);
+    written atomically and only when it changes (processes sharing the work read it)."""
     if every == 1:
         return manifest
     lines = Path(manifest).read_text().splitlines()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join([lines[0], *lines[1::every]]) + "\n")
+    text = "\n".join([lines[0], *lines[1::every]]) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(text)
+        partial.replace(path)
     return str(path)
+
+
+def model_digests(args) -> dict:
+    """sha256 of the checkpoint files the decodings load (both runs' ``save/CKPT+*``)."""
+    return {str(path): sha256_file(path) for folder in (args.asr_run, args.lm)
+            for path in sorted(Path(folder).glob("save/CKPT+*/*.ckpt"))}
 
 
 def main(argv: list[str]) -> dict:
     args = parse_arguments(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.output_folder)
+    args.model_digests = model_digests(args)
     dev = subset(args.dev_csv, args.dev_every, out / "dev_subset.csv")
     test_csv = subset(args.test_csv, args.test_every, out / "test_subset.csv")
     systems = [(d, lm) for d, lm in SYSTEMS
@@ -191,10 +214,11 @@ def main(argv: list[str]) -> dict:
     bonuses = [float(b) for b in args.length_bonuses.split(",")]
     tuning, chosen = {}, {}
     for decoding, with_lm in systems:
-        if not with_lm:
+        if not with_lm and decoding not in BONUSED:
             continue
         system = name(decoding, with_lm)
-        pairs = [(w, b) for w in grid for b in (bonuses if decoding != "attention" else [0.0])]
+        pairs = [(w, b) for w in (grid if with_lm else [0.0])
+                 for b in (bonuses if decoding in BONUSED else [0.0])]
         tuning[system] = {pair: decode(args, "dev", system, dev, [args.tune_context], pair,
                                        0)["results"][0] for pair in pairs}
         chosen[system] = min(pairs, key=lambda pair: (tuning[system][pair]["wer"],

@@ -11,7 +11,7 @@ Context = tuple[int, int]  # (left, right), as in modules/context.py
 
 TABLE_COLUMNS = ["context", "context_seconds", "chunk_seconds", "streaming", "decoding", "cer",
                  "wer", "rtf", "audio_seconds", "first_partial_ms", "final_latency_ms",
-                 "second_pass_ms", "latency_utterances"]
+                 "second_pass_ms", "deadline_miss_fraction", "latency_utterances"]
 
 
 def context_name(context: Context, presets: Mapping[str, Sequence[int]]) -> str:

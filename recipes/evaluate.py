@@ -19,12 +19,13 @@ stream, ``attention`` (joint CTC / attention beam search) is offline; ``--lm`` f
 (``hparams/LM/transformer.yaml``) trained with the model's tokenizer.
 
 Latency (``--latency_utterances`` N > 0, on N utterances spread over the durations, through the
-streaming API, audio pushed one chunk at a time as it would arrive): ``first_partial_ms``, from
-the stream's start to the first non-empty partial (the audio of the chunks up to it, then that
-chunk's compute); ``final_latency_ms``, from the arrival of the last audio to the final result
-(the last chunk's compute, plus the second pass: ``second_pass_ms``); medians. An offline
-context or ``attention`` decoding has no partial results: its final latency is the whole
-utterance's compute.
+streaming API, audio pushed one chunk at a time, real-time arrival simulated from each push's
+measured compute, a backlog included): ``first_partial_ms``, from the stream's start to the
+first non-empty partial; ``final_latency_ms``, from the arrival of the last audio to the final
+result (the backlog, the last chunk, the second pass: ``second_pass_ms``); medians; and
+``deadline_miss_fraction``, the chunks whose compute outlasted their audio. An offline context or
+``attention`` decoding has no partial results: its final latency is the whole utterance's
+compute.
 
 References and hypotheses are scored as the tokenizer was trained (its letter case, single
 spaces); characters the tokenizer never saw are reported once. Every audio file is checked
@@ -178,14 +179,19 @@ def utterance_record(word: dict, char: dict, ref: str) -> dict:
 def measure_latency(recognizer: Recognizer, items: list[dict], context, count: int) -> dict:
     """Median first-partial and final-result latencies (ms) of ``count`` utterances spread over
     ``items`` (sorted by duration), each streamed with the audio pushed one chunk at a time (see
-    the module docstring); offline (an unstreamable context, ``attention``): the compute of the
-    whole utterance, as its final latency."""
+    the module docstring), and the fraction of chunks whose compute outlasted their audio;
+    offline (an unstreamable context, ``attention``): the compute of the whole utterance, as
+    its final latency.
+
+    Real-time arrival is simulated from the measured compute of every push: a chunk starts when
+    its audio has arrived and the previous one is done, so a backlog of slow chunks delays the
+    partials and the final result as it would live."""
     picked = [items[round(i * (len(items) - 1) / max(count - 1, 1))]
               for i in range(min(count, len(items)))]
     sample_rate = recognizer.hparams["sample_rate"]
     online = (recognizer.decoding.decoding in STREAMING_DECODINGS
               and streamable(recognizer, context))
-    first, final, second = [], [], []
+    first, final, second, misses, chunks = [], [], [], 0, 0
     for item in picked:
         samples = load_audio(item["wav"], sample_rate)
         if not online:
@@ -195,23 +201,30 @@ def measure_latency(recognizer: Recognizer, items: list[dict], context, count: i
             continue
         stream = recognizer.stream(context)
         piece = stream.chunk * sample_rate // 100  # one chunk's samples (10 ms feature hop)
-        last = max(0, (len(samples) - 1) // piece * piece)
-        for begin in range(0, last, piece):
-            stream.push(samples[begin:begin + piece])
-        start = time.perf_counter()
-        stream.push(samples[last:])
-        stream.finish()
-        final.append(time.perf_counter() - start)
+        ready, partial_at = 0.0, None  # when the stream is done with what arrived so far
+        for begin in range(0, len(samples), piece):
+            arrived = min(begin + piece, len(samples)) / sample_rate
+            start = time.perf_counter()
+            text = stream.push(samples[begin:begin + piece])
+            if begin + piece >= len(samples):
+                stream.finish()
+            compute = time.perf_counter() - start
+            misses += compute > piece / sample_rate
+            chunks += 1
+            ready = max(ready, arrived) + compute
+            if partial_at is None and text:
+                partial_at = ready
+        final.append(ready - len(samples) / sample_rate)
         second.append(stream.second_pass_seconds or 0.0)
-        if stream.first_partial is not None:
-            first.append(stream.first_partial["audio_seconds"]
-                         + stream.first_partial["compute_seconds"])
+        if partial_at is not None:
+            first.append(partial_at)
 
     def median_ms(values):
         return round(1000 * statistics.median(values), 1) if values else None
 
     return {"first_partial_ms": median_ms(first), "final_latency_ms": median_ms(final),
             "second_pass_ms": median_ms(second) if online else None,
+            "deadline_miss_fraction": round(misses / chunks, 4) if chunks else None,
             "latency_utterances": len(picked)}
 
 
