@@ -88,6 +88,8 @@ def decode(args, split: str, system: str, manifest: str, contexts: list[str],
         saved = json.loads(path.read_text())
         if saved["record"] == record:
             return saved["result"]
+    if args.report_only:
+        return None
     result = evaluate.main(argv)
     results = result.get("results", [result])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,7 @@ def compare(test: dict, manifest: str) -> list[dict]:
     cluster_of = voices(manifest)
     errors = {system: word_errors(result["hypotheses"]) for system, result in test.items()}
     rows = []
-    for a, b in COMPARISONS:
+    for a, b in [(a, b) for a, b in COMPARISONS if a in test and b in test]:
         for context in [c for c in errors[a] if c in errors[b]]:
             boot = paired_cluster_bootstrap(errors[a][context], errors[b][context], cluster_of)
             flip = paired_sign_flip(errors[a][context], errors[b][context], cluster_of)
@@ -136,8 +138,8 @@ def markdown(summary: dict) -> str:
     weights = {s: f"{c['lm_weight']}, {c['length_bonus']}"
                for s, c in summary["chosen_on_dev"].items()}
     lines = ["| system | LM weight, length bonus (dev) | context | WER % | CER % | RTF | "
-             "first partial ms | final result ms | second pass ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "first partial ms | final result ms | second pass ms | deadline misses |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for system, result in summary["test"].items():
         for r in result["results"]:
             lines.append(
@@ -145,7 +147,10 @@ def markdown(summary: dict) -> str:
                 f"{r['wer']:.2f} | {r['cer']:.2f} | {r['rtf']:.3f} | "
                 f"{_shown(r.get('first_partial_ms'))} | "
                 f"{_shown(r.get('final_latency_ms'))} | "
-                f"{_shown(r.get('second_pass_ms'))} |")
+                f"{_shown(r.get('second_pass_ms'))} | "
+                f"{_shown(r.get('deadline_miss_fraction'), '.1%')} |")
+    if summary["missing"]:
+        lines.append(f"\nNot decoded (no kept result): {', '.join(summary['missing'])}.")
     lines += ["", "| A | B | context | WER A | WER B | A - B [95 % interval] | relative "
               "[95 % interval] | sign-flip p |", "|---|---|---|---|---|---|---|---|"]
     for c in summary["comparisons"]:
@@ -175,6 +180,8 @@ def parse_arguments(argv: list[str]):
     parser.add_argument("--dev_every", type=int, default=1)
     parser.add_argument("--test_every", type=int, default=1)
     parser.add_argument("--systems", default=None, help="default: all")
+    parser.add_argument("--report_only", action="store_true",
+                        help="decode nothing: tables of the kept results, the rest listed missing")
     parser.add_argument("--latency_utterances", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (timings)")
     return parser.parse_args(argv)
@@ -219,8 +226,11 @@ def main(argv: list[str]) -> dict:
         system = name(decoding, with_lm)
         pairs = [(w, b) for w in (grid if with_lm else [0.0])
                  for b in (bonuses if decoding in BONUSED else [0.0])]
-        tuning[system] = {pair: decode(args, "dev", system, dev, [args.tune_context], pair,
-                                       0)["results"][0] for pair in pairs}
+        decoded = {pair: decode(args, "dev", system, dev, [args.tune_context], pair, 0)
+                   for pair in pairs}
+        if any(result is None for result in decoded.values()):
+            continue  # --report_only, not tuned yet
+        tuning[system] = {pair: result["results"][0] for pair, result in decoded.items()}
         chosen[system] = min(pairs, key=lambda pair: (tuning[system][pair]["wer"],
                                                       tuning[system][pair]["cer"]))
     contexts = args.contexts.split(",")
@@ -228,7 +238,9 @@ def main(argv: list[str]) -> dict:
     test = {name(d, lm): decode(args, "test", name(d, lm), test_csv,
                                 attention_contexts if d == "attention" else contexts,
                                 chosen.get(name(d, lm)), args.latency_utterances)
-            for d, lm in systems}
+            for d, lm in systems if not lm and d not in BONUSED or name(d, lm) in chosen}
+    missing = [name(d, lm) for d, lm in SYSTEMS if test.get(name(d, lm)) is None]
+    test = {system: result for system, result in test.items() if result is not None}
     if len(systems) < len(SYSTEMS):
         return {"decoded": list(test)}
     summary = {
@@ -241,7 +253,8 @@ def main(argv: list[str]) -> dict:
         "chosen_on_dev": {s: {"lm_weight": w, "length_bonus": b} for s, (w, b) in chosen.items()},
         "dev_tuning": {s: [{"lm_weight": w, "length_bonus": b, "wer": r["wer"], "cer": r["cer"]}
                            for (w, b), r in t.items()] for s, t in tuning.items()},
-        "test": test, "comparisons": compare(test, test_csv)}
+        "test": test, "missing": missing,
+        "comparisons": compare(test, test_csv)}
     (out / "decoding_modes.json").write_text(json.dumps(summary, indent=1))
     (out / "decoding_modes.md").write_text(markdown(summary))
     return {"table_md": str(out / "decoding_modes.md"), "chosen_on_dev": summary["chosen_on_dev"],

@@ -75,8 +75,8 @@ def write_tables(results: list[dict], stem: Path) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def _shown(value) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _shown(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def plot_error_rates(results: list[dict], path: Path, title: str) -> None:
