@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .attention import RotaryEmbedding
 from .layers import FeedForward
+from .lm import lm_io, target_scores
 from .mamba import Mamba
 
 DecoderState = dict  # "memory" (keys and values per layer), "mask", "layers", "position"
@@ -256,16 +257,11 @@ def attention_rescoring(decoder: TokenDecoder, memory: torch.Tensor, frame_count
     """
     if not nbest:
         raise ValueError("attention_rescoring: no hypothesis to rescore")
-    longest = max(len(tokens) for tokens, _ in nbest) + 1
-    inputs = torch.full((len(nbest), longest), eos, dtype=torch.long, device=memory.device)
-    targets = torch.full_like(inputs, -1)
-    for row, (tokens, _) in enumerate(nbest):
-        inputs[row, :len(tokens) + 1] = torch.tensor([bos, *tokens])
-        targets[row, :len(tokens) + 1] = torch.tensor([*tokens, eos])
+    inputs, targets = lm_io([list(tokens) for tokens, _ in nbest], bos, eos)
     counts = torch.full((len(nbest),), frame_count, device=memory.device)
-    log_probs = decoder(inputs, memory.expand(len(nbest), -1, -1), counts).log_softmax(-1)
-    picked = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    attention = (picked * (targets >= 0)).sum(-1).tolist()
+    log_probs = decoder(inputs.to(memory.device), memory.expand(len(nbest), -1, -1),
+                        counts).log_softmax(-1)
+    attention = target_scores(log_probs, targets)
     scored = [(list(tokens), ctc_weight * ctc + (1 - ctc_weight) * att, att)
               for (tokens, ctc), att in zip(nbest, attention)]
     return sorted(scored, key=lambda item: -item[1])

@@ -35,6 +35,13 @@ def lm_io(token_lists: list[list[int]], bos: int, eos: int) -> tuple[torch.Tenso
     return inputs, targets
 
 
+def target_scores(log_probs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """(B, U, V) log-probabilities and (B, U) targets (-1: padding) -> each row's summed
+    log-probability of its targets."""
+    picked = log_probs.gather(-1, targets.clamp(min=0).to(log_probs.device)[..., None])[..., 0]
+    return (picked * (targets.to(log_probs.device) >= 0)).sum(-1).tolist()
+
+
 class LMScorer:
     """Next-token log-probabilities of token-id prefixes, for shallow fusion.
 
@@ -68,8 +75,7 @@ class LMScorer:
         inputs, targets = lm_io(token_lists, self.bos, self.eos)
         with torch.no_grad():
             log_probs = self.lm(inputs.to(self.device)).float().log_softmax(-1).cpu()
-        picked = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        return (picked * (targets >= 0)).sum(-1).tolist()
+        return target_scores(log_probs, targets)
 
 
 def file_digest(path: str | Path) -> str:
