@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test corpus corpus-labeled corpus-downstream ssl-curve recognizer clean
+.PHONY: install demo test corpus corpus-labeled corpus-downstream ssl-curve recognizer kenlm clean
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,25 @@ recognizer: corpus-labeled
 		--tokenizer_csv data/benchmark/train.csv --number_of_epochs 12 --batch_size 8 \
 		--lr_encoder 0.001 --lr_head 0.001 --spec_augment_prob 1.0 --head_only_fraction 0.0 \
 		--beam_size 1 --output_folder results/recognizer
+
+# The optional n-gram LM (hparams/LM/ngram.yaml): KenLM's lmplz and build_binary, built from the
+# kenlm sdist of the package index into tools/kenlm/bin (cmake, g++ and Boost from apt-get when
+# missing), and its Python module into the venv. About 3 min on 2 cores.
+KENLM_PACKAGES := cmake g++ libboost-program-options-dev libboost-system-dev \
+	libboost-thread-dev libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev
+kenlm: tools/kenlm/bin/lmplz
+
+tools/kenlm/bin/lmplz: $(VENV)/.installed requirements-ngram.txt
+	@dpkg -s $(KENLM_PACKAGES) >/dev/null 2>&1 || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(KENLM_PACKAGES))
+	$(PY) -m pip install --quiet -r requirements-ngram.txt
+	rm -rf tools/kenlm/src && mkdir -p tools/kenlm/src tools/kenlm/bin
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: -d tools/kenlm/src \
+		$$(grep -o 'kenlm==[0-9.]*' requirements-ngram.txt)
+	tar -xzf tools/kenlm/src/kenlm-*.tar.gz -C tools/kenlm/src
+	cmake -S tools/kenlm/src/kenlm-*/ -B tools/kenlm/src/build -DCMAKE_BUILD_TYPE=Release >/dev/null
+	$(MAKE) -C tools/kenlm/src/build -j2 lmplz build_binary >/dev/null
+	cp tools/kenlm/src/build/bin/lmplz tools/kenlm/src/build/bin/build_binary tools/kenlm/bin/
 
 clean:
 	rm -rf results .pytest_cache

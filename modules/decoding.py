@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from speechbrain.decoders.scorer import CTCScorer, ScorerBuilder, TransformerLMScorer
+from speechbrain.decoders.scorer import CTCScorer, ScorerBuilder
 from speechbrain.decoders.seq2seq import S2SBeamSearcher
 
 from .ctc import CTCPrefixBeam
@@ -71,7 +71,7 @@ class UtteranceDecoder:
     ---------
     options : the decoding.
     decoder : the attention decoder (``attention_rescoring``).
-    lm : an ``LMScorer`` (fusion when ``options.lm_weight > 0``).
+    lm : an ``LMScorer`` or ``NGramScorer`` (fusion when ``options.lm_weight > 0``).
     bos, eos : the decoder's (and LM's) begin and end tokens.
     """
 
@@ -174,7 +174,7 @@ class AttentionBeamSearcher(S2SBeamSearcher):
 def attention_beam_search(decoder: TokenDecoder, ctc_head: torch.nn.Module,
                           memory: torch.Tensor, frame_counts: torch.Tensor,
                           options: DecodingOptions, bos: int, eos: int,
-                          lm: torch.nn.Module | None = None,
+                          lm: LMScorer | None = None,
                           max_decode_ratio: float = 1.0) -> list[list[int]]:
     """``attention`` decoding of a batch, utterance by utterance: joint CTC / attention beam
     search with the LM.
@@ -184,7 +184,8 @@ def attention_beam_search(decoder: TokenDecoder, ctc_head: torch.nn.Module,
     decoder, ctc_head : the model's (the CTC head's blank at index 0).
     memory : (B, T, D) encoder output; ``frame_counts`` (B,) its frames per utterance.
     options : beam size, CTC weight, LM weight.
-    lm : the LM module (the decoder's vocabulary), used when ``options.lm_weight > 0``.
+    lm : the LM (``modules.lm.LMScorer`` or ``modules.ngram.NGramScorer``), used when
+        ``options.lm_weight > 0``.
     max_decode_ratio : at most this many tokens per encoder frame.
 
     Returns
@@ -198,8 +199,9 @@ def attention_beam_search(decoder: TokenDecoder, ctc_head: torch.nn.Module,
                                  eos_index=eos))
         weights["ctc"] = options.ctc_weight
     if lm is not None and options.lm_weight > 0:
-        scorers.append(TransformerLMScorer(SearchVocabulary(lm, ctc=False).eval()))
-        weights["transformerlm"] = options.lm_weight
+        scorer = lm.search_scorer()
+        scorers.append(scorer)  # ScorerBuilder keys weights by the scorer's class name
+        weights[type(scorer).__name__.lower().split("scorer")[0]] = options.lm_weight
     searcher = AttentionBeamSearcher(
         decoder, bos_index=bos, eos_index=eos, min_decode_ratio=0.0,
         max_decode_ratio=max_decode_ratio, beam_size=options.beam_size,

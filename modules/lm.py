@@ -77,6 +77,14 @@ class LMScorer:
             log_probs = self.lm(inputs.to(self.device)).float().log_softmax(-1).cpu()
         return target_scores(log_probs, targets)
 
+    def search_scorer(self):
+        """The scorer of SpeechBrain's beam search over the search vocabulary of
+        ``modules.decoding.SearchVocabulary`` (ids, bos, eos, blank)."""
+        from speechbrain.decoders.scorer import TransformerLMScorer
+
+        from .decoding import SearchVocabulary  # decoding imports this module
+        return TransformerLMScorer(SearchVocabulary(self.lm, ctc=False).eval())
+
 
 def file_digest(path: str | Path) -> str:
     """sha256 of a file (a tokenizer model)."""

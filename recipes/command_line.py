@@ -123,6 +123,9 @@ def parse_command_line(argv: list[str]) -> tuple[str, object, dict]:
     if not preset_file.is_file():
         raise SystemExit(f"error: --device_preset {preset!r}: no {preset_file}")
     merged = yaml.safe_load(preset_file.read_text())
+    declared = hparams_data(Path(hparams_file).read_text()) if Path(hparams_file).is_file() else {}
+    if declared:  # a recipe without a device (the n-gram LM counts on the CPU) takes none of it
+        merged = {key: value for key, value in merged.items() if key in declared}
     given = yaml.safe_load(overrides) or {}
     merged.update(given)
     merged, note = ssl_encoder_sizes(hparams_file, merged, set(given))
@@ -130,8 +133,8 @@ def parse_command_line(argv: list[str]) -> tuple[str, object, dict]:
         NOTES.append(note)
     logger.info("Device preset %s: %s", preset, preset_file)
     run_opts = resolve_device(run_opts, merged)
-    if "precision" not in run_opts.overridden_args:  # --precision is taken as given
-        merged["precision"] = native_precision(merged.get("precision"), run_opts.device)
+    if "precision" not in run_opts.overridden_args and "precision" in merged:
+        merged["precision"] = native_precision(merged["precision"], run_opts.device)
     precision = run_opts.precision if "precision" in run_opts.overridden_args else merged.get(
         "precision")
     if precision == "bf16" and str(run_opts.device) == "cpu" and not cpu_has_native_bf16():

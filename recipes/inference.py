@@ -30,6 +30,7 @@ from modules.decoding import (  # noqa: E402
 )
 from modules.interfaces import encoder_frames, is_model_folder, load_model_folder  # noqa: E402
 from modules.lm import LMScorer, check_same_tokenizer  # noqa: E402
+from modules.ngram import MODEL_FILE, NGramScorer  # noqa: E402
 from provenance import hparams_data  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -102,11 +103,10 @@ class Recognizer:
             raise ValueError(f"decoding {self.decoding.decoding} needs an attention decoder, and "
                              f"{self.folder} is a CTC model: give an S2S run (hparams/S2S/*.yaml) "
                              "or decode with ctc_greedy or ctc_prefix_beam")
-        self.lm_module = self.lm_scorer = None
+        self.lm_scorer = None
         if lm is not None:
-            self.lm_module = load_language_model(lm, self.tokenizer_file, self.folder,
-                                                 self.hparams.get("vocab_size"), self.device)
-            self.lm_scorer = LMScorer(self.lm_module, self.bos, self.eos, self.device)
+            self.lm_scorer = load_language_model(lm, self.tokenizer_file, self.folder,
+                                                 self.sp.get_piece_size(), self.device)
         elif self.decoding.lm_weight > 0:
             raise ValueError(f"lm_weight {self.decoding.lm_weight} without a language model: "
                              "give one (--lm <LM run folder>) or lm_weight 0")
@@ -191,7 +191,7 @@ class Recognizer:
             return [collapse_spaces(text) for text in texts]
         if self.decoding.decoding == "attention":
             ids = attention_beam_search(self.decoder, self.hparams["ctc_head"], encoded, frames,
-                                        self.decoding, self.bos, self.eos, self.lm_module)
+                                        self.decoding, self.bos, self.eos, self.lm_scorer)
         else:
             ids = []
             for row, count in enumerate(frames.tolist()):
@@ -229,22 +229,26 @@ class Recognizer:
         return Stream(self, context, max_left, controller)
 
 
-def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_size: int | None,
-                        device: torch.device) -> torch.nn.Module:
-    """The LM of an LM run (its best checkpoint by valid loss), in eval mode; an LM trained with
-    another tokenizer than the ASR model's is refused in one line."""
+def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_size: int,
+                        device: torch.device) -> LMScorer | NGramScorer:
+    """The scorer of an LM run: a Transformer LM (its best checkpoint by valid loss, in eval
+    mode) or an n-gram (``hparams/LM/ngram.yaml``); an LM trained with another tokenizer than
+    the ASR model's is refused in one line."""
     folder = find_run_folder(lm)
-    hparams = load_run_hparams(folder)
-    if hparams.get("task") != "lm":
-        raise ValueError(f"--lm {lm} is a {hparams.get('task')} run: give an LM run "
-                         "(hparams/LM/transformer.yaml)")
-    check_same_tokenizer(tokenizer_model(hparams_data(run_hparams_text(folder))), asr_tokenizer,
-                         str(lm), str(asr_name))
-    if vocab_size is not None and hparams["vocab_size"] != vocab_size:
-        raise ValueError(f"--lm {lm}: vocab_size {hparams['vocab_size']}, the ASR model's "
+    text = run_hparams_text(folder)
+    data = hparams_data(text)
+    if data.get("task") not in ("lm", "ngram"):
+        raise ValueError(f"--lm {lm} is a {data.get('task')} run: give an LM run "
+                         "(hparams/LM/transformer.yaml or hparams/LM/ngram.yaml)")
+    check_same_tokenizer(tokenizer_model(data), asr_tokenizer, str(lm), str(asr_name))
+    if data["vocab_size"] != vocab_size:
+        raise ValueError(f"--lm {lm}: vocab_size {data['vocab_size']}, the ASR model's "
                          f"{vocab_size}")
+    if data["task"] == "ngram":
+        return NGramScorer(folder / MODEL_FILE, vocab_size)
+    hparams = load_run_hparams(folder)
     hparams["checkpointer"].recover_if_possible(min_key="loss")
-    return hparams["lm"].to(device).eval()
+    return LMScorer(hparams["lm"].to(device).eval(), vocab_size, vocab_size + 1, device)
 
 
 def collapse_spaces(text: str) -> str:

@@ -55,6 +55,8 @@ def find_run_folder(path: str | Path, output_folder: str | Path | None = None) -
                          "the hyperparams.yaml and checkpoints the model was trained with")
     if (folder / "encoder_network.ckpt").is_file():  # a model folder from recipes/export.py
         return folder.resolve()
+    if (folder / "lm.bin").is_file():  # an n-gram LM (hparams/LM/ngram.yaml): no checkpoints
+        return folder.resolve()
     if not any((folder / "save").glob("CKPT+*")):
         raise ValueError(f"{folder}: no checkpoint under {folder / 'save'}; the run has not "
                          "finished an epoch, or the folder was copied without save/")

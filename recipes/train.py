@@ -5,7 +5,8 @@
 masked-token prediction); ``task: ctc``: CTC fine-tuning or training from scratch
 (``ctc_brain.py``); ``task: s2s``: joint CTC / attention with a Transformer or Mamba decoder
 (``s2s_brain.py``); ``task: lm``: a token language model for fusion, on transcripts, with an
-ASR run's tokenizer (``lm_brain.py``); ``task: classify``: downstream utterance classification on an exported SSL
+ASR run's tokenizer (``lm_brain.py``); ``task: ngram``: the same text counted into a KenLM
+n-gram (``ngram_lm.py``, no Brain); ``task: classify``: downstream utterance classification on an exported SSL
 encoder, a random one or features (``classify_brain.py``). All extend ``streaming_brain.py``;
 the command line (device presets, the SSL run's sizes, ``--help``) is ``command_line.py``. The encoder, masker, quantizer, context sampler
 and schedule are all defined in the hparams file; this file holds the data pipeline, the
@@ -62,6 +63,7 @@ from command_line import NOTES, load_hparams, parse_command_line, resolve_hparam
 from classify_brain import ClassifyBrain  # noqa: E402
 from ctc_brain import CTCBrain  # noqa: E402
 from lm_brain import LMBrain, prepare_tokenizer, text_datasets  # noqa: E402
+from ngram_lm import train_ngram  # noqa: E402
 from s2s_brain import S2SBrain, check_decoding  # noqa: E402
 from ssl_brain import SSLBrain  # noqa: E402
 
@@ -205,7 +207,7 @@ def check_manifests(hparams: dict) -> None:
     too, classification ``label``); else one ``ManifestError`` line naming the file and its ``--<name>_csv``."""
     names = ["train_csv", "valid_csv"]
     columns = ["ID", "duration", "wav"]
-    if hparams.get("task") == "lm":  # text only (train_csv: with more_text_csvs, lm_brain.py)
+    if hparams.get("task") in ("lm", "ngram"):  # text (train_csv, more_text_csvs: lm_brain.py)
         names, columns = ["valid_csv", "test_csv"], ["ID", "wrd"]
     if hparams.get("task") in TRANSCRIBED:
         names += ["test_csv", "tokenizer_csv"]
@@ -242,11 +244,12 @@ def main(argv: list[str]) -> dict | None:
     check_manifests(unbuilt)
     if unbuilt.get("task") == "s2s":
         check_decoding(unbuilt.get("decoding"))
-    if unbuilt.get("task") == "lm":  # the ASR run's tokenizer, where loading finds it
+    if unbuilt.get("task") in ("lm", "ngram"):  # the ASR run's tokenizer, where loading finds it
         run_on_main(prepare_tokenizer, args=[unbuilt])
     hparams = load_hparams(hparams_file, overrides)
-    if hparams["task"] not in BRAINS:
-        raise SystemExit(f"error: task {hparams['task']!r} in {hparams_file}; known: {list(BRAINS)}")
+    if hparams["task"] not in (*BRAINS, "ngram"):
+        raise SystemExit(f"error: task {hparams['task']!r} in {hparams_file}; known: "
+                         f"{[*BRAINS, 'ngram']}")
     # <output_folder>/hyperparams.yaml: the experiment as run (overrides applied), which
     # evaluate.py and transcribe.py take as their hparams file; written once, not on a resume.
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
@@ -259,12 +262,16 @@ def main(argv: list[str]) -> dict | None:
         record = run_record(argv, hparams_file, overrides,
                             hparams.get("pretrained_ssl") or hparams.get("ssl_model"))
         write_json_atomic(Path(hparams["output_folder"]) / "run_record.json", record)
-    if hparams["task"] in TRANSCRIBED + ("lm",):
+    if hparams["task"] in TRANSCRIBED + ("lm", "ngram"):
         pieces = hparams["tokenizer"].sp.get_piece_size()
         if pieces != hparams["vocab_size"]:
             raise SystemExit(f"error: the {hparams['token_type']} tokenizer of {hparams_file} has "
                              f"{pieces} tokens but vocab_size is {hparams['vocab_size']}; "
                              f"pass --vocab_size {pieces}")
+    if hparams["task"] == "ngram":  # counted by KenLM, no Brain (ngram_lm.py)
+        datasets = text_datasets(hparams)
+        return {**train_ngram(hparams, datasets), "record": record} if if_main_process() \
+            else None
     # Masks, dropout and noise continue exactly after a resume; optional, so that checkpoints
     # written before it existed still load.
     hparams["checkpointer"].add_recoverable("random_state", RandomState(), optional_load=True)

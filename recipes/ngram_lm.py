@@ -1,0 +1,103 @@
+"""An n-gram token language model for shallow fusion (``hparams/LM/ngram.yaml``, ``task:
+ngram``): KenLM's ``lmplz`` (modified Kneser-Ney) on the same text as the Transformer LM
+(``lm_brain.text_datasets``: no valid or test sentence), written as the ASR run's token ids,
+then ``build_binary``; perplexity per token (``</s>`` included) on valid and test, as
+``lm_brain`` reports it.
+
+No Brain: counting n-grams has no training loop. KenLM's programs are C++ (no maintained
+Python package builds ARPA files); ``make kenlm`` builds them into ``tools/kenlm/bin``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from modules.ngram import MODEL_FILE, NGramScorer
+
+logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kenlm_program(name: str, folder: str | None = None) -> Path:
+    """``lmplz`` or ``build_binary``: from ``folder`` if given, else ``tools/kenlm/bin`` (what
+    ``make kenlm`` builds), else the PATH; one line saying how to get it otherwise."""
+    candidates = [Path(folder) / name] if folder else [ROOT / "tools" / "kenlm" / "bin" / name]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None and not folder and shutil.which(name):
+        found = Path(shutil.which(name))
+    if found is None:
+        where = f"--kenlm_bin {folder}" if folder else "tools/kenlm/bin or the PATH"
+        raise SystemExit(f"error: KenLM's {name} is not in {where}: run `make kenlm` (builds "
+                         "lmplz and build_binary into tools/kenlm/bin)")
+    return found
+
+
+def token_lines(dataset) -> list[str]:
+    """Each sentence of a text dataset as its tokenizer ids, space-separated (the pipeline's
+    ``tokens`` are CTC targets: id + 1)."""
+    with dataset.output_keys_as(["tokens"]):
+        return [" ".join(str(int(t) - 1) for t in item["tokens"]) for item in dataset]
+
+
+def run_program(command: list, log: Path) -> None:
+    """Runs a KenLM program, its messages in ``log``; its last lines in one error if it fails."""
+    with open(log, "a") as out:
+        out.write("$ " + " ".join(map(str, command)) + "\n")
+        out.flush()
+        done = subprocess.run([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+        raise SystemExit(f"error: {Path(command[0]).name} failed ({log}): {tail}")
+
+
+def perplexity(scorer: NGramScorer, lines: list[str]) -> float:
+    """exp of the mean negative log-probability per token, ``</s>`` included."""
+    token_lists = [[int(t) for t in line.split()] for line in lines]
+    total = sum(scorer.sentence_scores(token_lists))
+    return math.exp(-total / sum(len(tokens) + 1 for tokens in token_lists))
+
+
+def train_ngram(hparams: dict, datasets: dict) -> dict:
+    """Writes ``text.txt``, ``lm.arpa`` and ``lm.bin`` into the output folder; returns the
+    summary (perplexities, n-gram counts, seconds)."""
+    start = time.time()
+    folder = Path(hparams["output_folder"])
+    lmplz = kenlm_program("lmplz", hparams.get("kenlm_bin"))
+    build_binary = kenlm_program("build_binary", hparams.get("kenlm_bin"))
+    text = folder / "text.txt"
+    lines = token_lines(datasets["train"])
+    text.write_text("\n".join(lines) + "\n")
+    arpa, log = folder / "lm.arpa", folder / "kenlm_log.txt"
+    log.write_text("")
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        command = [lmplz, "--order", hparams["order"], "--text", text, "--arpa", arpa,
+                   "--memory", hparams["lmplz_memory"], "--temp_prefix", f"{scratch}/"]
+        if hparams["prune"]:
+            command += ["--prune", *hparams["prune"]]
+        if hparams["discount_fallback"]:  # small texts lack the counts Kneser-Ney estimates from
+            command.append("--discount_fallback")
+        run_program(command, log)
+    run_program([build_binary, arpa, folder / MODEL_FILE], log)
+    scorer = NGramScorer(folder / MODEL_FILE, hparams["vocab_size"])
+    counts = {}
+    for line in arpa.open():
+        if line.startswith("ngram "):
+            order, count = line[6:].split("=")
+            counts[int(order)] = int(count)
+        elif line.startswith("\\1-grams"):
+            break
+    summary = {
+        "lm_valid_perplexity": perplexity(scorer, token_lines(datasets["valid"])),
+        "lm_test_perplexity": perplexity(scorer, token_lines(datasets["test"])),
+        "order": hparams["order"], "ngrams": counts, "train_sentences": len(lines),
+        "train_seconds": round(time.time() - start, 1),
+        "lm_hparams": str((folder / "hyperparams.yaml").resolve()),
+        "lm_output_folder": str(folder.resolve()),
+    }
+    logger.info("n-gram LM: %s", summary)
+    return summary
