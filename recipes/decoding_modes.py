@@ -203,9 +203,11 @@ def subset(manifest: str, every: int, path: Path) -> str:
 
 
 def model_digests(args) -> dict:
-    """sha256 of the checkpoint files the decodings load (both runs' ``save/CKPT+*``)."""
+    """sha256 of the model files the decodings load (both runs' ``save/CKPT+*``, an n-gram's
+    ``lm.bin``)."""
     return {str(path): sha256_file(path) for folder in (args.asr_run, args.lm)
-            for path in sorted(Path(folder).glob("save/CKPT+*/*.ckpt"))}
+            for pattern in ("save/CKPT+*/*.ckpt", "lm.bin")
+            for path in sorted(Path(folder).glob(pattern))}
 
 
 def main(argv: list[str]) -> dict:
