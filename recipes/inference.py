@@ -74,8 +74,8 @@ class Recognizer:
     device : where to decode ("cpu", "cuda", "cuda:1", "mps").
     decoding : how to decode (default: greedy CTC); ``attention_rescoring`` and ``attention``
         need an S2S run.
-    lm : an LM run folder (``hparams/LM/transformer.yaml``) trained with this run's tokenizer,
-        fused with weight ``decoding.lm_weight``.
+    lm : an LM run folder (``hparams/LM/transformer.yaml``, ``ngram.yaml``) trained with this
+        run's tokenizer, fused with weight ``decoding.lm_weight``.
 
     Example
     -------

@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT
 from test_ctc import CTC_TINY, slice_csv
+from test_readme import kenlm_built
 from test_recipe import CORPUS
 
 LM_TINY = ["--d_model", "32", "--nhead", "2", "--num_layers", "1", "--d_ffn", "64",
@@ -182,3 +183,38 @@ def test_transcribe_streams_two_pass_and_says_attention_is_offline(runs):
             assert result["decoding"] == decoding and result["second_pass_ms"] > 0
         else:
             assert "offline beam search: transcribed offline" in run.stderr
+
+
+needs_kenlm = pytest.mark.skipif(not kenlm_built(), reason="KenLM is not built: run `make kenlm`")
+
+
+def ngram_command(tmp, output_folder) -> list[str]:
+    return [str(ROOT / "hparams" / "LM" / "ngram.yaml"), "--asr_run", str(tmp / "s2s"),
+            "--data_folder", str(CORPUS), "--output_folder", str(output_folder),
+            "--valid_csv", str(tmp / "valid.csv"), "--test_csv", str(tmp / "test.csv"),
+            "--vocab_size", "26", "--order", "4"]
+
+
+@needs_kenlm
+def test_ngram_lm_recipe_and_every_decoding_with_it(runs, tmp_path):
+    """The n-gram recipe counts the ASR run's tokens (same tokenizer copy); every decoding
+    mode fuses it through evaluate.py; its text is refused when it holds a valid sentence."""
+    tmp, _ = runs
+    summary = json.loads(train(*ngram_command(tmp, tmp_path / "ngram")).stdout.strip()
+                         .splitlines()[-1])
+    assert 1.0 < summary["lm_test_perplexity"] < 26 and summary["order"] == 4
+    assert summary["ngrams"]["1"] > 20 and summary["record"]["command"]
+    model = "save/tokenizer/26_char.model"
+    assert (tmp_path / "ngram" / model).read_bytes() == (tmp / "s2s" / model).read_bytes()
+    assert (tmp_path / "ngram" / "lm.bin").is_file()
+    rows = (tmp / "test.csv").read_text().splitlines()
+    (tmp_path / "two.csv").write_text("\n".join(rows[:3]) + "\n")
+    for decoding in ["ctc_prefix_beam", "attention_rescoring", "attention"]:
+        result = evaluate(tmp, "--test_csv", str(tmp_path / "two.csv"), "--decoding", decoding,
+                          "--lm", str(tmp_path / "ngram"), "--lm_weight", "0.5",
+                          "--beam_size", "2", "--context", "low", "--streaming")
+        assert result["decoding"] == decoding and f"{decoding}+lm" in result["table_md"]
+    run = train(*ngram_command(tmp, tmp_path / "leak"), "--more_text_csvs",
+                f"[{CORPUS / 'valid.csv'}]", check=False)
+    assert run.returncode != 0 and "of its sentences are in the LM's training text" in run.stderr
+    assert "Traceback" not in run.stderr
