@@ -192,9 +192,11 @@ class Curve:
                 "--test_csv", rel(self.corpus / "dev.csv"),
                 "--tokenizer_csv", rel(self.corpus / "train.csv"),
                 "--number_of_epochs", str(epochs), "--batch_size", str(spec["batch_size"]),
-                "--seed", str(seed), "--lr_encoder", str(setting["lr"]),
-                "--lr_head", str(setting["lr"]),
-                *overrides({k: v for k, v in setting.items() if k != "lr"}),
+                "--seed", str(seed),  # lr: both peaks, unless a setting gives one apart
+                "--lr_encoder", str(setting.get("lr_encoder", setting["lr"])),
+                "--lr_head", str(setting.get("lr_head", setting["lr"])),
+                *overrides({k: v for k, v in setting.items()
+                            if k not in ("lr", "lr_encoder", "lr_head")}),
                 *overrides(spec["overrides"]), *overrides(self.grid["arms"][arm]),
                 *overrides(extra or {})]
         ssl_sha256 = None

@@ -28,7 +28,7 @@ def test_attempt_snapshots_each_epoch_and_fine_tunes_it(tmp_path):
     command = [sys.executable, str(ROOT / "recipes" / "ssl_attempt.py"), str(path), "--name", "a",
                "--output_folder", str(tmp_path / "out"), "--size", "train_small",
                "--ssl_overrides", "number_of_epochs=2", "--snapshot_epochs", "1", "2",
-               "--settings", "lr=0.001,spec_augment_prob=0.0",
+               "--settings", "lr=0.001,spec_augment_prob=0.0,lr_encoder=0.0005",
                "--scratch", "lr=0.001,spec_augment_prob=0.0"]
     run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -44,7 +44,9 @@ def test_attempt_snapshots_each_epoch_and_fine_tunes_it(tmp_path):
     # each SSL row was fine-tuned from its own snapshot
     for row, epoch in zip(report["rows"][1:], (1, 2)):
         record = json.loads((folder / row["run"] / "result.json").read_text())
-        assert f"snapshots/epoch{epoch}" in " ".join(record["record"]["command"])
+        command_line = " ".join(record["record"]["command"])
+        assert f"snapshots/epoch{epoch}" in command_line
+        assert "--lr_encoder 0.0005 --lr_head 0.001" in command_line  # a peak set apart
     rerun = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "recipes/train.py" not in rerun.stdout  # all read back, nothing retrained
