@@ -34,6 +34,7 @@ LINKED = ["recipes", "modules", "hparams", "data", "benchmarks", ".venv", "Makef
 NOT_RUN = {
     "make demo": "what the fixture stands in for (tiny runs under the demo's folder names)",
     "make test": "the whole test suite, this file included",
+    "make kenlm": "apt-get and a C++ build, 3 minutes (tests/test_ngram.py uses what it builds)",
     "make corpus-labeled": "apt-get installs synthesizers, then writes 559 MB "
                            "(tests/test_benchmark_corpus.py checks the generator)",
     "make ssl-curve": "hours of CPU on the benchmark corpus (tests/test_ssl_curve.py runs a tiny "
