@@ -199,6 +199,9 @@ def attention_beam_search(decoder: TokenDecoder, ctc_head: torch.nn.Module,
                                  eos_index=eos))
         weights["ctc"] = options.ctc_weight
     if lm is not None and options.lm_weight > 0:
+        if not hasattr(lm, "search_scorer"):
+            raise TypeError(f"lm: give a modules.lm.LMScorer (wrapping the LM module) or a "
+                            f"modules.ngram.NGramScorer, not a {type(lm).__name__}")
         scorer = lm.search_scorer()
         scorers.append(scorer)  # ScorerBuilder keys weights by the scorer's class name
         weights[type(scorer).__name__.lower().split("scorer")[0]] = options.lm_weight

@@ -52,10 +52,11 @@ def test_beam_search_ignores_batch_mates_and_padding(model, ctc_weight, lm_weigh
     decoder, ctc_head, lm = model
     memory = torch.randn(2, 12, 16)
     options = DecodingOptions("attention", 3, ctc_weight, lm_weight)
+    scorer = LMScorer(lm, BOS, EOS)
     together = attention_beam_search(decoder, ctc_head, memory, torch.tensor([12, 7]), options,
-                                     BOS, EOS, lm)
+                                     BOS, EOS, scorer)
     alone = attention_beam_search(decoder, ctc_head, memory[1:, :7], torch.tensor([7]), options,
-                                  BOS, EOS, lm)
+                                  BOS, EOS, scorer)
     assert together[1] == alone[0]
     assert all(0 <= t < V for hyp in together for t in hyp)
 
