@@ -56,7 +56,7 @@ def run_cli(main: Callable[[list], dict]) -> None:
     error (several lines only to list several bad files)."""
     try:
         summary = main(sys.argv[1:])
-    except (AudioFileError, FileNotFoundError, ValueError) as error:
+    except (AudioFileError, FileNotFoundError, ImportError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     print(json.dumps(summary))
 

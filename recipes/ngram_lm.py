@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from modules.ngram import MODEL_FILE, NGramScorer
+from modules.ngram import MODEL_FILE, NGramScorer, import_kenlm
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,10 @@ def train_ngram(hparams: dict, datasets: dict) -> dict:
     """Writes ``text.txt``, ``lm.arpa`` and ``lm.bin`` into the output folder; returns the
     summary (perplexities, n-gram counts, seconds)."""
     start = time.time()
+    try:  # before counting: the model is read back with it
+        import_kenlm()
+    except ImportError as error:
+        raise SystemExit(f"error: {error}") from None
     folder = Path(hparams["output_folder"])
     lmplz = kenlm_program("lmplz", hparams.get("kenlm_bin"))
     build_binary = kenlm_program("build_binary", hparams.get("kenlm_bin"))

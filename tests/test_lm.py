@@ -218,3 +218,11 @@ def test_ngram_lm_recipe_and_every_decoding_with_it(runs, tmp_path):
                 f"[{CORPUS / 'valid.csv'}]", check=False)
     assert run.returncode != 0 and "of its sentences are in the LM's training text" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_without_kenlm_the_ngram_lm_says_how_to_get_it(monkeypatch):
+    from modules.ngram import NGramScorer
+
+    monkeypatch.setitem(sys.modules, "kenlm", None)  # `import kenlm` fails as when absent
+    with pytest.raises(ImportError, match="make kenlm"):
+        NGramScorer(ROOT / "lm.bin", 5)
