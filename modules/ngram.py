@@ -51,7 +51,11 @@ class NGramScorer:
         if not Path(model_path).is_file():
             raise FileNotFoundError(f"n-gram model {model_path} not found: train it with "
                                     "python recipes/train.py hparams/LM/ngram.yaml --asr_run ...")
-        self.model = self.kenlm.Model(str(model_path))
+        try:
+            self.model = self.kenlm.Model(str(model_path))
+        except (OSError, RuntimeError) as error:  # truncated or foreign file
+            raise ValueError(f"n-gram model {model_path}: KenLM cannot read it ({error}); train "
+                             "it again with hparams/LM/ngram.yaml") from None
         self.vocab_size, self.bos, self.eos = vocab_size, vocab_size, vocab_size + 1
         self.words = [str(i) for i in range(vocab_size)] + ["<s>", "</s>"]
         start = self.kenlm.State()

@@ -352,6 +352,11 @@ def main(argv: list[str]) -> dict:
     paths = write_outputs(results, stem, title, args.utterances)
     for result in results:
         del result["utterances"]
+    options = recognizer.decoding  # what made the figures (the files' names do not hold it)
+    paths["decoding_options"] = {"beam_size": options.beam_size, "ctc_weight": options.ctc_weight,
+                                 "lm": str(Path(args.lm).resolve()) if args.lm else None,
+                                 "lm_weight": options.lm_weight,
+                                 "length_bonus": options.length_bonus}
     if len(results) == 1:
         return {**results[0], **paths}
     return {"results": results, **paths}

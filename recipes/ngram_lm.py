@@ -21,6 +21,7 @@ from modules.ngram import MODEL_FILE, NGramScorer, import_kenlm
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
+MAX_ORDER = 6  # KENLM_MAX_ORDER of KenLM's default build (make kenlm)
 
 
 def kenlm_program(name: str, folder: str | None = None) -> Path:
@@ -70,6 +71,9 @@ def train_ngram(hparams: dict, datasets: dict) -> dict:
         import_kenlm()
     except ImportError as error:
         raise SystemExit(f"error: {error}") from None
+    if not 2 <= hparams["order"] <= MAX_ORDER:
+        raise SystemExit(f"error: --order {hparams['order']}: give 2 to {MAX_ORDER} (KenLM as "
+                         f"`make kenlm` builds it reads n-grams up to order {MAX_ORDER})")
     folder = Path(hparams["output_folder"])
     lmplz = kenlm_program("lmplz", hparams.get("kenlm_bin"))
     build_binary = kenlm_program("build_binary", hparams.get("kenlm_bin"))

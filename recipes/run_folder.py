@@ -57,6 +57,9 @@ def find_run_folder(path: str | Path, output_folder: str | Path | None = None) -
         return folder.resolve()
     if (folder / "lm.bin").is_file():  # an n-gram LM (hparams/LM/ngram.yaml): no checkpoints
         return folder.resolve()
+    if (folder / "kenlm_log.txt").is_file():
+        raise ValueError(f"{folder}: no lm.bin: this n-gram run did not finish (see "
+                         f"{folder / 'kenlm_log.txt'}); run hparams/LM/ngram.yaml again")
     if not any((folder / "save").glob("CKPT+*")):
         raise ValueError(f"{folder}: no checkpoint under {folder / 'save'}; the run has not "
                          "finished an epoch, or the folder was copied without save/")

@@ -214,6 +214,17 @@ def test_ngram_lm_recipe_and_every_decoding_with_it(runs, tmp_path):
                           "--lm", str(tmp_path / "ngram"), "--lm_weight", "0.5",
                           "--beam_size", "2", "--context", "low", "--streaming")
         assert result["decoding"] == decoding and f"{decoding}+lm" in result["table_md"]
+        assert result["decoding_options"]["lm"] == str((tmp_path / "ngram").resolve())
+        assert result["decoding_options"]["lm_weight"] == 0.5
+    run = train(*ngram_command(tmp, tmp_path / "order"), "--order", "9", check=False)
+    assert run.returncode != 0 and "--order 9: give 2 to 6" in run.stderr
+    (tmp_path / "ngram" / "lm.bin").rename(tmp_path / "lm.bin")  # an unfinished run
+    run = evaluate(tmp, "--lm", str(tmp_path / "ngram"), "--lm_weight", "0.5", check=False)
+    assert run.returncode != 0 and "this n-gram run did not finish" in run.stderr
+    (tmp_path / "ngram" / "lm.bin").write_bytes((tmp_path / "lm.bin").read_bytes()[:1000])
+    run = evaluate(tmp, "--lm", str(tmp_path / "ngram"), "--lm_weight", "0.5", check=False)
+    assert run.returncode != 0 and "KenLM cannot read it" in run.stderr
+    assert "Traceback" not in run.stderr
     run = train(*ngram_command(tmp, tmp_path / "leak"), "--more_text_csvs",
                 f"[{CORPUS / 'valid.csv'}]", check=False)
     assert run.returncode != 0 and "of its sentences are in the LM's training text" in run.stderr
