@@ -91,11 +91,23 @@ def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def piece_table(model: str | Path) -> list[tuple]:
+    """Each id's piece, score and kind: what maps text to ids (the model file also records the
+    trainer's input paths, which differ between two runs that made the same tokenizer)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    return [(sp.id_to_piece(i), sp.get_score(i), sp.is_control(i), sp.is_unknown(i),
+             sp.is_unused(i), sp.is_byte(i)) for i in range(sp.get_piece_size())]
+
+
 def check_same_tokenizer(lm_tokenizer: str | Path, asr_tokenizer: str | Path, lm_name: str,
                          asr_name: str) -> None:
-    """The LM reads the ASR model's tokens only if both were made with the same tokenizer
-    model file; else one line naming both and the fix."""
-    if file_digest(lm_tokenizer) != file_digest(asr_tokenizer):
+    """The LM reads the ASR model's tokens only if both tokenizers are the same model file or
+    have the same piece table (two runs training the same tokenizer on the same transcripts);
+    else one line naming both and the fix."""
+    if file_digest(lm_tokenizer) != file_digest(asr_tokenizer) and \
+            piece_table(lm_tokenizer) != piece_table(asr_tokenizer):
         raise ValueError(f"the LM {lm_name} was trained with another tokenizer ({lm_tokenizer}) "
                          f"than the ASR model {asr_name} ({asr_tokenizer}): its token ids mean "
                          f"other pieces; train the LM with --asr_run {asr_name}")

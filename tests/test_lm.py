@@ -237,3 +237,21 @@ def test_without_kenlm_the_ngram_lm_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "kenlm", None)  # `import kenlm` fails as when absent
     with pytest.raises(ImportError, match="make kenlm"):
         NGramScorer(ROOT / "lm.bin", 5)
+
+
+def test_a_tokenizer_retrained_on_the_same_text_is_the_same(runs, tmp_path):
+    """Two runs training the same char tokenizer write different files (the trainer's input
+    paths) with the same piece table: an LM of one decodes with the other."""
+    from speechbrain.tokenizers.SentencePiece import SentencePiece
+
+    from modules.lm import check_same_tokenizer, file_digest
+
+    tmp, _ = runs
+    ours = tmp / "s2s" / "save" / "tokenizer" / "26_char.model"
+    csv_copy = tmp_path / "train_copy.csv"
+    csv_copy.write_text((tmp / "t.csv").read_text())
+    SentencePiece(str(tmp_path), 26, annotation_train=str(csv_copy), annotation_read="wrd",
+                  model_type="char")
+    again = tmp_path / "26_char.model"
+    assert file_digest(again) != file_digest(ours)
+    check_same_tokenizer(again, ours, "lm", "asr")
