@@ -39,6 +39,9 @@ class NGramScorer:
     vocab_size : the tokenizer's pieces; scores come in the decoder's vocabulary: the ids, then
         ``bos`` (``vocab_size``, never emitted) and ``eos`` (``vocab_size + 1``, ``</s>``).
 
+    A row costs one KenLM lookup per token of the vocabulary: cheap for characters; with a
+    large subword vocabulary the CTC prefix beam's rows grow costly.
+
     Example
     -------
     >>> scorer = NGramScorer("results/ngram/lm.bin", vocab_size=29)  # doctest: +SKIP

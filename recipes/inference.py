@@ -235,8 +235,7 @@ def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_siz
     mode) or an n-gram (``hparams/LM/ngram.yaml``); an LM trained with another tokenizer than
     the ASR model's is refused in one line."""
     folder = find_run_folder(lm)
-    text = run_hparams_text(folder)
-    data = hparams_data(text)
+    data = hparams_data(run_hparams_text(folder))
     if data.get("task") not in ("lm", "ngram"):
         raise ValueError(f"--lm {lm} is a {data.get('task')} run: give an LM run "
                          "(hparams/LM/transformer.yaml or hparams/LM/ngram.yaml)")

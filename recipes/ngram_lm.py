@@ -27,11 +27,10 @@ MAX_ORDER = 6  # KENLM_MAX_ORDER of KenLM's default build (make kenlm)
 def kenlm_program(name: str, folder: str | None = None) -> Path:
     """``lmplz`` or ``build_binary``: from ``folder`` if given, else ``tools/kenlm/bin`` (what
     ``make kenlm`` builds), else the PATH; one line saying how to get it otherwise."""
-    candidates = [Path(folder) / name] if folder else [ROOT / "tools" / "kenlm" / "bin" / name]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None and not folder and shutil.which(name):
+    found = Path(folder or ROOT / "tools" / "kenlm" / "bin") / name
+    if not found.is_file() and not folder and shutil.which(name):
         found = Path(shutil.which(name))
-    if found is None:
+    if not found.is_file():
         where = f"--kenlm_bin {folder}" if folder else "tools/kenlm/bin or the PATH"
         raise SystemExit(f"error: KenLM's {name} is not in {where}: run `make kenlm` (builds "
                          "lmplz and build_binary into tools/kenlm/bin)")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hyperpyyaml import load_hyperpyyaml
 
+from modules.ngram import MODEL_FILE as NGRAM_MODEL
 from provenance import hparams_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +56,10 @@ def find_run_folder(path: str | Path, output_folder: str | Path | None = None) -
                          "the hyperparams.yaml and checkpoints the model was trained with")
     if (folder / "encoder_network.ckpt").is_file():  # a model folder from recipes/export.py
         return folder.resolve()
-    if (folder / "lm.bin").is_file():  # an n-gram LM (hparams/LM/ngram.yaml): no checkpoints
+    if (folder / NGRAM_MODEL).is_file():  # an n-gram LM (hparams/LM/ngram.yaml): no checkpoints
         return folder.resolve()
     if (folder / "kenlm_log.txt").is_file():
-        raise ValueError(f"{folder}: no lm.bin: this n-gram run did not finish (see "
+        raise ValueError(f"{folder}: no {NGRAM_MODEL}: this n-gram run did not finish (see "
                          f"{folder / 'kenlm_log.txt'}); run hparams/LM/ngram.yaml again")
     if not any((folder / "save").glob("CKPT+*")):
         raise ValueError(f"{folder}: no checkpoint under {folder / 'save'}; the run has not "
