@@ -9,6 +9,11 @@ audio, is the earlier ``Stream``: it kept every chunk's log-probabilities and de
 history after each chunk. Printed: ms per chunk in the first and last tenth of each stream,
 their ratio, the real-time factor, and what the stream holds at the end.
 
+Then where one chunk's time goes: the encoder alone on one chunk, in float32 as it runs, with
+its linear layers dynamically quantized to int8 (a quarter of the weight bytes), and in
+bfloat16, timed in interleaved rounds (median), with the aten calls per chunk (profiler) and the
+weight MiB each chunk reads.
+
 Usage::
 
     python benchmarks/stream_cost.py <CTC run folder> [--minutes 60] [--reference_minutes 7] \\
@@ -17,10 +22,13 @@ Usage::
 One JSON line at the end.
 """
 import argparse
+import copy
 import csv
+import statistics
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import soundfile as sf
@@ -85,6 +93,50 @@ def run_stream(recognizer: Recognizer, audio: list[torch.Tensor], context, minut
             "held_log_prob_frames": sum(o.shape[1] for o in getattr(stream.decoder, "outputs", []))}
 
 
+def encoder_chunk_ms(encoder, context, n_mels: int, dtype: torch.dtype, chunks: int) -> float:
+    """Mean ms of ``chunks`` encoder-only chunks, after the caches have filled."""
+    state = encoder.make_streaming_context(context)
+    feats = torch.randn(1, encoder.chunk_frames(state), n_mels, dtype=dtype)
+    with torch.inference_mode():
+        for _ in range(20):
+            encoder.forward_streaming(feats, state)
+        begin = time.perf_counter()
+        for _ in range(chunks):
+            encoder.forward_streaming(feats, state)
+    return 1000 * (time.perf_counter() - begin) / chunks
+
+
+def chunk_breakdown(recognizer: Recognizer, context, rounds: int = 5, chunks: int = 200) -> dict:
+    """The encoder's per-chunk time in float32, int8 linears and bfloat16 (interleaved rounds,
+    median), its aten calls per chunk and the weight MiB it reads per chunk."""
+    encoder, n_mels = recognizer.encoder, recognizer.hparams["n_mels"]
+    with warnings.catch_warnings():  # torch.ao's eager quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(encoder), {torch.nn.Linear},
+                                                      dtype=torch.qint8)
+    variants = {"float32": (encoder, torch.float32), "int8_linears": (int8, torch.float32),
+                "bfloat16": (copy.deepcopy(encoder).to(torch.bfloat16), torch.bfloat16)}
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (module, dtype) in variants.items():
+            times[name].append(encoder_chunk_ms(module, context, n_mels, dtype, chunks))
+    medians = {name: round(statistics.median(values), 3) for name, values in times.items()}
+    state = encoder.make_streaming_context(context)
+    feats = torch.randn(1, encoder.chunk_frames(state), n_mels)
+    with torch.inference_mode(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(20):
+            encoder.forward_streaming(feats, state)
+    calls = {event.key: event.count / 20 for event in profiler.key_averages()}
+    return {"encoder_chunk_ms": medians,
+            "int8_over_float32": round(medians["int8_linears"] / medians["float32"], 3),
+            "bfloat16_over_float32": round(medians["bfloat16"] / medians["float32"], 3),
+            "aten_calls_per_chunk": round(sum(calls.values())),
+            "linear_calls_per_chunk": round(calls.get("aten::linear", 0)),
+            "weight_mib_per_chunk": round(sum(p.numel() * p.element_size()
+                                              for p in encoder.parameters()) / 2**20, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a CTC run folder")
@@ -94,6 +146,8 @@ def main() -> None:
     parser.add_argument("--context", default="8,0")
     parser.add_argument("--test_csv", default="data/benchmark/test.csv")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved timing rounds of the chunk breakdown (median)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recognizer = Recognizer(args.run)
@@ -107,8 +161,12 @@ def main() -> None:
         print(f"{row['decoding']:>11} {row['minutes']:g} min at {list(context)}: "
               f"{row['first_tenth_ms']} -> {row['last_tenth_ms']} ms per chunk "
               f"(x{row['last_over_first']}), RTF {row['rtf']}", flush=True)
+    breakdown = chunk_breakdown(recognizer, context, args.rounds)
+    print(f"encoder alone, ms per chunk: {breakdown['encoder_chunk_ms']}; "
+          f"{breakdown['aten_calls_per_chunk']} aten calls and "
+          f"{breakdown['weight_mib_per_chunk']} MiB of weights per chunk", flush=True)
     print(json.dumps({"context": list(context), "threads": args.threads, "run": args.run,
-                      "rows": rows}))
+                      "rows": rows, "breakdown": breakdown}))
 
 
 if __name__ == "__main__":

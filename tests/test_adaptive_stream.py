@@ -156,12 +156,16 @@ def test_stream_cost_benchmark_contract(tmp_path_factory):
     run = tiny_ctc_run(tmp_path_factory)[0]
     report = run_benchmark("benchmarks/stream_cost.py", str(run), "--minutes", "0.2",
                            "--reference_minutes", "0.1", "--test_csv",
-                           "data/espeak_corpus/test.csv", "--threads", "1")
+                           "data/espeak_corpus/test.csv", "--threads", "1", "--rounds", "1")
     incremental, history = report["rows"]
     assert incremental["decoding"] == "incremental" and history["decoding"] == "history"
     assert incremental["chunks"] == 300 and incremental["held_log_prob_frames"] == 0
     assert history["held_log_prob_frames"] == history["chunks"] == 150
     assert incremental["first_tenth_ms"] > 0 and incremental["rtf"] > 0
+    breakdown = report["breakdown"]  # where one chunk's time goes
+    assert set(breakdown["encoder_chunk_ms"]) == {"float32", "int8_linears", "bfloat16"}
+    assert breakdown["aten_calls_per_chunk"] > breakdown["linear_calls_per_chunk"] > 0
+    assert breakdown["weight_mib_per_chunk"] > 0
 
 
 def test_adaptive_context_benchmark_contract(tmp_path_factory):
