@@ -24,8 +24,8 @@ One JSON line at the end.
 import argparse
 import copy
 import csv
-import statistics
 import json
+import statistics
 import sys
 import time
 import warnings
