@@ -71,8 +71,8 @@ def corpus_batch(brain: sb.Brain, batch_size: int, seconds: float) -> PaddedBatc
             item["wrd"] = " ".join(words)
             item["tokens"] = torch.LongTensor(sp.encode_as_ids(item["wrd"])) + 1
         items.append(item)
-    batch = PaddedBatch(items)
-    wavs, wav_lens = batch.to(brain.device).sig
+    batch = PaddedBatch(items)  # on the CPU, as the recipe's loader gives it
+    wavs, wav_lens = (t.to(brain.device) for t in batch.sig)  # (PaddedBatch.to is in place)
     with torch.no_grad():  # feature statistics, as the recipe's pass before training sets them
         brain.compute_features(wavs, wav_lens, update_stats=True)
     return batch

@@ -102,7 +102,7 @@ class CTCBrain(StreamingBrain):
     def encode(self, batch, stage) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's (B, T', D) encoder output under this stage's context, and its (B,)
         relative lengths on the CPU (where CTC reads them)."""
-        host_wav_lens = batch.sig[1]  # the loader's CPU copy: CTC lengths without a GPU sync
+        host_wav_lens = batch.sig[1].cpu()  # the loader's CPU copy: CTC lengths without a GPU sync
         batch = batch.to(self.device, non_blocking=True)
         wavs, wav_lens = batch.sig
         training = stage == sb.Stage.TRAIN

@@ -21,7 +21,7 @@ class SSLBrain(StreamingBrain):
 
     def compute_forward(self, batch, stage):
         # Masks are drawn on the host, from the loader's CPU lengths: no GPU sync (issue 21).
-        host_lengths = self.frame_lengths(batch.sig[1], batch.sig[0].shape[1])
+        host_lengths = self.frame_lengths(batch.sig[1].cpu(), batch.sig[0].shape[1])
         batch = batch.to(self.device, non_blocking=True)
         wavs, wav_lens = batch.sig
         feats, frame_lengths = self.compute_features(wavs, wav_lens)

@@ -31,6 +31,9 @@ class StreamingBrain(sb.Brain):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # The feature extractor is not trained, so it is not one of ``modules`` (which Brain
+        # moves): its constant filterbank matrix must still live where the audio does.
+        self.hparams.compute_features.to(self.device)
         self.stepping = {}  # {name: (schedule, optimizer)} of the step under way
         self.stage_start, self.stage_audio = time.time(), 0.0
         if self.debug and self.checkpointer is not None:

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT
 
 
@@ -54,3 +56,23 @@ def test_activation_checkpointing_rows():
     assert row["step_seconds_off"] > 0 and row["step_seconds_on"] > 0
     assert row["peak_mib_off"] > 0 and row["peak_mib_on"] > 0
     assert abs(row["time_ratio"] * row["step_seconds_off"] / row["step_seconds_on"] - 1) < 0.02
+
+
+def test_windowed_bf16_check_catches_a_bf16_subtraction(monkeypatch):
+    """The check fails where the window correction is subtracted from a bf16-rounded scan."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+    from modules import mamba
+
+    assert gpu_check.check_windowed_bf16("cpu")["passed"]
+    windowed_scan = mamba.Mamba._windowed_scan
+
+    def rounded_before_subtraction(self, u, delta, B, C, left, chunk, compiled):
+        out = windowed_scan(self, u, delta, B, C, left, chunk, compiled)
+        if u.dtype != torch.bfloat16:
+            return out
+        full = mamba.selective_scan(u.float(), delta, self._A(), B, C)[0]
+        return (full.to(torch.bfloat16).float() - (full - out.float())).to(u.dtype)
+
+    monkeypatch.setattr(mamba.Mamba, "_windowed_scan", rounded_before_subtraction)
+    assert not gpu_check.check_windowed_bf16("cpu")["passed"]
