@@ -4,7 +4,8 @@ the history-decoding stream it replaced.
 
 A long stream is built by cycling the utterances of a test CSV; it is pushed one chunk of audio
 at a time (as a live stream arrives) through ``Recognizer.stream``: features, normalization,
-encoder chunk, CTC head, incremental greedy decoding. The reference, on the same model and
+encoder chunk, CTC head, incremental greedy decoding; once with the encoder step compiled
+(``modules.compiled_stream``), once eager. The reference, on the same model and
 audio, is the earlier ``Stream``: it kept every chunk's log-probabilities and decoded the whole
 history after each chunk. Printed: ms per chunk in the first and last tenth of each stream,
 their ratio, the real-time factor, and what the stream holds at the end.
@@ -66,9 +67,9 @@ def utterances(test_csv: str) -> list[torch.Tensor]:
 
 
 def run_stream(recognizer: Recognizer, audio: list[torch.Tensor], context, minutes: float,
-               history: bool) -> dict:
+               history: bool, compiled: bool = False) -> dict:
     """Pushes ``minutes`` of cycled ``audio`` one chunk at a time; per-chunk times by tenth."""
-    stream = recognizer.stream(context)
+    stream = recognizer.stream(context, compiled=compiled)
     if history:
         stream.decoder = HistoryDecoder(recognizer.sp)
     piece = stream.chunk * recognizer.hparams["compute_features"].hop_samples
@@ -85,7 +86,8 @@ def run_stream(recognizer: Recognizer, audio: list[torch.Tensor], context, minut
     text = stream.finish()
     tenth = max(1, len(times) // 10)
     first, last = sum(times[:tenth]) / tenth, sum(times[-tenth:]) / tenth
-    return {"decoding": "history" if history else "incremental", "minutes": minutes,
+    return {"decoding": "history" if history else "incremental",
+            "encoder_step": "compiled" if compiled else "eager", "minutes": minutes,
             "chunks": len(times), "first_tenth_ms": round(1000 * first, 3),
             "last_tenth_ms": round(1000 * last, 3), "last_over_first": round(last / first, 3),
             "rtf": round(sum(times) / (pushed / recognizer.hparams["sample_rate"]), 4),
@@ -106,9 +108,22 @@ def encoder_chunk_ms(encoder, context, n_mels: int, dtype: torch.dtype, chunks: 
     return 1000 * (time.perf_counter() - begin) / chunks
 
 
+def compiled_chunk_ms(step, n_mels: int, chunks: int) -> float:
+    """``encoder_chunk_ms`` of a compiled step (``modules.compiled_stream``)."""
+    state = step.initial_state()
+    feats = torch.randn(1, step.chunk_frames, n_mels)
+    for _ in range(20):
+        _, state = step(feats, state)
+    begin = time.perf_counter()
+    for _ in range(chunks):
+        _, state = step(feats, state)
+    return 1000 * (time.perf_counter() - begin) / chunks
+
+
 def chunk_breakdown(recognizer: Recognizer, context, rounds: int = 5, chunks: int = 200) -> dict:
-    """The encoder's per-chunk time in float32, int8 linears and bfloat16 (interleaved rounds,
-    median), its aten calls per chunk and the weight MiB it reads per chunk."""
+    """The encoder's per-chunk time in float32, int8 linears, bfloat16 and compiled (float32;
+    interleaved rounds, median), its eager aten calls per chunk and the weight MiB it reads per
+    chunk."""
     encoder, n_mels = recognizer.encoder, recognizer.hparams["n_mels"]
     with warnings.catch_warnings():  # torch.ao's eager quantization announces its move to torchao
         warnings.simplefilter("ignore")
@@ -116,10 +131,12 @@ def chunk_breakdown(recognizer: Recognizer, context, rounds: int = 5, chunks: in
                                                       dtype=torch.qint8)
     variants = {"float32": (encoder, torch.float32), "int8_linears": (int8, torch.float32),
                 "bfloat16": (copy.deepcopy(encoder).to(torch.bfloat16), torch.bfloat16)}
-    times = {name: [] for name in variants}
+    times = {name: [] for name in [*variants, "compiled"]}
+    step = recognizer.compiled_step(context)
     for _ in range(rounds):
         for name, (module, dtype) in variants.items():
             times[name].append(encoder_chunk_ms(module, context, n_mels, dtype, chunks))
+        times["compiled"].append(compiled_chunk_ms(step, n_mels, chunks))
     medians = {name: round(statistics.median(values), 3) for name, values in times.items()}
     state = encoder.make_streaming_context(context)
     feats = torch.randn(1, encoder.chunk_frames(state), n_mels)
@@ -131,6 +148,7 @@ def chunk_breakdown(recognizer: Recognizer, context, rounds: int = 5, chunks: in
     return {"encoder_chunk_ms": medians,
             "int8_over_float32": round(medians["int8_linears"] / medians["float32"], 3),
             "bfloat16_over_float32": round(medians["bfloat16"] / medians["float32"], 3),
+            "compiled_over_float32": round(medians["compiled"] / medians["float32"], 3),
             "aten_calls_per_chunk": round(sum(calls.values())),
             "linear_calls_per_chunk": round(calls.get("aten::linear", 0)),
             "weight_mib_per_chunk": round(sum(p.numel() * p.element_size()
@@ -153,12 +171,18 @@ def main() -> None:
     recognizer = Recognizer(args.run)
     context = recognizer.context(args.context)
     audio = utterances(args.test_csv)
+    begin = time.perf_counter()
+    run_stream(recognizer, audio, context, 0.2, history=False, compiled=True)  # compiles
+    compile_seconds = time.perf_counter() - begin
     run_stream(recognizer, audio, context, 0.2, history=False)  # warm-up: one-time costs
-    rows = [run_stream(recognizer, audio, context, args.minutes, history=False)]
+    rows = [run_stream(recognizer, audio, context, args.minutes, history=False, compiled=True),
+            run_stream(recognizer, audio, context, args.minutes, history=False)]
     if args.reference_minutes:
         rows.append(run_stream(recognizer, audio, context, args.reference_minutes, history=True))
+    print(f"compiling the encoder step (and a 12 s warm-up stream): {compile_seconds:.1f} s")
     for row in rows:
-        print(f"{row['decoding']:>11} {row['minutes']:g} min at {list(context)}: "
+        print(f"{row['decoding']:>11} {row['encoder_step']:>8} {row['minutes']:g} min at "
+              f"{list(context)}: "
               f"{row['first_tenth_ms']} -> {row['last_tenth_ms']} ms per chunk "
               f"(x{row['last_over_first']}), RTF {row['rtf']}", flush=True)
     breakdown = chunk_breakdown(recognizer, context, args.rounds)
@@ -166,7 +190,8 @@ def main() -> None:
           f"{breakdown['aten_calls_per_chunk']} aten calls and "
           f"{breakdown['weight_mib_per_chunk']} MiB of weights per chunk", flush=True)
     print(json.dumps({"context": list(context), "threads": args.threads, "run": args.run,
-                      "rows": rows, "breakdown": breakdown}))
+                      "compile_seconds": round(compile_seconds, 1), "rows": rows,
+                      "breakdown": breakdown}))
 
 
 if __name__ == "__main__":

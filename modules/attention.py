@@ -40,12 +40,19 @@ class RotaryEmbedding(torch.nn.Module):
         """cos and sin, each (T, head_dim / 2) in ``dtype``, of the (T,) absolute ``positions``."""
         device = positions.device
         precision = torch.float64 if device.type in FLOAT64_DEVICE_TYPES else torch.float32
-        key = (device, precision, torch.is_inference_mode_enabled())  # no inference tensor in training
-        if self._inv_freq is None or self._inv_freq[0] != key:
-            self._inv_freq = key, self.base ** (
-                -torch.arange(0, self.head_dim, 2, dtype=precision, device=device) / self.head_dim)
-        angles = positions.to(precision)[:, None] * self._inv_freq[1][None, :]
+        if torch.compiler.is_compiling():  # a constant of the compiled graph
+            inv_freq = self._frequencies(device, precision)
+        else:
+            key = (device, precision, torch.is_inference_mode_enabled())  # no inference tensor in training
+            if self._inv_freq is None or self._inv_freq[0] != key:
+                self._inv_freq = key, self._frequencies(device, precision)
+            inv_freq = self._inv_freq[1]
+        angles = positions.to(precision)[:, None] * inv_freq[None, :]
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def _frequencies(self, device, precision: torch.dtype) -> torch.Tensor:
+        return self.base ** (
+            -torch.arange(0, self.head_dim, 2, dtype=precision, device=device) / self.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -156,6 +163,8 @@ class RotarySelfAttention(torch.nn.Module):
         Each stream attends to its chunk and its last ``left`` cached keys. ``valid`` (B, C):
         the chunk's padding frames are not attended to (a frame keeps itself).
         """
+        if "window" in cache:
+            return self._fixed_window_step(x, cache)
         lefts = [left for left, _ in ((context,) if isinstance(context[0], int) else context)]
         keep = cache.get("max_left", lefts[0])
         q, k, v = self._project(x, cache.get("position", 0))
@@ -179,6 +188,27 @@ class RotarySelfAttention(torch.nn.Module):
             mask = (seen[:, None, :] | itself)[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         cache["position"] = cache.get("position", 0) + chunk
+        return self._merge(y)
+
+    def _fixed_window_step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """``forward_streaming`` of one stream with caches of a fixed size (shapes that never
+        change, for ``modules.compiled_stream``): ``cache["k"]``, ``cache["v"]`` (1, H, window,
+        head_dim) hold the last ``window`` keys and values, zeros before the stream's start;
+        ``cache["position"]`` (0-d tensor) counts the frames seen, ``cache["valid"]`` (0-d
+        tensor) the chunk's frames that are real (the rest pads a short last chunk). Masked
+        keys are those before the stream's start and the padding (a frame keeps itself)."""
+        window, chunk = cache["window"], x.shape[1]
+        position, valid = cache["position"], cache["valid"]
+        q, k, v = self.qkv(x).view(1, chunk, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
+        positions = position + torch.arange(chunk, device=x.device)
+        angles = self.rotary.angles(positions, q.dtype)
+        q, k = self.rotary(q, positions, angles), self.rotary(k, positions, angles)
+        k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k[:, :, chunk:], v[:, :, chunk:]
+        keys = torch.arange(window + chunk, device=x.device)
+        seen = (keys >= window - position.clamp(max=window)) & (keys < window + valid)
+        itself = keys[None, :] == window + torch.arange(chunk, device=x.device)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen[None, :] | itself)
         return self._merge(y)
 
 

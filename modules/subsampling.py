@@ -31,7 +31,7 @@ class CausalConvSubsampling(torch.nn.Module):
         super().__init__()
         if subsampling_factor not in (2, 4, 8):
             raise ValueError(f"subsampling_factor must be 2, 4 or 8, got {subsampling_factor}")
-        self.subsampling_factor = subsampling_factor
+        self.subsampling_factor, self.n_mels = subsampling_factor, n_mels
         layers, channels, freq = [], 1, n_mels  # each layer: Conv2d + ReLU
         for _ in range(int(math.log2(subsampling_factor))):
             layers.append(torch.nn.Conv2d(channels, conv_channels, kernel_size=3, stride=2,

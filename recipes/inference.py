@@ -21,6 +21,7 @@ from run_folder import (  # noqa: E402
     tokenizer_model,
 )
 from stream import Stream  # noqa: E402
+from modules.compiled_stream import CompiledStreamStep  # noqa: E402
 from modules.context import Context, parse_context, parse_contexts  # noqa: E402
 from modules.ctc import greedy_transcripts  # noqa: E402
 from modules.decoding import (  # noqa: E402
@@ -98,6 +99,7 @@ class Recognizer:
             if name in self.hparams:
                 self.hparams[name] = self.hparams[name].to(self.device).eval()
         self.text_normalizer = TextNormalizer(self.sp)
+        self._compiled_steps: dict[Context, CompiledStreamStep] = {}
         self.decoding = decoding or DecodingOptions()
         if self.decoding.needs_decoder and self.decoder is None:
             raise ValueError(f"decoding {self.decoding.decoding} needs an attention decoder, and "
@@ -223,10 +225,18 @@ class Recognizer:
                              f"to trained contexts, {[list(c) for c in self.trained_contexts]}")
         return context
 
-    def stream(self, context: Context, max_left: int | None = None, controller=None) -> "Stream":
-        """A ``stream.Stream`` starting under ``context`` (see there for ``max_left`` and
-        ``controller``)."""
-        return Stream(self, context, max_left, controller)
+    def stream(self, context: Context, max_left: int | None = None, controller=None,
+               compiled: bool = False) -> "Stream":
+        """A ``stream.Stream`` starting under ``context`` (see there for ``max_left``,
+        ``controller`` and ``compiled``)."""
+        return Stream(self, context, max_left, controller, compiled)
+
+    def compiled_step(self, context: Context) -> CompiledStreamStep:
+        """The compiled encoder step of ``context``, made once per recognizer and context."""
+        context = self.context(context)
+        if context not in self._compiled_steps:
+            self._compiled_steps[context] = CompiledStreamStep(self.encoder, context)
+        return self._compiled_steps[context]
 
 
 def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_size: int,

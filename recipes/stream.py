@@ -25,6 +25,9 @@ class Stream:
         stream keeps ``context``.
     controller : a ``modules.adaptive.ContextController`` that picks each next chunk's context
         from the chunk just encoded (its compute time, the audio's running SNR).
+    compiled : run the encoder's chunk step compiled (``modules.compiled_stream``: about half
+        the per-chunk compute of the demo model on a CPU, after a one-time compilation of tens
+        of seconds); the context then stays fixed.
 
     Decoding follows the recognizer's (``modules.decoding``): greedy CTC and the CTC prefix
     beam give partial transcripts chunk by chunk; ``attention_rescoring`` also keeps the
@@ -39,9 +42,16 @@ class Stream:
     """
 
     def __init__(self, recognizer, context: Context, max_left: int | None = None,
-                 controller: ContextController | None = None):
+                 controller: ContextController | None = None, compiled: bool = False):
+        if compiled and (controller is not None or max_left is not None):
+            raise ValueError("a compiled stream keeps its context (its caches have a fixed "
+                             "size): drop compiled=True (--compiled) to switch contexts")
         self.recognizer = recognizer
         self.encoder = recognizer.encoder
+        # compiled: the encoder step of ``modules.compiled_stream``, shared by the recognizer's
+        # streams of this context; its caches are ``step_state``.
+        self.step = recognizer.compiled_step(context) if compiled else None
+        self.step_state = self.step.initial_state() if compiled else None
         self.front_end = FbankStream(recognizer.hparams["compute_features"])
         if max_left is None and controller is not None:
             max_left = max(left for left, _ in recognizer.trained_contexts)
@@ -79,6 +89,9 @@ class Stream:
         context = self.recognizer.check_trained(self.recognizer.context(context))
         if context == self.context:
             return
+        if self.step is not None:
+            raise ValueError("a compiled stream keeps its context: start the stream without "
+                             "compiled=True (--compiled) to switch")
         previous = self.context
         self.encoder.switch_context(self.state, context)
         self.switches.append({"time": round(self.seconds, 3), "from": list(previous),
@@ -118,7 +131,11 @@ class Stream:
         """Encodes and decodes one chunk; records its compute since ``begin``, then lets the
         controller pick the next context. Returns the time it ended."""
         context = self.context
-        encoded = self.encoder.forward_streaming(feats, self.state)
+        if self.step is not None:
+            encoded, self.step_state = self.step(feats, self.step_state)
+            self.state.finished = self.step_state.finished
+        else:
+            encoded = self.encoder.forward_streaming(feats, self.state)
         if self.memory is not None:
             self.memory.append(encoded)
         self.decoder.push(self.recognizer.log_probs(encoded))

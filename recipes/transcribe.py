@@ -6,7 +6,7 @@ Usage::
     python recipes/transcribe.py <run folder> --audio speech.flac [--context medium] \\
         [--mode stream|benchmark|auto|adaptive] [--latency_budget_ms 300] \\
         [--policy latency,snr,load] [--decoding attention_rescoring] [--lm <LM run>] \\
-        [--device cuda] [--quiet]
+        [--compiled] [--device cuda] [--quiet]
 
 ``<run folder>`` is the ``--output_folder`` of a ``recipes/train.py`` CTC or S2S run (or its
 ``hyperparams.yaml``); a copy of it works from any directory. ``--decoding`` and the LM options
@@ -28,6 +28,11 @@ with several channels is resampled / averaged to mono, with one line saying so.
   the audio's running SNR drops), ``load`` (measured compute against the calibration: real-time
   headroom). Partial lines show the context in force; the JSON lists every switch, and the
   final transcript equals the offline pass under the piecewise context the stream ran.
+
+``--compiled`` (stream, benchmark, auto; Conformer and Transformer encoders): the encoder's
+chunk step runs compiled by ``torch.compile`` (``modules/compiled_stream.py``), once per context
+(tens of seconds, cached on disk for later runs), for about half the per-chunk compute on a CPU;
+the context stays fixed.
 
 The last stdout line is one JSON object.
 """
@@ -89,10 +94,11 @@ def read_audio(path: str, sample_rate: int, min_samples: int) -> torch.Tensor:
     return samples
 
 
-def stream_file(recognizer: Recognizer, samples, context, show: bool = True) -> dict:
+def stream_file(recognizer: Recognizer, samples, context, show: bool = True,
+                compiled: bool = False) -> dict:
     """Streams ``samples`` chunk by chunk, printing the partial transcript when it changes
     (``show``); returns the final and offline transcripts."""
-    stream = recognizer.stream(context)
+    stream = recognizer.stream(context, compiled=compiled)
     sample_rate = recognizer.hparams["sample_rate"]
     hop = recognizer.hparams["compute_features"].hop_samples
     piece = stream.chunk * hop  # the audio of one chunk of feature frames
@@ -109,7 +115,7 @@ def stream_file(recognizer: Recognizer, samples, context, show: bool = True) -> 
     offline = recognizer.transcribe(samples, context)
     second_pass = stream.second_pass_seconds
     return {"text": final, "offline_text": offline, "equal_to_offline": final == offline,
-            "streamed": True, "decoding": recognizer.decoding.decoding,
+            "streamed": True, "compiled": compiled, "decoding": recognizer.decoding.decoding,
             "second_pass_ms": None if second_pass is None else round(1000 * second_pass, 1),
             "context": list(context),
             "context_seconds": describe_context(context, recognizer.encoder.frame_seconds)}
@@ -156,8 +162,10 @@ def transcribe_offline(recognizer: Recognizer, samples, context, show: bool = Tr
             "context_seconds": describe_context(context, recognizer.encoder.frame_seconds)}
 
 
-def benchmark(recognizer: Recognizer, samples, repeats: int = 2) -> list[dict]:
-    """Measured per-chunk compute, latency and RTF of every streamable preset."""
+def benchmark(recognizer: Recognizer, samples, repeats: int = 2,
+              compiled: bool = False) -> list[dict]:
+    """Measured per-chunk compute, latency and RTF of every streamable preset (``compiled``:
+    of compiled streams, each compiled and run once before it is measured)."""
     sample_rate = recognizer.hparams["sample_rate"]
     warm_up = recognizer.stream(recognizer.context(recognizer.hparams["valid_context"]))
     warm_up.push(samples[:sample_rate])  # first calls pay one-time allocation costs
@@ -166,9 +174,11 @@ def benchmark(recognizer: Recognizer, samples, repeats: int = 2) -> list[dict]:
         context = recognizer.context(name)
         if not streamable(recognizer, context) or recognizer.decoding.decoding == "attention":
             continue
+        if compiled:  # compilation is not per-chunk compute
+            recognizer.stream(context, compiled=True).push(samples[:sample_rate])
         per_chunk = []
         for _ in range(repeats):
-            stream = recognizer.stream(context)
+            stream = recognizer.stream(context, compiled=compiled)
             piece = stream.chunk * recognizer.hparams["compute_features"].hop_samples
             for start in range(0, len(samples), piece):
                 begin = time.perf_counter()
@@ -220,6 +230,10 @@ def parse_arguments(argv: list[str]):
     parser.add_argument("--policy", default=None,
                         help=f"adaptive mode: comma-separated policies among {', '.join(POLICIES)}"
                              " (default: snr,load, with latency too when a budget is given)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="stream, benchmark and auto modes: compile the encoder's chunk step "
+                             "(torch.compile; once per context, tens of seconds) for about half "
+                             "the per-chunk compute; the context stays fixed")
     add_decoding_arguments(parser)
     parser.add_argument("--device", default=default_device(), help="default: cuda, mps or cpu")
     parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
@@ -236,6 +250,9 @@ def parse_arguments(argv: list[str]):
     if args.mode not in ("auto", "adaptive") and args.latency_budget_ms is not None:
         parser.error(f"--latency_budget_ms is used only by --mode auto and adaptive; add one of "
                      f"them, or drop it in --mode {args.mode}")
+    if args.mode == "adaptive" and args.compiled:
+        parser.error("--compiled streams keep their context, and --mode adaptive switches it: "
+                     "drop one of them")
     if args.mode != "adaptive" and args.policy is not None:
         parser.error("--policy is used only by --mode adaptive")
     if args.mode == "adaptive":
@@ -265,8 +282,8 @@ def main(argv: list[str]) -> dict:
         context = recognizer.context(args.context or recognizer.hparams["valid_context"])
         if not streamable(recognizer, context) or recognizer.decoding.decoding == "attention":
             return transcribe_offline(recognizer, samples, context, show)
-        return stream_file(recognizer, samples, context, show)
-    rows = benchmark(recognizer, samples)
+        return stream_file(recognizer, samples, context, show, args.compiled)
+    rows = benchmark(recognizer, samples, compiled=args.compiled)
     if args.mode == "adaptive":
         controller = make_controller(recognizer, rows, args.policy, args.latency_budget_ms)
         return {**stream_adaptive(recognizer, samples, controller, show), "benchmark": rows}
@@ -279,7 +296,8 @@ def main(argv: list[str]) -> dict:
     if show:
         print(f"chose {chosen['preset']}: measured latency {chosen['latency_ms']} ms <= "
               f"{args.latency_budget_ms:g} ms", flush=True)
-    result = stream_file(recognizer, samples, recognizer.context(chosen["preset"]), show)
+    result = stream_file(recognizer, samples, recognizer.context(chosen["preset"]), show,
+                         args.compiled)
     return {**result, "chosen": chosen, "benchmark": rows}
 
 

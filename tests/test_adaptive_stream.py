@@ -124,7 +124,7 @@ def test_adaptive_mode_lists_switches_and_equals_its_offline_reference(tmp_path_
     rows = [{"preset": p, "context": c, "chunk_ms": (c[1] + 1) * 40.0, "compute_ms": ms}
             for p, c, ms in [("very_low", [8, 0], 30.0), ("low", [16, 1], 31.0),
                              ("medium", [32, 3], 33.0), ("high", [64, 7], 36.0)]]
-    monkeypatch.setattr(transcribe, "benchmark", lambda *args: rows)  # a calibration, scripted
+    monkeypatch.setattr(transcribe, "benchmark", lambda *args, **options: rows)  # a calibration, scripted
     result = transcribe.main([str(run), "--audio", short_clip(tmp_path_factory, 4.0),
                               "--mode", "adaptive", "--policy", "latency",
                               "--latency_budget_ms", "150", "--quiet"])
@@ -157,13 +157,17 @@ def test_stream_cost_benchmark_contract(tmp_path_factory):
     report = run_benchmark("benchmarks/stream_cost.py", str(run), "--minutes", "0.2",
                            "--reference_minutes", "0.1", "--test_csv",
                            "data/espeak_corpus/test.csv", "--threads", "1", "--rounds", "1")
-    incremental, history = report["rows"]
+    compiled, incremental, history = report["rows"]
     assert incremental["decoding"] == "incremental" and history["decoding"] == "history"
+    assert (compiled["encoder_step"], incremental["encoder_step"]) == ("compiled", "eager")
+    assert compiled["chunks"] == incremental["chunks"] and report["compile_seconds"] > 0
+    assert compiled["text_characters"] == incremental["text_characters"]
     assert incremental["chunks"] == 300 and incremental["held_log_prob_frames"] == 0
     assert history["held_log_prob_frames"] == history["chunks"] == 150
     assert incremental["first_tenth_ms"] > 0 and incremental["rtf"] > 0
     breakdown = report["breakdown"]  # where one chunk's time goes
-    assert set(breakdown["encoder_chunk_ms"]) == {"float32", "int8_linears", "bfloat16"}
+    assert set(breakdown["encoder_chunk_ms"]) == {"float32", "int8_linears", "bfloat16",
+                                                  "compiled"}
     assert breakdown["aten_calls_per_chunk"] > breakdown["linear_calls_per_chunk"] > 0
     assert breakdown["weight_mib_per_chunk"] > 0
 

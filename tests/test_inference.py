@@ -122,7 +122,7 @@ def test_auto_mode_picks_largest_context_within_measured_latency(trained, tmp_pa
     assert [r["preset"] for r in rows] == ["very_low", "low", "medium", "high"]
     for row in rows:
         assert row["latency_ms"] == pytest.approx(row["chunk_ms"] + row["compute_ms"], abs=0.11)
-    monkeypatch.setattr(transcribe, "benchmark", lambda *args: rows)  # measured once above
+    monkeypatch.setattr(transcribe, "benchmark", lambda *args, **options: rows)  # measured once above
     generous = transcribe.main([folder, "--audio", clip, "--mode", "auto",
                                 "--latency_budget_ms", "100000"])
     assert generous["chosen"]["preset"] == "high" and generous["equal_to_offline"]

@@ -1,0 +1,156 @@
+"""One stream's encoder step compiled with ``torch.compile``, for a flat, low per-chunk cost.
+
+Eager streaming dispatches ~1,800 small operations per 40 ms chunk at ``[8, 0]`` for a
+demo-sized Conformer (``benchmarks/stream_cost.py``): their overhead, not arithmetic, sets the
+cost. Compiled once per context, one chunk runs as a few fused kernels and matrix products.
+Compilation needs fixed shapes, so the step keeps caches of a fixed size (the left context's
+keys and values, zeros before the stream's start, masked) and takes the stream's position as a
+tensor; the attention is ``RotarySelfAttention``'s fixed-window step. Outputs equal the eager
+stream's (hence the offline pass under the same context) to float rounding, tested.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, replace
+
+import torch
+
+from .attention import RotarySelfAttention
+from .context import Context
+from .encoder import AttentionEncoder, LayerState
+
+# Weights folded into the compiled graph (they are constants for a recognizer); ATen matrix
+# products rather than MKL's prepacked ones: faster for the one-frame products of a small chunk.
+INDUCTOR_OPTIONS = {"freezing": True, "cpp.weight_prepack": False, "cpp_wrapper": True}
+
+
+@dataclass(frozen=True)
+class StepState:
+    """A compiled stream's caches: all fixed-size tensors, and whether it has ended."""
+
+    position: torch.Tensor  # () encoder frames seen
+    subsampling: tuple[torch.Tensor, ...]
+    keys: tuple[torch.Tensor, ...]  # per block, (1, H, window, head_dim)
+    values: tuple[torch.Tensor, ...]
+    convolutions: tuple[torch.Tensor, ...]  # per block, (1, D, kernel - 1); empty without one
+    finished: bool = False
+
+
+class CompiledStreamStep:
+    """The chunk step of an attention encoder (Conformer or Transformer) for one stream under
+    one fixed context, compiled on its first call (tens of seconds on a CPU; later streams of
+    the same step reuse it). Build it after the weights are loaded: they are folded in.
+
+    Arguments
+    ---------
+    encoder : an ``AttentionEncoder`` whose blocks mix with ``RotarySelfAttention``, in eval mode.
+    context : a streamable ``[left, right]`` (bounded caches: a finite left context in every
+        layer).
+
+    Example
+    -------
+    >>> from modules.conformer import CausalConformerEncoder
+    >>> encoder = CausalConformerEncoder(n_mels=80, d_model=32, nhead=2, num_encoder_layers=1,
+    ...                                  d_ffn=64, subsampling_conv_channels=8).eval()
+    >>> step = CompiledStreamStep(encoder, (4, 1))
+    >>> state = step.initial_state()
+    >>> step.chunk_frames  # feature frames per chunk
+    8
+    >>> # encoded, state = step(feats, state)  # (1, 8, 80) -> (1, 2, 32); compiles once
+    """
+
+    def __init__(self, encoder: AttentionEncoder, context: Context):
+        mixers = [getattr(block, "mixer", None) for block in encoder.layers]
+        if not isinstance(encoder, AttentionEncoder) or not all(
+                isinstance(m, RotarySelfAttention) for m in mixers):
+            raise ValueError(f"compiled streaming needs an attention encoder (Conformer or "
+                             f"Transformer); {type(encoder).__name__} streams eagerly")
+        context = encoder.check_context(context)
+        layer_contexts = encoder.layer_contexts(context)
+        encoder.check_streamable(context, layer_contexts)  # bounded caches, hence fixed-size
+        if encoder.training:
+            raise ValueError("compiled streaming is for inference: call encoder.eval() first")
+        self.encoder, self.context = encoder, context
+        self.windows = [left for left, _ in layer_contexts]
+        self.chunk_frames = (context[1] + 1) * encoder.subsampling_factor
+        # Dynamo keeps compiled code per code object, with a recompile limit shared by every
+        # step built from it: each step compiles a copy of its own.
+        step = self._step.__func__
+        own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__)
+        self._compiled = torch.compile(types.MethodType(own, self), fullgraph=True,
+                                       dynamic=False, options=INDUCTOR_OPTIONS)
+        self._warm = False
+
+    def initial_state(self) -> StepState:
+        """The caches of a new stream: zeros, as the offline pass pads before frame 0."""
+        weight = next(self.encoder.parameters())
+        with torch.inference_mode():  # as the stream's later states; shapes by one call
+            _, subsampling = self.encoder.subsampling(
+                weight.new_zeros(1, self.encoder.subsampling_factor, self.encoder.subsampling.n_mels), None)
+            zeros = [weight.new_zeros(c.shape) for c in subsampling]  # contiguous
+            keys = [weight.new_zeros(1, block.mixer.nhead, window,
+                                     self.encoder.d_model // block.mixer.nhead)
+                    for block, window in zip(self.encoder.layers, self.windows)]
+            convolutions = tuple(
+                weight.new_zeros(1, self.encoder.d_model, block.conv.kernel_size - 1)
+                if hasattr(block, "conv") else weight.new_zeros(0) for block in self.encoder.layers)
+            return StepState(torch.zeros((), dtype=torch.long, device=weight.device),
+                             tuple(zeros), tuple(keys), tuple(torch.zeros_like(k) for k in keys),
+                             convolutions)
+
+    def __call__(self, feats: torch.Tensor, state: StepState) -> tuple[torch.Tensor, StepState]:
+        """(1, frames, n_mels) normalized features of the next chunk (a shorter one ends the
+        stream) -> (1, encoder frames, d_model) and the stream's next state."""
+        if state.finished:
+            raise ValueError("this stream has ended (its last chunk was shorter): start a new one "
+                             "with initial_state()")
+        frames = feats.shape[1]
+        weight = next(self.encoder.parameters())
+        if (feats.shape[0] != 1 or not 0 < frames <= self.chunk_frames
+                or (feats.dtype, feats.device) != (weight.dtype, weight.device)):
+            raise ValueError(f"a compiled stream takes chunks of (1, <= {self.chunk_frames}, "
+                             f"n_mels) {weight.dtype} features on {weight.device}, got "
+                             f"{tuple(feats.shape)} {feats.dtype} on {feats.device}")
+        valid = -(-frames // self.encoder.subsampling_factor)
+        try:
+            with torch.inference_mode(), torch.compiler.set_stance(
+                    skip_guard_eval_unsafe=self._warm):
+                # A fresh inference tensor, laid out like the states (zeros after a shorter
+                # chunk, as the offline pass pads the last group).
+                chunk = feats.new_zeros(1, self.chunk_frames, feats.shape[2])
+                chunk[:, :frames] = feats
+                # Once compiled, the inputs' shapes and dtypes never change: no guard to check.
+                encoded, position, *caches = self._compiled(
+                    chunk, torch.tensor(valid, device=feats.device), state.position,
+                    state.subsampling, state.keys, state.values, state.convolutions)
+        except Exception as error:
+            if self._warm:
+                raise
+            raise RuntimeError(
+                f"compiling the stream step failed ({type(error).__name__}: {error}). "
+                "torch.compile needs a C++ compiler on the CPU (apt-get install g++); or stream "
+                "without compiling") from error
+        self._warm = True
+        return encoded[:, :valid], replace(state, position=position, subsampling=caches[0],
+                                           keys=caches[1], values=caches[2],
+                                           convolutions=caches[3],
+                                           finished=frames < self.chunk_frames)
+
+    def _step(self, feats, valid, position, subsampling, keys, values, convolutions):
+        """The compiled chunk: every block's own ``forward_streaming`` on fixed-size caches."""
+        x, new_subsampling = self.encoder.subsampling(feats, list(subsampling))
+        new_keys, new_values, new_convolutions = [], [], []
+        for block, window, k, v, conv in zip(self.encoder.layers, self.windows, keys, values,
+                                             convolutions):
+            state = LayerState(mixer={"window": window, "k": k, "v": v, "position": position,
+                                      "valid": valid},
+                               conv=conv if hasattr(block, "conv") else None)
+            x = block.forward_streaming(x, state, self.context)
+            new_keys.append(state.mixer["k"])
+            new_values.append(state.mixer["v"])
+            new_convolutions.append(conv if state.conv is None else state.conv)
+        # Fresh buffers with standard strides, like the first state's zeros: every call's
+        # inputs then have the same layout (a view's strides would fail the compiled guards).
+        return (x, position + x.shape[1], *(tuple(
+            t.clone(memory_format=torch.contiguous_format) for t in caches) for caches in (
+            new_subsampling, new_keys, new_values, new_convolutions)))

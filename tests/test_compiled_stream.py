@@ -1,0 +1,92 @@
+"""The compiled stream step (``modules/compiled_stream.py``): equal to the offline pass, the
+same transcripts as the eager stream, and clear errors for what it does not do."""
+import dataclasses
+
+import pytest
+import torch
+
+import transcribe
+from inference import Recognizer
+from modules.compiled_stream import CompiledStreamStep
+from modules.conformer import CausalConformerEncoder
+from modules.conmamba import ConMambaEncoder
+from modules.transformer import CausalTransformerEncoder
+from test_inference import short_clip, tiny_ctc_run
+from transcribe import read_audio
+
+SIZES = dict(n_mels=80, d_model=32, num_encoder_layers=2, d_ffn=64, subsampling_conv_channels=8)
+
+
+def streamed(step: CompiledStreamStep, feats: torch.Tensor) -> torch.Tensor:
+    state, outputs = step.initial_state(), []
+    for start in range(0, feats.shape[1], step.chunk_frames):
+        encoded, state = step(feats[:, start:start + step.chunk_frames], state)
+        outputs.append(encoded)
+    assert state.finished == (feats.shape[1] % step.chunk_frames != 0)
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("encoder, context, dtype", [
+    (CausalConformerEncoder(nhead=2, layer_left_contexts=[2, 5], **SIZES), (5, 1), torch.float64),
+    (CausalTransformerEncoder(nhead=2, **SIZES), (3, 0), torch.float32),
+], ids=["conformer-float64-layer-caps", "transformer-float32"])
+def test_compiled_step_equals_offline(encoder, context, dtype):
+    """Every chunk, the cache-filling start and a shorter last chunk (101 frames) included."""
+    torch.manual_seed(0)
+    encoder = encoder.to(dtype).eval()
+    feats = torch.randn(1, 101, 80, dtype=dtype)
+    with torch.inference_mode():
+        offline = encoder(feats, None, context)
+        got = streamed(CompiledStreamStep(encoder, context), feats)
+    assert got.shape == offline.shape
+    assert (got - offline).abs().max() < (1e-6 if dtype == torch.float64 else 1e-4)
+
+
+def test_compiled_step_refuses_what_it_does_not_do():
+    conformer = CausalConformerEncoder(nhead=2, **SIZES).eval()
+    with pytest.raises(ValueError, match="attention encoder"):
+        CompiledStreamStep(ConMambaEncoder(d_state=4, **SIZES).eval(), (4, 0))
+    with pytest.raises(ValueError, match="bounded cache"):
+        CompiledStreamStep(conformer, (-1, 3))
+    with pytest.raises(ValueError, match="eval"):
+        CompiledStreamStep(CausalConformerEncoder(nhead=2, **SIZES).train(), (4, 0))
+    step = CompiledStreamStep(conformer, (4, 1))
+    with pytest.raises(ValueError, match=r"chunks of \(1, <= 8, n_mels\)"):
+        step(torch.randn(1, 9, 80), step.initial_state())
+    with pytest.raises(ValueError, match="torch.float32 features"):
+        step(torch.randn(1, 8, 80, dtype=torch.float64), step.initial_state())
+    with pytest.raises(ValueError, match="has ended"):
+        step(torch.randn(1, 8, 80), dataclasses.replace(step.initial_state(), finished=True))
+
+
+@pytest.fixture(scope="module")
+def recognizer(tmp_path_factory):
+    return Recognizer(tiny_ctc_run(tmp_path_factory)[0])
+
+
+def test_compiled_stream_gives_the_eager_stream_partials(recognizer, tmp_path_factory):
+    samples = read_audio(short_clip(tmp_path_factory), recognizer.hparams["sample_rate"],
+                         recognizer.min_samples)
+    context = recognizer.context("low")
+    streams = {compiled: recognizer.stream(context, compiled=compiled)
+               for compiled in (False, True)}
+    piece = streams[False].chunk * recognizer.hparams["compute_features"].hop_samples
+    for start in range(0, len(samples), piece):
+        partials = {c: s.push(samples[start:start + piece]) for c, s in streams.items()}
+        assert partials[True] == partials[False]
+    assert streams[True].finish() == streams[False].finish() == recognizer.transcribe(
+        samples, context)
+    again = recognizer.stream(context, compiled=True)  # the same step, no recompilation
+    assert again.step is streams[True].step
+    again.push(samples)
+    assert again.finish() == streams[False].text()
+    with pytest.raises(ValueError, match="keeps its context"):
+        again.switch("medium")
+    with pytest.raises(ValueError, match="keeps its context"):
+        recognizer.stream(context, max_left=8, compiled=True)
+
+
+def test_adaptive_mode_refuses_compiled():
+    with pytest.raises(SystemExit, match="--compiled streams keep their context"):
+        transcribe.parse_arguments(["run", "--audio", "a.wav", "--mode", "adaptive",
+                                    "--compiled"])
