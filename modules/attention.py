@@ -193,11 +193,12 @@ class RotarySelfAttention(torch.nn.Module):
     def _fixed_window_step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """``forward_streaming`` of one stream with caches of a fixed size (shapes that never
         change, for ``modules.compiled_stream``): ``cache["k"]``, ``cache["v"]`` (1, H, window,
-        head_dim) hold the last ``window`` keys and values, zeros before the stream's start;
-        ``cache["position"]`` (0-d tensor) counts the frames seen, ``cache["valid"]`` (0-d
-        tensor) the chunk's frames that are real (the rest pads a short last chunk). Masked
-        keys are those before the stream's start and the padding (a frame keeps itself)."""
-        window, chunk = cache["window"], x.shape[1]
+        head_dim) hold the last ``window`` keys and values, zeros before the stream's start, of
+        which the chunk sees the last ``cache["left"]``; ``cache["position"]`` (0-d tensor)
+        counts the frames seen, ``cache["valid"]`` (0-d tensor) the chunk's frames that are real
+        (the rest pads a short last chunk). Masked keys are those out of the left context,
+        before the stream's start, and the padding (a frame keeps itself)."""
+        window, left, chunk = cache["window"], cache["left"], x.shape[1]
         position, valid = cache["position"], cache["valid"]
         q, k, v = self.qkv(x).view(1, chunk, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
         positions = position + torch.arange(chunk, device=x.device)
@@ -206,7 +207,7 @@ class RotarySelfAttention(torch.nn.Module):
         k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         cache["k"], cache["v"] = k[:, :, chunk:], v[:, :, chunk:]
         keys = torch.arange(window + chunk, device=x.device)
-        seen = (keys >= window - position.clamp(max=window)) & (keys < window + valid)
+        seen = (keys >= window - position.clamp(max=left)) & (keys < window + valid)
         itself = keys[None, :] == window + torch.arange(chunk, device=x.device)[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen[None, :] | itself)
         return self._merge(y)

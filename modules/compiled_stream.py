@@ -38,14 +38,21 @@ class StepState:
 
 class CompiledStreamStep:
     """The chunk step of an attention encoder (Conformer or Transformer) for one stream under
-    one fixed context, compiled on its first call (tens of seconds on a CPU; later streams of
-    the same step reuse it). Build it after the weights are loaded: they are folded in.
+    one context, compiled on its first call (tens of seconds on a CPU; later streams of the same
+    step reuse it). Build it after the weights are loaded: they are folded in.
+
+    A stream may switch between the steps of several contexts built with the same ``max_left``:
+    their states are interchangeable (caches of ``max_left`` frames, of which each step sees its
+    own left context), and the switched stream equals the offline pass under the piecewise
+    context, as ``StreamingEncoder.switch_context`` does eagerly.
 
     Arguments
     ---------
     encoder : an ``AttentionEncoder`` whose blocks mix with ``RotarySelfAttention``, in eval mode.
     context : a streamable ``[left, right]`` (bounded caches: a finite left context in every
         layer).
+    max_left : the caches' size in frames, for a stream that switches (``context``'s left must
+        be finite and at most it); None: the context's own left.
 
     Example
     -------
@@ -59,7 +66,7 @@ class CompiledStreamStep:
     >>> # encoded, state = step(feats, state)  # (1, 8, 80) -> (1, 2, 32); compiles once
     """
 
-    def __init__(self, encoder: AttentionEncoder, context: Context):
+    def __init__(self, encoder: AttentionEncoder, context: Context, max_left: int | None = None):
         mixers = [getattr(block, "mixer", None) for block in encoder.layers]
         if not isinstance(encoder, AttentionEncoder) or not all(
                 isinstance(m, RotarySelfAttention) for m in mixers):
@@ -71,7 +78,13 @@ class CompiledStreamStep:
         if encoder.training:
             raise ValueError("compiled streaming is for inference: call encoder.eval() first")
         self.encoder, self.context = encoder, context
-        self.windows = [left for left, _ in layer_contexts]
+        self.lefts = [left for left, _ in layer_contexts]
+        self.windows = self.lefts
+        if max_left is not None:
+            if context[0] == -1 or context[0] > max_left:
+                raise ValueError(f"context {list(context)}: a stream that switches needs a finite "
+                                 f"left context within its max_left ({max_left} frames)")
+            self.windows = [left for left, _ in encoder.layer_contexts((max_left, 0))]
         self.chunk_frames = (context[1] + 1) * encoder.subsampling_factor
         # Dynamo keeps compiled code per code object, with a recompile limit shared by every
         # step built from it: each step compiles a copy of its own.
@@ -140,10 +153,10 @@ class CompiledStreamStep:
         """The compiled chunk: every block's own ``forward_streaming`` on fixed-size caches."""
         x, new_subsampling = self.encoder.subsampling(feats, list(subsampling))
         new_keys, new_values, new_convolutions = [], [], []
-        for block, window, k, v, conv in zip(self.encoder.layers, self.windows, keys, values,
-                                             convolutions):
-            state = LayerState(mixer={"window": window, "k": k, "v": v, "position": position,
-                                      "valid": valid},
+        for block, window, left, k, v, conv in zip(self.encoder.layers, self.windows,
+                                                   self.lefts, keys, values, convolutions):
+            state = LayerState(mixer={"window": window, "left": left, "k": k, "v": v,
+                                      "position": position, "valid": valid},
                                conv=conv if hasattr(block, "conv") else None)
             x = block.forward_streaming(x, state, self.context)
             new_keys.append(state.mixer["k"])

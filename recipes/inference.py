@@ -99,7 +99,7 @@ class Recognizer:
             if name in self.hparams:
                 self.hparams[name] = self.hparams[name].to(self.device).eval()
         self.text_normalizer = TextNormalizer(self.sp)
-        self._compiled_steps: dict[Context, CompiledStreamStep] = {}
+        self._compiled_steps: dict[tuple, CompiledStreamStep] = {}
         self.decoding = decoding or DecodingOptions()
         if self.decoding.needs_decoder and self.decoder is None:
             raise ValueError(f"decoding {self.decoding.decoding} needs an attention decoder, and "
@@ -231,12 +231,13 @@ class Recognizer:
         ``controller`` and ``compiled``)."""
         return Stream(self, context, max_left, controller, compiled)
 
-    def compiled_step(self, context: Context) -> CompiledStreamStep:
-        """The compiled encoder step of ``context``, made once per recognizer and context."""
-        context = self.context(context)
-        if context not in self._compiled_steps:
-            self._compiled_steps[context] = CompiledStreamStep(self.encoder, context)
-        return self._compiled_steps[context]
+    def compiled_step(self, context: Context, max_left: int | None = None) -> CompiledStreamStep:
+        """The compiled encoder step of ``context`` (caches of ``max_left`` frames for a stream
+        that switches), made once per recognizer, context and ``max_left``."""
+        key = self.context(context), max_left
+        if key not in self._compiled_steps:
+            self._compiled_steps[key] = CompiledStreamStep(self.encoder, *key)
+        return self._compiled_steps[key]
 
 
 def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_size: int,

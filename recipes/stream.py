@@ -27,7 +27,7 @@ class Stream:
         from the chunk just encoded (its compute time, the audio's running SNR).
     compiled : run the encoder's chunk step compiled (``modules.compiled_stream``: about half
         the per-chunk compute of the demo model on a CPU, after a one-time compilation of tens
-        of seconds); the context then stays fixed.
+        of seconds per context the stream runs).
 
     Decoding follows the recognizer's (``modules.decoding``): greedy CTC and the CTC prefix
     beam give partial transcripts chunk by chunk; ``attention_rescoring`` also keeps the
@@ -43,20 +43,18 @@ class Stream:
 
     def __init__(self, recognizer, context: Context, max_left: int | None = None,
                  controller: ContextController | None = None, compiled: bool = False):
-        if compiled and (controller is not None or max_left is not None):
-            raise ValueError("a compiled stream keeps its context (its caches have a fixed "
-                             "size): drop compiled=True (--compiled) to switch contexts")
         self.recognizer = recognizer
         self.encoder = recognizer.encoder
-        # compiled: the encoder step of ``modules.compiled_stream``, shared by the recognizer's
-        # streams of this context; its caches are ``step_state``.
-        self.step = recognizer.compiled_step(context) if compiled else None
-        self.step_state = self.step.initial_state() if compiled else None
         self.front_end = FbankStream(recognizer.hparams["compute_features"])
         if max_left is None and controller is not None:
             max_left = max(left for left, _ in recognizer.trained_contexts)
         self.state = self.encoder.make_streaming_context(
             recognizer.check_trained(context) if max_left is not None else context, max_left)
+        # compiled: the encoder steps of ``modules.compiled_stream`` (the recognizer's, shared
+        # by its streams), whose caches are ``step_state``; ``state`` then keeps the context.
+        self.compiled = compiled
+        self.step = recognizer.compiled_step(context, max_left) if compiled else None
+        self.step_state = self.step.initial_state() if compiled else None
         decoding = recognizer.decoding.decoding
         self.decoder = IncrementalGreedyCTC(recognizer.sp) if decoding == "ctc_greedy" else \
             BeamText(recognizer)
@@ -89,11 +87,10 @@ class Stream:
         context = self.recognizer.check_trained(self.recognizer.context(context))
         if context == self.context:
             return
-        if self.step is not None:
-            raise ValueError("a compiled stream keeps its context: start the stream without "
-                             "compiled=True (--compiled) to switch")
         previous = self.context
-        self.encoder.switch_context(self.state, context)
+        self.encoder.switch_context(self.state, context)  # checks it, and keeps it
+        if self.compiled:
+            self.step = self.recognizer.compiled_step(context, self.state.max_left)
         self.switches.append({"time": round(self.seconds, 3), "from": list(previous),
                               "to": list(context), "reason": reason})
 

@@ -29,10 +29,9 @@ with several channels is resampled / averaged to mono, with one line saying so.
   headroom). Partial lines show the context in force; the JSON lists every switch, and the
   final transcript equals the offline pass under the piecewise context the stream ran.
 
-``--compiled`` (stream, benchmark, auto; Conformer and Transformer encoders): the encoder's
-chunk step runs compiled by ``torch.compile`` (``modules/compiled_stream.py``), once per context
-(tens of seconds, cached on disk for later runs), for about half the per-chunk compute on a CPU;
-the context stays fixed.
+``--compiled`` (Conformer and Transformer encoders): the encoder's chunk step runs compiled by
+``torch.compile`` (``modules/compiled_stream.py``), once per context (tens of seconds, cached on
+disk for later runs), for about half the per-chunk compute on a CPU.
 
 The last stdout line is one JSON object.
 """
@@ -122,10 +121,11 @@ def stream_file(recognizer: Recognizer, samples, context, show: bool = True,
 
 
 def stream_adaptive(recognizer: Recognizer, samples, controller: ContextController,
-                    show: bool = True) -> dict:
+                    show: bool = True, compiled: bool = False) -> dict:
     """Streams ``samples`` with ``controller`` switching the context between chunks; prints
     the partial transcript (and the context in force) when either changes."""
-    stream = recognizer.stream(controller.first_context(), controller=controller)
+    stream = recognizer.stream(controller.first_context(), controller=controller,
+                               compiled=compiled)
     sample_rate = recognizer.hparams["sample_rate"]
     hop = recognizer.hparams["compute_features"].hop_samples
     shown, start = None, 0
@@ -231,9 +231,8 @@ def parse_arguments(argv: list[str]):
                         help=f"adaptive mode: comma-separated policies among {', '.join(POLICIES)}"
                              " (default: snr,load, with latency too when a budget is given)")
     parser.add_argument("--compiled", action="store_true",
-                        help="stream, benchmark and auto modes: compile the encoder's chunk step "
-                             "(torch.compile; once per context, tens of seconds) for about half "
-                             "the per-chunk compute; the context stays fixed")
+                        help="compile the encoder's chunk step (torch.compile; once per "
+                             "context, tens of seconds) for about half the per-chunk compute")
     add_decoding_arguments(parser)
     parser.add_argument("--device", default=default_device(), help="default: cuda, mps or cpu")
     parser.add_argument("--quiet", action="store_true", help="print only the final JSON line")
@@ -250,9 +249,6 @@ def parse_arguments(argv: list[str]):
     if args.mode not in ("auto", "adaptive") and args.latency_budget_ms is not None:
         parser.error(f"--latency_budget_ms is used only by --mode auto and adaptive; add one of "
                      f"them, or drop it in --mode {args.mode}")
-    if args.mode == "adaptive" and args.compiled:
-        parser.error("--compiled streams keep their context, and --mode adaptive switches it: "
-                     "drop one of them")
     if args.mode != "adaptive" and args.policy is not None:
         parser.error("--policy is used only by --mode adaptive")
     if args.mode == "adaptive":
@@ -286,7 +282,8 @@ def main(argv: list[str]) -> dict:
     rows = benchmark(recognizer, samples, compiled=args.compiled)
     if args.mode == "adaptive":
         controller = make_controller(recognizer, rows, args.policy, args.latency_budget_ms)
-        return {**stream_adaptive(recognizer, samples, controller, show), "benchmark": rows}
+        return {**stream_adaptive(recognizer, samples, controller, show, args.compiled),
+                "benchmark": rows}
     if args.mode == "benchmark":
         for row in rows if show else []:
             print(f"{row['preset']:>10} {row['context']}: chunk {row['chunk_ms']} ms + compute "

@@ -84,15 +84,19 @@ def test_stream_memory_does_not_grow_beyond_the_text(recognizer, samples):
     assert not any(isinstance(v, torch.Tensor) for v in vars(stream.decoder).values())
 
 
-def test_switched_stream_equals_the_piecewise_offline_reference(recognizer, samples, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_switched_stream_equals_the_piecewise_offline_reference(recognizer, samples, monkeypatch,
+                                                                compiled):
     """Random switches among the trained contexts (chunk sizes too) between chunks: the
-    log-probabilities and the text equal the offline pass under the piecewise context."""
+    log-probabilities and the text equal the offline pass under the piecewise context, with the
+    encoder steps eager or compiled (``modules.compiled_stream``: one step per context)."""
     pushed = []
     push = IncrementalGreedyCTC.push
     monkeypatch.setattr(IncrementalGreedyCTC, "push",
                         lambda self, log_probs: (pushed.append(log_probs), push(self, log_probs)))
     stream = recognizer.stream(recognizer.trained_contexts[0],
-                               controller=ScriptedController(recognizer.trained_contexts))
+                               controller=ScriptedController(recognizer.trained_contexts),
+                               compiled=compiled)
     for start in range(0, len(samples), 1234):  # pieces that do not align with chunks
         stream.push(samples[start:start + 1234])
     final = stream.finish()

@@ -1,15 +1,16 @@
 """The compiled stream step (``modules/compiled_stream.py``): equal to the offline pass, the
 same transcripts as the eager stream, and clear errors for what it does not do."""
 import dataclasses
+import random
 
 import pytest
 import torch
 
-import transcribe
 from inference import Recognizer
 from modules.compiled_stream import CompiledStreamStep
 from modules.conformer import CausalConformerEncoder
 from modules.conmamba import ConMambaEncoder
+from modules.context import PiecewiseContext
 from modules.transformer import CausalTransformerEncoder
 from test_inference import short_clip, tiny_ctc_run
 from transcribe import read_audio
@@ -80,13 +81,27 @@ def test_compiled_stream_gives_the_eager_stream_partials(recognizer, tmp_path_fa
     assert again.step is streams[True].step
     again.push(samples)
     assert again.finish() == streams[False].text()
-    with pytest.raises(ValueError, match="keeps its context"):
-        again.switch("medium")
-    with pytest.raises(ValueError, match="keeps its context"):
-        recognizer.stream(context, max_left=8, compiled=True)
 
 
-def test_adaptive_mode_refuses_compiled():
-    with pytest.raises(SystemExit, match="--compiled streams keep their context"):
-        transcribe.parse_arguments(["run", "--audio", "a.wav", "--mode", "adaptive",
-                                    "--compiled"])
+def test_switching_between_compiled_steps_equals_the_piecewise_offline_pass():
+    """Steps of several contexts with the same max_left share their states: a stream switching
+    among them at random (chunk sizes too) equals the offline pass under the piecewise context."""
+    torch.manual_seed(0)
+    encoder = CausalConformerEncoder(nhead=2, layer_left_contexts=[3, 8], **SIZES).double().eval()
+    contexts = [(8, 0), (2, 1), (5, 3), (0, 0)]
+    steps = {context: CompiledStreamStep(encoder, context, max_left=8) for context in contexts}
+    feats, rng = torch.randn(1, 90, 80, dtype=torch.float64), random.Random(0)
+    state, start, schedule, outputs = steps[contexts[0]].initial_state(), 0, [], []
+    with torch.inference_mode():
+        while start < feats.shape[1]:
+            context = rng.choice(contexts)
+            encoded, state = steps[context](feats[:, start:start + steps[context].chunk_frames],
+                                            state)
+            schedule.append(context)
+            outputs.append(encoded)
+            start += steps[context].chunk_frames
+        reference = encoder(feats, context=PiecewiseContext([schedule]))
+    assert len(set(schedule)) == len(contexts)
+    assert (torch.cat(outputs, dim=1) - reference).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="within its max_left"):
+        CompiledStreamStep(encoder, (9, 0), max_left=8)
