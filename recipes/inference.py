@@ -227,17 +227,20 @@ class Recognizer:
 
     def stream(self, context: Context, max_left: int | None = None, controller=None,
                compiled: bool = False) -> "Stream":
-        """A ``stream.Stream`` starting under ``context`` (see there for ``max_left``,
-        ``controller`` and ``compiled``)."""
-        return Stream(self, context, max_left, controller, compiled)
+        """A ``stream.Stream`` starting under ``context`` (a preset name, ``"L,R"`` or pair; see
+        ``Stream`` for ``max_left``, ``controller`` and ``compiled``)."""
+        return Stream(self, self.context(context), max_left, controller, compiled)
 
     def compiled_step(self, context: Context, max_left: int | None = None) -> CompiledStreamStep:
         """The compiled encoder step of ``context`` (caches of ``max_left`` frames for a stream
         that switches), made once per recognizer, context and ``max_left``."""
-        key = self.context(context), max_left
-        if key not in self._compiled_steps:
-            self._compiled_steps[key] = CompiledStreamStep(self.encoder, *key)
-        return self._compiled_steps[key]
+        context = self.context(context)
+        if max_left == context[0]:  # the same caches as the context's own
+            max_left = None
+        if (context, max_left) not in self._compiled_steps:
+            self._compiled_steps[context, max_left] = CompiledStreamStep(self.encoder, context,
+                                                                         max_left)
+        return self._compiled_steps[context, max_left]
 
 
 def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_size: int,

@@ -55,6 +55,11 @@ class Stream:
         self.compiled = compiled
         self.step = recognizer.compiled_step(context, max_left) if compiled else None
         self.step_state = self.step.initial_state() if compiled else None
+        if compiled:  # every step it may run, compiled now: not inside a chunk's compute
+            reachable = [c for c in recognizer.trained_contexts if 0 <= c[0] <= max_left] \
+                if max_left is not None else []
+            for step in {self.step, *(recognizer.compiled_step(c, max_left) for c in reachable)}:
+                step.warm_up()
         decoding = recognizer.decoding.decoding
         self.decoder = IncrementalGreedyCTC(recognizer.sp) if decoding == "ctc_greedy" else \
             BeamText(recognizer)
@@ -66,6 +71,7 @@ class Stream:
             controller is not None and "snr" in controller.policies) else None
         self.snr_db: float | None = None
         self.pending: torch.Tensor | None = None
+        self.ended = False  # finish() was called
         self.seconds = 0.0  # audio encoded so far
         self.switches: list[dict] = []
         self.runs: list[list] = []  # [context, chunks] per stretch between switches
@@ -87,6 +93,9 @@ class Stream:
         context = self.recognizer.check_trained(self.recognizer.context(context))
         if context == self.context:
             return
+        if self.state.max_left is None:
+            raise ValueError("this stream keeps its context: start it with "
+                             "recognizer.stream(context, max_left=...) to switch")
         previous = self.context
         self.encoder.switch_context(self.state, context)  # checks it, and keeps it
         if self.compiled:
@@ -97,6 +106,12 @@ class Stream:
     @torch.inference_mode()
     def push(self, samples: torch.Tensor) -> str:
         """Feeds (n,) new samples; returns the transcript of every complete chunk so far."""
+        if samples.dim() != 1:
+            raise ValueError(f"push takes (n,) samples of one stream, got shape "
+                             f"{tuple(samples.shape)}")
+        if self.ended:
+            raise ValueError("this stream has ended (finish() was called, or its last chunk was "
+                             "shorter): start a new one with recognizer.stream(...)")
         begin = time.perf_counter()
         if self.snr is not None:
             self.snr_db = self.snr.push(samples)
@@ -112,6 +127,7 @@ class Stream:
     def finish(self) -> str:
         """Encodes the last, shorter chunk (and runs the second pass); returns the final
         transcript."""
+        self.ended = True
         if self.pending is not None and self.pending.shape[1]:
             self._encode(self.pending, time.perf_counter())
             self.pending = self.pending[:, :0]

@@ -114,7 +114,7 @@ def stream_file(recognizer: Recognizer, samples, context, show: bool = True,
     offline = recognizer.transcribe(samples, context)
     second_pass = stream.second_pass_seconds
     return {"text": final, "offline_text": offline, "equal_to_offline": final == offline,
-            "streamed": True, "compiled": compiled, "decoding": recognizer.decoding.decoding,
+            "streamed": True, "decoding": recognizer.decoding.decoding,
             "second_pass_ms": None if second_pass is None else round(1000 * second_pass, 1),
             "context": list(context),
             "context_seconds": describe_context(context, recognizer.encoder.frame_seconds)}
@@ -269,14 +269,23 @@ def parse_arguments(argv: list[str]):
 
 def main(argv: list[str]) -> dict:
     args = parse_arguments(argv)
+    return {**transcribe_file(args), "compiled": args.compiled}
+
+
+def transcribe_file(args) -> dict:
+    """The chosen mode on ``args.audio``; the result's JSON fields."""
     run = find_run_folder(args.run, args.output_folder)
     check_output_folder(run, args.output_folder)
     recognizer = Recognizer(run, args.device, decoding_options(args, run), args.lm)
     samples = read_audio(args.audio, recognizer.hparams["sample_rate"], recognizer.min_samples)
     show = not args.quiet
+    if args.compiled and show:
+        note("--compiled: the encoder step compiles once per context the stream may run before "
+             "it starts (10-40 s each; torch.compile caches them on disk for later runs)")
     if args.mode == "stream":
         context = recognizer.context(args.context or recognizer.hparams["valid_context"])
         if not streamable(recognizer, context) or recognizer.decoding.decoding == "attention":
+            args.compiled = False  # nothing streams
             return transcribe_offline(recognizer, samples, context, show)
         return stream_file(recognizer, samples, context, show, args.compiled)
     rows = benchmark(recognizer, samples, compiled=args.compiled)

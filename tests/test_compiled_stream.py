@@ -1,5 +1,6 @@
 """The compiled stream step (``modules/compiled_stream.py``): equal to the offline pass, the
 same transcripts as the eager stream, and clear errors for what it does not do."""
+import copy
 import dataclasses
 import random
 
@@ -43,6 +44,25 @@ def test_compiled_step_equals_offline(encoder, context, dtype):
     assert (got - offline).abs().max() < (1e-6 if dtype == torch.float64 else 1e-4)
 
 
+def test_a_copied_state_continues_and_a_foreign_one_is_refused():
+    """A state deep-copied (or loaded) mid-stream continues like the original; a state of
+    another step, or features of the wrong size, get one clear error."""
+    torch.manual_seed(0)
+    encoder = CausalConformerEncoder(nhead=2, **SIZES).eval()
+    step, other = CompiledStreamStep(encoder, (4, 1)), CompiledStreamStep(encoder, (2, 1))
+    feats = torch.randn(1, 24, 80)
+    _, state = step(feats[:, :8], step.initial_state())
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    expected, _ = step(feats[:, 8:16], state)
+    got, _ = step(feats[:, 8:16], copy.deepcopy(state))
+    assert torch.equal(got, expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
+    with pytest.raises(ValueError, match=r"does not fit the compiled step of \[4, 1\]"):
+        step(feats[:, 8:16], other.initial_state())
+    with pytest.raises(ValueError, match=r"chunks of \(1, <= 8, 80\)"):
+        step(torch.randn(1, 8, 40), state)
+
+
 def test_compiled_step_refuses_what_it_does_not_do():
     conformer = CausalConformerEncoder(nhead=2, **SIZES).eval()
     with pytest.raises(ValueError, match="attention encoder"):
@@ -52,7 +72,7 @@ def test_compiled_step_refuses_what_it_does_not_do():
     with pytest.raises(ValueError, match="eval"):
         CompiledStreamStep(CausalConformerEncoder(nhead=2, **SIZES).train(), (4, 0))
     step = CompiledStreamStep(conformer, (4, 1))
-    with pytest.raises(ValueError, match=r"chunks of \(1, <= 8, n_mels\)"):
+    with pytest.raises(ValueError, match=r"chunks of \(1, <= 8, 80\)"):
         step(torch.randn(1, 9, 80), step.initial_state())
     with pytest.raises(ValueError, match="torch.float32 features"):
         step(torch.randn(1, 8, 80, dtype=torch.float64), step.initial_state())
@@ -77,10 +97,37 @@ def test_compiled_stream_gives_the_eager_stream_partials(recognizer, tmp_path_fa
         assert partials[True] == partials[False]
     assert streams[True].finish() == streams[False].finish() == recognizer.transcribe(
         samples, context)
-    again = recognizer.stream(context, compiled=True)  # the same step, no recompilation
+    again = recognizer.stream("low", compiled=True)  # the same step, no recompilation
     assert again.step is streams[True].step
     again.push(samples)
     assert again.finish() == streams[False].text()
+    with pytest.raises(ValueError, match=r"has ended .* recognizer.stream"):
+        again.push(samples)
+    with pytest.raises(ValueError, match=r"\(n,\) samples"):
+        recognizer.stream(context).push(samples[None])
+    with pytest.raises(ValueError, match=r"recognizer.stream\(context, max_left=...\)"):
+        recognizer.stream(context, compiled=True).switch("medium")
+
+
+def test_switching_stream_compiles_every_step_before_it_starts(recognizer):
+    """Compilation is not a chunk's compute (the load policy would read it as load)."""
+    stream = recognizer.stream("low", max_left=32, compiled=True)
+    reachable = [c for c in recognizer.trained_contexts if c[0] <= 32]
+    assert all(recognizer.compiled_step(c, 32)._warm for c in reachable)
+    assert recognizer.compiled_step((32, 3), 32) is recognizer.compiled_step((32, 3))
+    assert stream.step is recognizer.compiled_step("low", 32)
+
+
+def test_a_failed_compilation_is_one_clear_error(monkeypatch):
+    step = CompiledStreamStep(CausalConformerEncoder(nhead=2, **SIZES).eval(), (4, 1))
+
+    def no_compiler(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(long trace)")
+
+    monkeypatch.setattr(step, "_compiled", no_compiler)
+    with pytest.raises(ValueError, match=r"\[4, 1\] failed \(RuntimeError: InvalidCxxCompiler: "
+                                         r"No working C\+\+ compiler found\); .*drop --compiled"):
+        step.warm_up()
 
 
 def test_switching_between_compiled_steps_equals_the_piecewise_offline_pass():
