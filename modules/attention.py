@@ -163,7 +163,7 @@ class RotarySelfAttention(torch.nn.Module):
         Each stream attends to its chunk and its last ``left`` cached keys. ``valid`` (B, C):
         the chunk's padding frames are not attended to (a frame keeps itself).
         """
-        if "window" in cache:
+        if "left" in cache:
             return self._fixed_window_step(x, cache)
         lefts = [left for left, _ in ((context,) if isinstance(context[0], int) else context)]
         keep = cache.get("max_left", lefts[0])
@@ -192,13 +192,13 @@ class RotarySelfAttention(torch.nn.Module):
 
     def _fixed_window_step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """``forward_streaming`` of one stream with caches of a fixed size (shapes that never
-        change, for ``modules.compiled_stream``): ``cache["k"]``, ``cache["v"]`` (1, H, window,
-        head_dim) hold the last ``window`` keys and values, zeros before the stream's start, of
-        which the chunk sees the last ``cache["left"]``; ``cache["position"]`` (0-d tensor)
+        change, for ``modules.compiled_stream``): ``cache["k"]``, ``cache["v"]`` (1, H,
+        window, head_dim) hold the last ``cache["window_size"]`` keys and values, zeros before
+        the stream's start, of which the chunk sees the last ``cache["left"]``; ``cache["position"]`` (0-d tensor)
         counts the frames seen, ``cache["valid"]`` (0-d tensor) the chunk's frames that are real
         (the rest pads a short last chunk). Masked keys are those out of the left context,
         before the stream's start, and the padding (a frame keeps itself)."""
-        window, left, chunk = cache["window"], cache["left"], x.shape[1]
+        window, left, chunk = cache["window_size"], cache["left"], x.shape[1]
         position, valid = cache["position"], cache["valid"]
         q, k, v = self.qkv(x).view(1, chunk, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
         positions = position + torch.arange(chunk, device=x.device)

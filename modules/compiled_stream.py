@@ -4,8 +4,9 @@ Eager streaming dispatches ~1,800 small operations per 40 ms chunk at ``[8, 0]``
 demo-sized Conformer (``benchmarks/stream_cost.py``): their overhead, not arithmetic, sets the
 cost. Compiled once per context, one chunk runs as a few fused kernels and matrix products.
 Compilation needs fixed shapes, so the step keeps caches of a fixed size (the left context's
-keys and values, zeros before the stream's start, masked) and takes the stream's position as a
-tensor; the attention is ``RotarySelfAttention``'s fixed-window step. Outputs equal the eager
+keys and values, zeros before the stream's start, masked; Mamba's last inputs or its state) and
+takes the stream's position as a tensor: the mixers' fixed-window steps
+(``RotarySelfAttention._fixed_window_step``, ``Mamba._fixed_window_step``). Outputs equal the eager
 stream's (hence the offline pass under the same context) to float rounding, tested.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from .attention import RotarySelfAttention
 from .context import Context
-from .encoder import AttentionEncoder, LayerState
+from .encoder import LayerState, StreamingEncoder
+from .mamba import Mamba
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +41,17 @@ class StepState:
 
     position: torch.Tensor  # () encoder frames seen
     subsampling: tuple[torch.Tensor, ...]
-    keys: tuple[torch.Tensor, ...]  # per block, (1, H, window, head_dim)
-    values: tuple[torch.Tensor, ...]
+    mixers: tuple[tuple[torch.Tensor, ...], ...]  # per block, ``mixer_caches``
     convolutions: tuple[torch.Tensor, ...]  # per block, (1, D, kernel - 1); empty without one
     finished: bool = False
+
+
+def mixer_caches(mixer: torch.nn.Module, left: int) -> tuple[str, ...]:
+    """The names of a block mixer's fixed-size caches: attention keys and values (1, H, window,
+    head_dim); Mamba's convolution frames and its state (``left = -1``) or its last inputs."""
+    if isinstance(mixer, RotarySelfAttention):
+        return ("k", "v")
+    return ("conv", "state") if left == -1 else ("conv", "window")
 
 
 class CompiledStreamStep:
@@ -57,7 +66,7 @@ class CompiledStreamStep:
 
     Arguments
     ---------
-    encoder : an ``AttentionEncoder`` whose blocks mix with ``RotarySelfAttention``, in eval mode.
+    encoder : a Conformer, Transformer or unidirectional ConMamba encoder, in eval mode.
     context : a streamable ``[left, right]`` (bounded caches: a finite left context in every
         layer).
     max_left : the caches' size in frames, for a stream that switches (``context``'s left must
@@ -75,12 +84,13 @@ class CompiledStreamStep:
     >>> # encoded, state = step(feats, state)  # (1, 8, 80) -> (1, 2, 32); compiles once
     """
 
-    def __init__(self, encoder: AttentionEncoder, context: Context, max_left: int | None = None):
+    def __init__(self, encoder: StreamingEncoder, context: Context, max_left: int | None = None):
         mixers = [getattr(block, "mixer", None) for block in encoder.layers]
-        if not isinstance(encoder, AttentionEncoder) or not all(
-                isinstance(m, RotarySelfAttention) for m in mixers):
-            raise ValueError(f"compiled streaming needs an attention encoder (Conformer or "
-                             f"Transformer); {type(encoder).__name__} streams eagerly")
+        if not isinstance(encoder, StreamingEncoder) or not all(
+                type(m) in (RotarySelfAttention, Mamba) for m in mixers):
+            raise ValueError(f"compiled streaming needs a Conformer, Transformer or "
+                             f"unidirectional ConMamba encoder; {type(encoder).__name__} with "
+                             f"{type(mixers[0]).__name__} blocks streams eagerly")
         context = encoder.check_context(context)
         layer_contexts = encoder.layer_contexts(context)
         encoder.check_streamable(context, layer_contexts)  # bounded caches, hence fixed-size
@@ -114,15 +124,14 @@ class CompiledStreamStep:
             _, subsampling = self.encoder.subsampling(
                 weight.new_zeros(1, self.encoder.subsampling_factor, self.encoder.subsampling.n_mels), None)
             zeros = [weight.new_zeros(c.shape) for c in subsampling]  # contiguous
-            keys = [weight.new_zeros(1, block.mixer.nhead, window,
-                                     self.encoder.d_model // block.mixer.nhead)
-                    for block, window in zip(self.encoder.layers, self.windows)]
+            mixers = tuple(tuple(weight.new_zeros(shape) for shape in _cache_shapes(
+                block.mixer, window, self.encoder.d_model)) for block, window in zip(
+                self.encoder.layers, self.windows))
             convolutions = tuple(
                 weight.new_zeros(1, self.encoder.d_model, block.conv.kernel_size - 1)
                 if hasattr(block, "conv") else weight.new_zeros(0) for block in self.encoder.layers)
             return StepState(torch.zeros((), dtype=torch.long, device=weight.device),
-                             tuple(zeros), tuple(keys), tuple(torch.zeros_like(k) for k in keys),
-                             convolutions)
+                             tuple(zeros), mixers, convolutions)
 
     def warm_up(self) -> None:
         """Compiles the step now (a throwaway chunk of zeros), not during a stream's first
@@ -168,8 +177,7 @@ class CompiledStreamStep:
             encoded, position, *caches = self._run(feats, valid, self._own_layout(state))
         self._warm = True
         return encoded[:, :valid], replace(state, position=position, subsampling=caches[0],
-                                           keys=caches[1], values=caches[2],
-                                           convolutions=caches[3],
+                                           mixers=caches[1], convolutions=caches[2],
                                            finished=frames < self.chunk_frames)
 
     def _run(self, feats: torch.Tensor, valid: int, state: StepState) -> tuple:
@@ -181,24 +189,26 @@ class CompiledStreamStep:
             chunk[:, :feats.shape[1]] = feats
             # Once compiled, the inputs' layouts never change: no guard left to check.
             return self._compiled(chunk, torch.tensor(valid, device=feats.device),
-                                  state.position, state.subsampling, state.keys, state.values,
+                                  state.position, state.subsampling, state.mixers,
                                   state.convolutions)
 
     def _own_layout(self, state: StepState) -> StepState:
         """``state`` as fresh contiguous inference tensors, if it has this step's shapes."""
-        fields = ("subsampling", "keys", "values", "convolutions")
+        def tensors(s: StepState) -> list:
+            return [s.position, *s.subsampling, *(t for m in s.mixers for t in m),
+                    *s.convolutions]
 
-        def layout(s: StepState) -> list:
-            tensors = [s.position, *(t for f in fields for t in getattr(s, f))]
-            return [(t.shape, t.dtype, t.device) for t in tensors]
-
-        if layout(state) != layout(self.initial_state()):
+        if ([(t.shape, t.dtype, t.device) for t in tensors(state)]
+                != [(t.shape, t.dtype, t.device) for t in tensors(self.initial_state())]):
             raise ValueError(f"this state does not fit the compiled step of {list(self.context)} "
                              "(made by another step or model?): start from its initial_state()")
         with torch.inference_mode():
-            fresh = {f: tuple(t.clone(memory_format=torch.contiguous_format)
-                              for t in getattr(state, f)) for f in fields}
-            return replace(state, position=state.position.clone(), **fresh)
+            def fresh(t):
+                return t.clone(memory_format=torch.contiguous_format)
+            return replace(state, position=fresh(state.position),
+                           subsampling=tuple(map(fresh, state.subsampling)),
+                           mixers=tuple(tuple(map(fresh, m)) for m in state.mixers),
+                           convolutions=tuple(map(fresh, state.convolutions)))
 
     def _compile_error(self, error: Exception) -> Exception:
         """One line for a failed first call; the C++ compiler named where it is the cause."""
@@ -210,21 +220,32 @@ class CompiledStreamStep:
         return CompileError(f"compiling the stream step for {list(self.context)} failed "
                             f"({summary}); {hint}stream without compiling (drop --compiled)")
 
-    def _step(self, feats, valid, position, subsampling, keys, values, convolutions):
+    def _step(self, feats, valid, position, subsampling, mixers, convolutions):
         """The compiled chunk: every block's own ``forward_streaming`` on fixed-size caches."""
         x, new_subsampling = self.encoder.subsampling(feats, list(subsampling))
-        new_keys, new_values, new_convolutions = [], [], []
-        for block, window, left, k, v, conv in zip(self.encoder.layers, self.windows,
-                                                   self.lefts, keys, values, convolutions):
-            state = LayerState(mixer={"window": window, "left": left, "k": k, "v": v,
-                                      "position": position, "valid": valid},
+        new_mixers, new_convolutions = [], []
+        for block, window, left, caches, conv in zip(self.encoder.layers, self.windows,
+                                                     self.lefts, mixers, convolutions):
+            names = mixer_caches(block.mixer, left)
+            state = LayerState(mixer={"window_size": window, "left": left, "position": position,
+                                      "valid": valid, **dict(zip(names, caches))},
                                conv=conv if hasattr(block, "conv") else None)
             x = block.forward_streaming(x, state, self.context)
-            new_keys.append(state.mixer["k"])
-            new_values.append(state.mixer["v"])
+            new_mixers.append(tuple(state.mixer[name] for name in names))
             new_convolutions.append(conv if state.conv is None else state.conv)
         # Fresh buffers with standard strides, like the first state's zeros: every call's
         # inputs then have the same layout (a view's strides would fail the compiled guards).
-        return (x, position + x.shape[1], *(tuple(
-            t.clone(memory_format=torch.contiguous_format) for t in caches) for caches in (
-            new_subsampling, new_keys, new_values, new_convolutions)))
+        def fresh(t):
+            return t.clone(memory_format=torch.contiguous_format)
+        return (x, position + x.shape[1], tuple(map(fresh, new_subsampling)),
+                tuple(tuple(map(fresh, m)) for m in new_mixers),
+                tuple(map(fresh, new_convolutions)))
+
+
+def _cache_shapes(mixer: torch.nn.Module, window: int, d_model: int) -> list[tuple]:
+    """The shapes of ``mixer_caches(mixer, window)``, of one stream."""
+    if isinstance(mixer, RotarySelfAttention):
+        return [(1, mixer.nhead, window, d_model // mixer.nhead)] * 2
+    conv = (1, mixer.d_inner, mixer.d_conv - 1)
+    return [conv, (1, mixer.d_inner, mixer.d_state) if window == -1 else
+            (1, window, mixer.d_inner)]

@@ -333,6 +333,28 @@ class Mamba(torch.nn.Module):
                                        first_state, compiled=compiled)
         return torch.cat([y[:, :start], y[:, start:] - correction], dim=1).to(u.dtype)
 
+    def _fixed_window_step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """``forward_streaming`` of one stream with caches of a fixed size (for
+        ``modules.compiled_stream``), on the eager chunked scan: ``cache["conv"]`` (1, d_inner,
+        d_conv - 1) and either ``cache["state"]`` (1, d_inner, d_state; ``cache["left"]`` -1)
+        or ``cache["window"]`` (1, size, d_inner): the last SSM inputs, zeros before the
+        stream's start (a zero input leaves a zero state at zero), of which the chunk's scan
+        sees the last ``cache["left"]``."""
+        u, z = self.in_proj(x).chunk(2, dim=-1)
+        u, cache["conv"] = self._conv(u, cache["conv"])
+        if cache["left"] == -1:
+            dt, B, C = self._ssm_inputs(u)
+            y, cache["state"], _ = selective_scan(u, self._delta(dt), self._A(), B, C,
+                                                  cache["state"])
+        else:
+            window = torch.cat([cache["window"], u], dim=1)
+            cache["window"] = window[:, u.shape[1]:]
+            outside = window.shape[1] - u.shape[1] - cache["left"]  # frames older than left
+            inputs = F.pad(window[:, outside:], (0, 0, outside, 0)) if outside else window
+            dt, B, C = self._ssm_inputs(window)
+            y = selective_scan(inputs, self._delta(dt), self._A(), B, C)[0][:, -u.shape[1]:]
+        return self.out_proj((y + u * self.D) * F.silu(z))
+
     def forward_streaming(self, x: torch.Tensor, cache: dict,
                           context: Context | tuple[Context, ...],
                           valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -346,6 +368,8 @@ class Mamba(torch.nn.Module):
         from a zero state ``left`` frames back: its older window inputs are zeroed, which leaves
         the state at exactly zero until its window starts.
         """
+        if "left" in cache:
+            return self._fixed_window_step(x, cache)
         lefts = [left for left, _ in ((context,) if isinstance(context[0], int) else context)]
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u, cache["conv"] = self._conv(u, cache.get("conv"))

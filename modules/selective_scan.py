@@ -65,10 +65,16 @@ def _linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Te
     chunks = frames // CHUNK_FRAMES
     a = a.view(batch, chunks, CHUNK_FRAMES, dim, state)
     b = b.view(batch, chunks, CHUNK_FRAMES, dim, state)
-    h = torch.empty_like(b)
-    h[:, :, 0] = b[:, :, 0]
-    for k in range(1, CHUNK_FRAMES):  # every chunk at once, from a zero state
-        torch.addcmul(b[:, :, k], a[:, :, k], h[:, :, k - 1], out=h[:, :, k])
+    if torch.compiler.is_compiling():  # the same products, without out= into strided slices
+        steps = [b[:, :, 0]]
+        for k in range(1, CHUNK_FRAMES):
+            steps.append(torch.addcmul(b[:, :, k], a[:, :, k], steps[-1]))
+        h = torch.stack(steps, dim=2)
+    else:
+        h = torch.empty_like(b)
+        h[:, :, 0] = b[:, :, 0]
+        for k in range(1, CHUNK_FRAMES):  # every chunk at once, from a zero state
+            torch.addcmul(b[:, :, k], a[:, :, k], h[:, :, k - 1], out=h[:, :, k])
     decay = a.cumprod(dim=2)  # within each chunk: a_1 * ... * a_k
     starts = torch.empty_like(h[:, :, 0])
     carry = h0

@@ -29,9 +29,9 @@ with several channels is resampled / averaged to mono, with one line saying so.
   headroom). Partial lines show the context in force; the JSON lists every switch, and the
   final transcript equals the offline pass under the piecewise context the stream ran.
 
-``--compiled`` (Conformer and Transformer encoders): the encoder's chunk step runs compiled by
-``torch.compile`` (``modules/compiled_stream.py``), once per context (tens of seconds, cached on
-disk for later runs), for about half the per-chunk compute on a CPU.
+``--compiled`` (Conformer, Transformer, unidirectional ConMamba): the encoder's chunk step runs
+compiled by ``torch.compile`` (``modules/compiled_stream.py``), once per context (tens of
+seconds, cached on disk for later runs), for about half the per-chunk compute on a CPU.
 
 The last stdout line is one JSON object.
 """
@@ -281,7 +281,7 @@ def transcribe_file(args) -> dict:
     show = not args.quiet
     if args.compiled and show:
         note("--compiled: the encoder step compiles once per context the stream may run before "
-             "it starts (10-40 s each; torch.compile caches them on disk for later runs)")
+             "it starts (9-40 s each; torch.compile caches them on disk for later runs)")
     if args.mode == "stream":
         context = recognizer.context(args.context or recognizer.hparams["valid_context"])
         if not streamable(recognizer, context) or recognizer.decoding.decoding == "attention":

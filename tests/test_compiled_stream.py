@@ -31,7 +31,10 @@ def streamed(step: CompiledStreamStep, feats: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("encoder, context, dtype", [
     (CausalConformerEncoder(nhead=2, layer_left_contexts=[2, 5], **SIZES), (5, 1), torch.float64),
     (CausalTransformerEncoder(nhead=2, **SIZES), (3, 0), torch.float32),
-], ids=["conformer-float64-layer-caps", "transformer-float32"])
+    (ConMambaEncoder(d_state=4, **SIZES), (5, 1), torch.float64),
+    (ConMambaEncoder(d_state=4, **SIZES), (-1, 0), torch.float64),
+], ids=["conformer-float64-layer-caps", "transformer-float32", "conmamba-window",
+        "conmamba-state"])
 def test_compiled_step_equals_offline(encoder, context, dtype):
     """Every chunk, the cache-filling start and a shorter last chunk (101 frames) included."""
     torch.manual_seed(0)
@@ -65,8 +68,8 @@ def test_a_copied_state_continues_and_a_foreign_one_is_refused():
 
 def test_compiled_step_refuses_what_it_does_not_do():
     conformer = CausalConformerEncoder(nhead=2, **SIZES).eval()
-    with pytest.raises(ValueError, match="attention encoder"):
-        CompiledStreamStep(ConMambaEncoder(d_state=4, **SIZES).eval(), (4, 0))
+    with pytest.raises(ValueError, match="unidirectional ConMamba"):
+        CompiledStreamStep(ConMambaEncoder(d_state=4, bidirectional=True, **SIZES).eval(), (4, 0))
     with pytest.raises(ValueError, match="bounded cache"):
         CompiledStreamStep(conformer, (-1, 3))
     with pytest.raises(ValueError, match="eval"):
@@ -130,11 +133,14 @@ def test_a_failed_compilation_is_one_clear_error(monkeypatch):
         step.warm_up()
 
 
-def test_switching_between_compiled_steps_equals_the_piecewise_offline_pass():
+@pytest.mark.parametrize("encoder", [
+    CausalConformerEncoder(nhead=2, layer_left_contexts=[3, 8], **SIZES),
+    ConMambaEncoder(d_state=4, **SIZES)], ids=["conformer-layer-caps", "conmamba"])
+def test_switching_between_compiled_steps_equals_the_piecewise_offline_pass(encoder):
     """Steps of several contexts with the same max_left share their states: a stream switching
     among them at random (chunk sizes too) equals the offline pass under the piecewise context."""
     torch.manual_seed(0)
-    encoder = CausalConformerEncoder(nhead=2, layer_left_contexts=[3, 8], **SIZES).double().eval()
+    encoder = encoder.double().eval()
     contexts = [(8, 0), (2, 1), (5, 3), (0, 0)]
     steps = {context: CompiledStreamStep(encoder, context, max_left=8) for context in contexts}
     feats, rng = torch.randn(1, 90, 80, dtype=torch.float64), random.Random(0)
