@@ -281,7 +281,7 @@ def transcribe_file(args) -> dict:
     show = not args.quiet
     if args.compiled and show:
         note("--compiled: the encoder step compiles once per context the stream may run before "
-             "it starts (9-40 s each; torch.compile caches them on disk for later runs)")
+             "it starts (10-40 s each; torch.compile caches them on disk for later runs)")
     if args.mode == "stream":
         context = recognizer.context(args.context or recognizer.hparams["valid_context"])
         if not streamable(recognizer, context) or recognizer.decoding.decoding == "attention":
