@@ -162,10 +162,13 @@ def transcribe_offline(recognizer: Recognizer, samples, context, show: bool = Tr
             "context_seconds": describe_context(context, recognizer.encoder.frame_seconds)}
 
 
-def benchmark(recognizer: Recognizer, samples, repeats: int = 2,
-              compiled: bool = False) -> list[dict]:
+def benchmark(recognizer: Recognizer, samples, repeats: int = 2, compiled: bool = False,
+              switching: bool = False) -> list[dict]:
     """Measured per-chunk compute, latency and RTF of every streamable preset (``compiled``:
-    of compiled streams, each compiled and run once before it is measured)."""
+    of compiled streams, each compiled and run once before it is measured; with ``switching``,
+    a trained context runs the compiled step that an adaptive stream runs, with caches of the
+    largest trained left context, so it is compiled once for both)."""
+    max_left = max(left for left, _ in recognizer.trained_contexts) if switching else None
     sample_rate = recognizer.hparams["sample_rate"]
     warm_up = recognizer.stream(recognizer.context(recognizer.hparams["valid_context"]))
     warm_up.push(samples[:sample_rate])  # first calls pay one-time allocation costs
@@ -174,11 +177,12 @@ def benchmark(recognizer: Recognizer, samples, repeats: int = 2,
         context = recognizer.context(name)
         if not streamable(recognizer, context) or recognizer.decoding.decoding == "attention":
             continue
+        shared = max_left if compiled and context in recognizer.trained_contexts else None
         if compiled:  # compilation is not per-chunk compute
-            recognizer.stream(context, compiled=True).push(samples[:sample_rate])
+            recognizer.stream(context, shared, compiled=True).push(samples[:sample_rate])
         per_chunk = []
         for _ in range(repeats):
-            stream = recognizer.stream(context, compiled=compiled)
+            stream = recognizer.stream(context, shared, compiled=compiled)
             piece = stream.chunk * recognizer.hparams["compute_features"].hop_samples
             for start in range(0, len(samples), piece):
                 begin = time.perf_counter()
@@ -288,7 +292,8 @@ def transcribe_file(args) -> dict:
             args.compiled = False  # nothing streams
             return transcribe_offline(recognizer, samples, context, show)
         return stream_file(recognizer, samples, context, show, args.compiled)
-    rows = benchmark(recognizer, samples, compiled=args.compiled)
+    rows = benchmark(recognizer, samples, compiled=args.compiled,
+                     switching=args.mode == "adaptive")
     if args.mode == "adaptive":
         controller = make_controller(recognizer, rows, args.policy, args.latency_budget_ms)
         return {**stream_adaptive(recognizer, samples, controller, show, args.compiled),
