@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]
 
 from inference import Recognizer  # noqa: E402
+from modules.compiled_stream import compiler_available  # noqa: E402
 from modules.ctc import greedy_transcripts  # noqa: E402
 
 
@@ -122,7 +123,8 @@ def compiled_chunk_ms(step, n_mels: int, chunks: int) -> float:
     return 1000 * (time.perf_counter() - begin) / chunks
 
 
-def chunk_breakdown(recognizer: Recognizer, context, rounds: int = 5, chunks: int = 200) -> dict:
+def chunk_breakdown(recognizer: Recognizer, context, rounds: int = 5, chunks: int = 200,
+                    compiled: bool = True) -> dict:
     """The encoder's per-chunk time in float32, int8 linears, bfloat16 and compiled (float32;
     interleaved rounds, median), its eager aten calls per chunk and the weight MiB it reads per
     chunk."""
@@ -133,12 +135,13 @@ def chunk_breakdown(recognizer: Recognizer, context, rounds: int = 5, chunks: in
                                                       dtype=torch.qint8)
     variants = {"float32": (encoder, torch.float32), "int8_linears": (int8, torch.float32),
                 "bfloat16": (copy.deepcopy(encoder).to(torch.bfloat16), torch.bfloat16)}
-    times = {name: [] for name in [*variants, "compiled"]}
-    step = recognizer.compiled_step(context)
+    times = {name: [] for name in [*variants] + (["compiled"] if compiled else [])}
     for _ in range(rounds):
         for name, (module, dtype) in variants.items():
             times[name].append(encoder_chunk_ms(module, context, n_mels, dtype, chunks))
-        times["compiled"].append(compiled_chunk_ms(step, n_mels, chunks))
+        if compiled:
+            times["compiled"].append(compiled_chunk_ms(recognizer.compiled_step(context),
+                                                       n_mels, chunks))
     medians = {name: round(statistics.median(values), 3) for name, values in times.items()}
     state = encoder.make_streaming_context(context)
     feats = torch.randn(1, encoder.chunk_frames(state), n_mels)
@@ -150,7 +153,8 @@ def chunk_breakdown(recognizer: Recognizer, context, rounds: int = 5, chunks: in
     return {"encoder_chunk_ms": medians,
             "int8_over_float32": round(medians["int8_linears"] / medians["float32"], 3),
             "bfloat16_over_float32": round(medians["bfloat16"] / medians["float32"], 3),
-            "compiled_over_float32": round(medians["compiled"] / medians["float32"], 3),
+            "compiled_over_float32": (round(medians["compiled"] / medians["float32"], 3)
+                                      if compiled else None),
             "aten_calls_per_chunk": round(sum(calls.values())),
             "linear_calls_per_chunk": round(calls.get("aten::linear", 0)),
             "weight_mib_per_chunk": round(sum(p.numel() * p.element_size()
@@ -173,27 +177,31 @@ def main() -> None:
     recognizer = Recognizer(args.run)
     context = recognizer.context(args.context)
     audio = utterances(args.test_csv)
+    steps = [True, False] if compiler_available() else [False]
+    if steps == [False]:
+        print("no C++ compiler here (torch.compile needs one): the compiled step is not measured")
     begin = time.perf_counter()
-    run_stream(recognizer, audio, context, 0.2, history=False, compiled=True)  # compiles
+    for compiled in steps:  # compiles; warms up one-time costs
+        run_stream(recognizer, audio, context, 0.2, history=False, compiled=compiled)
     compile_seconds = time.perf_counter() - begin
-    run_stream(recognizer, audio, context, 0.2, history=False)  # warm-up: one-time costs
-    rows = [run_stream(recognizer, audio, context, args.minutes, history=False, compiled=True),
-            run_stream(recognizer, audio, context, args.minutes, history=False)]
+    rows = [run_stream(recognizer, audio, context, args.minutes, history=False, compiled=compiled)
+            for compiled in steps]
     if args.reference_minutes:
         rows.append(run_stream(recognizer, audio, context, args.reference_minutes, history=True))
-    print(f"compiling the encoder step (and a 12 s warm-up stream): {compile_seconds:.1f} s")
+    print(f"compiling the encoder step and 12 s warm-up streams: {compile_seconds:.1f} s")
     for row in rows:
         print(f"{row['decoding']:>11} {row['encoder_step']:>8} {row['minutes']:g} min at "
               f"{list(context)}: "
               f"{row['first_tenth_ms']} -> {row['last_tenth_ms']} ms per chunk "
               f"(x{row['last_over_first']}), RTF {row['rtf']}", flush=True)
-    breakdown = chunk_breakdown(recognizer, context, args.rounds)
+    breakdown = chunk_breakdown(recognizer, context, args.rounds, compiled=steps[0])
     print(f"encoder alone, ms per chunk: {breakdown['encoder_chunk_ms']}; "
           f"{breakdown['aten_calls_per_chunk']} aten calls and "
           f"{breakdown['weight_mib_per_chunk']} MiB of weights per chunk", flush=True)
     print(json.dumps({"context": list(context), "threads": args.threads, "run": args.run,
                       "compile_seconds": round(compile_seconds, 1),
-                      "compiled_text_equals_eager": rows[0]["text_sha1"] == rows[1]["text_sha1"],
+                      "compiled_text_equals_eager": (rows[0]["text_sha1"] == rows[1]["text_sha1"]
+                                                     if steps[0] else None),
                       "rows": rows,
                       "breakdown": breakdown}))
 

@@ -85,11 +85,12 @@ class RotarySelfAttention(torch.nn.Module):
         self.dropout = dropout
         self.query_block = query_block
 
-    def _project(self, x: torch.Tensor, first_position: int = 0):
-        """(B, T, D) -> rotated q, k and v, each (B, H, T, head_dim)."""
+    def _project(self, x: torch.Tensor, first_position: int | torch.Tensor = 0):
+        """(B, T, D) -> rotated q, k and v, each (B, H, T, head_dim); ``first_position``: the
+        absolute position of frame 0 (an int, or a 0-d tensor in a compiled step)."""
         batch, frames, _ = x.shape
         q, k, v = self.qkv(x).view(batch, frames, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
-        positions = torch.arange(first_position, first_position + frames, device=x.device)
+        positions = first_position + torch.arange(frames, device=x.device)
         angles = self.rotary.angles(positions, q.dtype)
         return self.rotary(q, positions, angles), self.rotary(k, positions, angles), v
 
@@ -200,10 +201,7 @@ class RotarySelfAttention(torch.nn.Module):
         before the stream's start, and the padding (a frame keeps itself)."""
         window, left, chunk = cache["window_size"], cache["left"], x.shape[1]
         position, valid = cache["position"], cache["valid"]
-        q, k, v = self.qkv(x).view(1, chunk, 3, self.nhead, -1).permute(2, 0, 3, 1, 4)
-        positions = position + torch.arange(chunk, device=x.device)
-        angles = self.rotary.angles(positions, q.dtype)
-        q, k = self.rotary(q, positions, angles), self.rotary(k, positions, angles)
+        q, k, v = self._project(x, position)
         k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         cache["k"], cache["v"] = k[:, :, chunk:], v[:, :, chunk:]
         keys = torch.arange(window + chunk, device=x.device)

@@ -12,6 +12,8 @@ stream's (hence the offline pass under the same context) to float rounding, test
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import types
 from dataclasses import dataclass, replace
 
@@ -23,6 +25,13 @@ from .encoder import LayerState, StreamingEncoder
 from .mamba import Mamba
 
 logger = logging.getLogger(__name__)
+
+
+def compiler_available() -> bool:
+    """Whether a C++ compiler is on the PATH (``$CXX``, g++, c++ or clang++): Inductor needs
+    one to compile for the CPU."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return any(shutil.which(name) for name in names)
 
 
 class CompileError(ValueError):
@@ -96,7 +105,9 @@ class CompiledStreamStep:
         encoder.check_streamable(context, layer_contexts)  # bounded caches, hence fixed-size
         if encoder.training:
             raise ValueError("compiled streaming is for inference: call encoder.eval() first")
-        device = next(encoder.parameters()).device
+        weight = next(encoder.parameters())
+        self.dtype, self.device = weight.dtype, weight.device
+        device = weight.device
         if device.type != "cpu":
             logger.warning("compiled streaming is measured on CPUs only: on %s it is unverified",
                            device)
@@ -140,14 +151,13 @@ class CompiledStreamStep:
             return
         logger.info("compiling the stream step for %s (once per context; cached on disk by "
                     "torch.compile)", list(self.context))
-        weight = next(self.encoder.parameters())
         # torch.utils.cpp_extension warns of a missing CUDA runtime on every CPU compile
         extension_logger = logging.getLogger("torch.utils.cpp_extension")
         level = extension_logger.level
         extension_logger.setLevel(logging.ERROR)
         try:
-            self(weight.new_zeros(1, self.chunk_frames, self.encoder.subsampling.n_mels),
-                 self.initial_state())
+            self(torch.zeros(1, self.chunk_frames, self.encoder.subsampling.n_mels,
+                             dtype=self.dtype, device=self.device), self.initial_state())
         finally:
             extension_logger.setLevel(level)
 
@@ -158,13 +168,12 @@ class CompiledStreamStep:
             raise ValueError("this stream has ended (its last chunk was shorter): start a new one "
                              "with initial_state()")
         frames = feats.shape[1]
-        weight = next(self.encoder.parameters())
         n_mels = self.encoder.subsampling.n_mels
         if (feats.dim() != 3 or feats.shape[0] != 1 or not 0 < frames <= self.chunk_frames
                 or feats.shape[2] != n_mels
-                or (feats.dtype, feats.device) != (weight.dtype, weight.device)):
+                or (feats.dtype, feats.device) != (self.dtype, self.device)):
             raise ValueError(f"a compiled stream takes chunks of (1, <= {self.chunk_frames}, "
-                             f"{n_mels}) {weight.dtype} features on {weight.device}, got "
+                             f"{n_mels}) {self.dtype} features on {self.device}, got "
                              f"{tuple(feats.shape)} {feats.dtype} on {feats.device}")
         valid = -(-frames // self.encoder.subsampling_factor)
         try:

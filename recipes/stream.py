@@ -110,8 +110,8 @@ class Stream:
             raise ValueError(f"push takes (n,) samples of one stream, got shape "
                              f"{tuple(samples.shape)}")
         if self.ended:
-            raise ValueError("this stream has ended (finish() was called, or its last chunk was "
-                             "shorter): start a new one with recognizer.stream(...)")
+            raise ValueError("this stream has ended (finish() was called): start a new one with "
+                             "recognizer.stream(...)")
         begin = time.perf_counter()
         if self.snr is not None:
             self.snr_db = self.snr.push(samples)

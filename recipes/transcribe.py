@@ -273,7 +273,7 @@ def parse_arguments(argv: list[str]):
 
 def main(argv: list[str]) -> dict:
     args = parse_arguments(argv)
-    return {**transcribe_file(args), "compiled": args.compiled}
+    return {"compiled": args.compiled, **transcribe_file(args)}
 
 
 def transcribe_file(args) -> dict:
@@ -289,8 +289,8 @@ def transcribe_file(args) -> dict:
     if args.mode == "stream":
         context = recognizer.context(args.context or recognizer.hparams["valid_context"])
         if not streamable(recognizer, context) or recognizer.decoding.decoding == "attention":
-            args.compiled = False  # nothing streams
-            return transcribe_offline(recognizer, samples, context, show)
+            return {**transcribe_offline(recognizer, samples, context, show),
+                    "compiled": False}  # nothing streams
         return stream_file(recognizer, samples, context, show, args.compiled)
     rows = benchmark(recognizer, samples, compiled=args.compiled,
                      switching=args.mode == "adaptive")

@@ -11,6 +11,7 @@ import torch
 import transcribe
 from inference import Recognizer
 from modules.adaptive import Decision
+from modules.compiled_stream import compiler_available
 from conftest import ROOT
 from modules.ctc import IncrementalGreedyCTC, greedy_transcripts
 from test_inference import AUDIO, short_clip, tiny_ctc_run
@@ -84,7 +85,9 @@ def test_stream_memory_does_not_grow_beyond_the_text(recognizer, samples):
     assert not any(isinstance(v, torch.Tensor) for v in vars(stream.decoder).values())
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not compiler_available(), reason="torch.compile needs a C++ compiler"))],
+    ids=["eager", "compiled"])
 def test_switched_stream_equals_the_piecewise_offline_reference(recognizer, samples, monkeypatch,
                                                                 compiled):
     """Random switches among the trained contexts (chunk sizes too) between chunks: the
@@ -161,17 +164,22 @@ def test_stream_cost_benchmark_contract(tmp_path_factory):
     report = run_benchmark("benchmarks/stream_cost.py", str(run), "--minutes", "0.2",
                            "--reference_minutes", "0.1", "--test_csv",
                            "data/espeak_corpus/test.csv", "--threads", "1", "--rounds", "1")
-    compiled, incremental, history = report["rows"]
+    *compiled, incremental, history = report["rows"]
     assert incremental["decoding"] == "incremental" and history["decoding"] == "history"
-    assert (compiled["encoder_step"], incremental["encoder_step"]) == ("compiled", "eager")
-    assert compiled["chunks"] == incremental["chunks"] and report["compile_seconds"] > 0
-    assert report["compiled_text_equals_eager"]
+    assert incremental["encoder_step"] == "eager"
+    if compiler_available():  # measured side by side, the same transcript
+        assert compiled[0]["encoder_step"] == "compiled" and report["compile_seconds"] > 0
+        assert compiled[0]["chunks"] == incremental["chunks"]
+        assert report["compiled_text_equals_eager"]
+    else:
+        assert not compiled and report["compiled_text_equals_eager"] is None
     assert incremental["chunks"] == 300 and incremental["held_log_prob_frames"] == 0
     assert history["held_log_prob_frames"] == history["chunks"] == 150
     assert incremental["first_tenth_ms"] > 0 and incremental["rtf"] > 0
     breakdown = report["breakdown"]  # where one chunk's time goes
-    assert set(breakdown["encoder_chunk_ms"]) == {"float32", "int8_linears", "bfloat16",
-                                                  "compiled"}
+    measured = {"float32", "int8_linears", "bfloat16"} | (
+        {"compiled"} if compiler_available() else set())
+    assert set(breakdown["encoder_chunk_ms"]) == measured
     assert breakdown["aten_calls_per_chunk"] > breakdown["linear_calls_per_chunk"] > 0
     assert breakdown["weight_mib_per_chunk"] > 0
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from inference import Recognizer
-from modules.compiled_stream import CompiledStreamStep
+from modules.compiled_stream import CompiledStreamStep, compiler_available
 from modules.conformer import CausalConformerEncoder
 from modules.conmamba import ConMambaEncoder
 from modules.context import PiecewiseContext
@@ -16,6 +16,9 @@ from modules.transformer import CausalTransformerEncoder
 from test_inference import short_clip, tiny_ctc_run
 from transcribe import read_audio
 
+# torch.compile builds C++ for the CPU: without a compiler, only the errors are tested.
+needs_compiler = pytest.mark.skipif(not compiler_available(),
+                                    reason="torch.compile needs a C++ compiler (g++)")
 SIZES = dict(n_mels=80, d_model=32, num_encoder_layers=2, d_ffn=64, subsampling_conv_channels=8)
 
 
@@ -28,6 +31,7 @@ def streamed(step: CompiledStreamStep, feats: torch.Tensor) -> torch.Tensor:
     return torch.cat(outputs, dim=1)
 
 
+@needs_compiler
 @pytest.mark.parametrize("encoder, context, dtype", [
     (CausalConformerEncoder(nhead=2, layer_left_contexts=[2, 5], **SIZES), (5, 1), torch.float64),
     (CausalTransformerEncoder(nhead=2, **SIZES), (3, 0), torch.float32),
@@ -47,6 +51,7 @@ def test_compiled_step_equals_offline(encoder, context, dtype):
     assert (got - offline).abs().max() < (1e-6 if dtype == torch.float64 else 1e-4)
 
 
+@needs_compiler
 def test_a_copied_state_continues_and_a_foreign_one_is_refused():
     """A state deep-copied (or loaded) mid-stream continues like the original; a state of
     another step, or features of the wrong size, get one clear error."""
@@ -88,6 +93,7 @@ def recognizer(tmp_path_factory):
     return Recognizer(tiny_ctc_run(tmp_path_factory)[0])
 
 
+@needs_compiler
 def test_compiled_stream_gives_the_eager_stream_partials(recognizer, tmp_path_factory):
     samples = read_audio(short_clip(tmp_path_factory), recognizer.hparams["sample_rate"],
                          recognizer.min_samples)
@@ -112,6 +118,7 @@ def test_compiled_stream_gives_the_eager_stream_partials(recognizer, tmp_path_fa
         recognizer.stream(context, compiled=True).switch("medium")
 
 
+@needs_compiler
 def test_switching_stream_compiles_every_step_before_it_starts(recognizer):
     """Compilation is not a chunk's compute (the load policy would read it as load)."""
     stream = recognizer.stream("low", max_left=32, compiled=True)
@@ -133,6 +140,7 @@ def test_a_failed_compilation_is_one_clear_error(monkeypatch):
         step.warm_up()
 
 
+@needs_compiler
 @pytest.mark.parametrize("encoder", [
     CausalConformerEncoder(nhead=2, layer_left_contexts=[3, 8], **SIZES),
     ConMambaEncoder(d_state=4, **SIZES)], ids=["conformer-layer-caps", "conmamba"])

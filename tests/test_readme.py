@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from modules.compiled_stream import compiler_available
 from test_ctc import CTC_TINY
 from test_recipe import TINY, slice_csv
 
@@ -172,6 +173,8 @@ def test_documented_snippet_runs(clone, language, text):
             pytest.skip(f"not run: {reason}")
         if "hparams/LM/ngram.yaml" in text and not kenlm_built():
             pytest.skip("KenLM is not built here: run `make kenlm`")
+        if "--compiled" in text and not compiler_available():
+            pytest.skip("no C++ compiler here, which torch.compile needs")
         extra = next((args for key, args in SHORTENED.items() if key in text), [])
         command = ["bash", "-euo", "pipefail", "-c", " ".join([text, *map(shlex.quote, extra)])]
     done = subprocess.run(command, capture_output=True, text=True, cwd=clone, timeout=300,
