@@ -145,6 +145,15 @@ class SearchVocabulary(torch.nn.Module):
         return torch.cat([logits, torch.full_like(logits[..., :1], NEVER)], dim=-1)
 
 
+class OpenScorerBuilder(ScorerBuilder):
+    """SpeechBrain's ``ScorerBuilder`` that also takes scorers defined outside SpeechBrain (its
+    check accepts only the names of its own module's scorers), such as
+    ``modules.word_ngram.PrefixSearchScorer``."""
+
+    def _validate_scorer(self, scorer_names):
+        super()._validate_scorer([*scorer_names, *self.full_scorers, *self.partial_scorers])
+
+
 class AttentionBeamSearcher(S2SBeamSearcher):
     """SpeechBrain's beam search over our decoder, one cached step per token (the decoder's
     state is the searcher's memory; ``permute_mem`` reorders it for the surviving beams)."""
@@ -200,15 +209,16 @@ def attention_beam_search(decoder: TokenDecoder, ctc_head: torch.nn.Module,
         weights["ctc"] = options.ctc_weight
     if lm is not None and options.lm_weight > 0:
         if not hasattr(lm, "search_scorer"):
-            raise TypeError(f"lm: give a modules.lm.LMScorer (wrapping the LM module) or a "
-                            f"modules.ngram.NGramScorer, not a {type(lm).__name__}")
+            raise TypeError(f"lm: give a modules.lm.LMScorer (wrapping the LM module), a "
+                            f"modules.ngram.NGramScorer or a modules.word_ngram.WordNGramScorer, "
+                            f"not a {type(lm).__name__}")
         scorer = lm.search_scorer()
         scorers.append(scorer)  # ScorerBuilder keys weights by the scorer's class name
         weights[type(scorer).__name__.lower().split("scorer")[0]] = options.lm_weight
     searcher = AttentionBeamSearcher(
         decoder, bos_index=bos, eos_index=eos, min_decode_ratio=0.0,
         max_decode_ratio=max_decode_ratio, beam_size=options.beam_size,
-        scorer=ScorerBuilder(full_scorers=scorers, weights=weights) if scorers else None,
+        scorer=OpenScorerBuilder(full_scorers=scorers, weights=weights) if scorers else None,
         using_eos_threshold=False, length_normalization=True)
     # One utterance at a time: SpeechBrain bounds every hypothesis of a batch by the longest
     # utterance's frames, so a batch mate would change a short utterance's result.

@@ -7,7 +7,7 @@ search, and the last three with LM fusion. On ``--dev_csv`` at ``--tune_context`
 then CER): the CTC beam and rescoring choose their ``length_bonus`` from ``--length_bonuses``,
 with and without the LM (with it, jointly with ``lm_weight`` from ``--lm_weights``); the
 attention search (length-normalized) chooses only its ``lm_weight``. The CTC weight and beam are
-the model's hparams (``ctc_weight_decode``, ``beam_size``), not tuned. Then every system decodes
+the model's hparams (``ctc_weight_decode``, ``beam_size`` unless ``--beam_size``), not tuned. Then every system decodes
 ``--test_csv`` once at each of ``--contexts`` (the attention search, the costliest, at
 ``--attention_contexts``), the encoder streamed chunk by
 chunk (offline at ``unlimited``), with first-partial and final-result latency measured on
@@ -22,8 +22,8 @@ Usage::
     python recipes/decoding_modes.py --asr_run <S2S run> --lm <LM run> \\
         --dev_csv data/benchmark/dev.csv --test_csv data/benchmark/test.csv \\
         --output_folder results/decoding_modes [--contexts very_low,medium,high,unlimited] \\
-        [--lm_weights 0.3,0.6] [--length_bonuses 0,1] [--dev_every 4] [--test_every 2] \\
-        [--systems ctc_greedy,attention+lm,...] [--threads 1]
+        [--lm_weights 0.3,0.6] [--length_bonuses 0,1] [--beam_size 10] [--dev_every 4] \\
+        [--test_every 2] [--systems ctc_greedy,attention+lm,...] [--threads 1]
 
 ``--dev_every`` / ``--test_every`` N keep every Nth utterance of a manifest (the CPU budget;
 every voice stays). ``--systems`` decodes some systems only (two processes can share the
@@ -57,7 +57,8 @@ COMPARISONS = [("attention_rescoring", "ctc_prefix_beam"),
                ("ctc_prefix_beam+lm", "ctc_prefix_beam"),
                ("attention_rescoring+lm", "attention_rescoring"),
                ("attention+lm", "attention"),
-               ("attention+lm", "ctc_greedy")]
+               ("attention+lm", "ctc_greedy"),
+               ("attention_rescoring+lm", "ctc_greedy")]
 BONUSED = ("ctc_prefix_beam", "attention_rescoring")  # the decodings a length bonus acts on
 
 
@@ -81,6 +82,8 @@ def decode(args, split: str, system: str, manifest: str, contexts: list[str],
         argv += ["--lm", args.lm, "--lm_weight", str(weights[0])]
     if weights is not None:
         argv += ["--length_bonus", str(weights[1])]
+    if args.beam_size is not None:
+        argv += ["--beam_size", str(args.beam_size)]
     record = {"code_commit": current_code_commit(), "argv": argv,
               "manifest_sha256": sha256_file(manifest), "models": args.model_digests}
     path = folder / f"{tag}.json"
@@ -177,6 +180,8 @@ def parse_arguments(argv: list[str]):
     parser.add_argument("--length_bonuses", default="0,1")
     parser.add_argument("--attention_contexts", default=None,
                         help="contexts of the attention systems (default: --contexts)")
+    parser.add_argument("--beam_size", type=int, default=None,
+                        help="every system's beam (default: the model's beam_size)")
     parser.add_argument("--dev_every", type=int, default=1)
     parser.add_argument("--test_every", type=int, default=1)
     parser.add_argument("--systems", default=None, help="default: all")
@@ -204,9 +209,9 @@ def subset(manifest: str, every: int, path: Path) -> str:
 
 def model_digests(args) -> dict:
     """sha256 of the model files the decodings load (both runs' ``save/CKPT+*``, an n-gram's
-    ``lm.bin``)."""
+    ``lm.bin`` and, for a word n-gram's lexicon, ``lm.arpa``)."""
     return {str(path): sha256_file(path) for folder in (args.asr_run, args.lm)
-            for pattern in ("save/CKPT+*/*.ckpt", "lm.bin")
+            for pattern in ("save/CKPT+*/*.ckpt", "lm.bin", "lm.arpa")
             for path in sorted(Path(folder).glob(pattern))}
 
 

@@ -10,6 +10,7 @@ from typing import Iterable
 
 import speechbrain as sb
 import torch
+from sentencepiece import SentencePieceProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]  # also as ``recipes.inference``
@@ -32,6 +33,7 @@ from modules.decoding import (  # noqa: E402
 from modules.interfaces import encoder_frames, is_model_folder, load_model_folder  # noqa: E402
 from modules.lm import LMScorer, check_same_tokenizer  # noqa: E402
 from modules.ngram import MODEL_FILE, NGramScorer  # noqa: E402
+from modules.word_ngram import WordNGramScorer, tokenizer_pieces  # noqa: E402
 from provenance import hparams_data  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -246,7 +248,8 @@ class Recognizer:
 def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_size: int,
                         device: torch.device) -> LMScorer | NGramScorer:
     """The scorer of an LM run: a Transformer LM (its best checkpoint by valid loss, in eval
-    mode) or an n-gram (``hparams/LM/ngram.yaml``); an LM trained with another tokenizer than
+    mode) or an n-gram (``hparams/LM/ngram.yaml`` over tokens, ``word_ngram.yaml`` over words,
+    spelled with the ASR model's pieces); an LM trained with another tokenizer than
     the ASR model's is refused in one line."""
     folder = find_run_folder(lm)
     data = hparams_data(run_hparams_text(folder))
@@ -257,6 +260,9 @@ def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_siz
     if data["vocab_size"] != vocab_size:
         raise ValueError(f"--lm {lm}: vocab_size {data['vocab_size']}, the ASR model's "
                          f"{vocab_size}")
+    if data["task"] == "ngram" and data.get("unit", "token") == "word":
+        pieces = tokenizer_pieces(SentencePieceProcessor(model_file=str(asr_tokenizer)))
+        return WordNGramScorer(folder / MODEL_FILE, folder / "lm.arpa", pieces)
     if data["task"] == "ngram":
         return NGramScorer(folder / MODEL_FILE, vocab_size)
     hparams = load_run_hparams(folder)

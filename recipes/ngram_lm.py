@@ -1,8 +1,10 @@
-"""An n-gram token language model for shallow fusion (``hparams/LM/ngram.yaml``, ``task:
-ngram``): KenLM's ``lmplz`` (modified Kneser-Ney) on the same text as the Transformer LM
-(``lm_brain.text_datasets``: no valid or test sentence), written as the ASR run's token ids,
-then ``build_binary``; perplexity per token (``</s>`` included) on valid and test, as
-``lm_brain`` reports it.
+"""An n-gram language model for shallow fusion (``task: ngram``): KenLM's ``lmplz`` (modified
+Kneser-Ney) on the same text as the Transformer LM (``lm_brain.text_datasets``: no valid or test
+sentence), then ``build_binary``. ``unit: token`` (``hparams/LM/ngram.yaml``): the text written
+as the ASR run's token ids, perplexity per token (``</s>`` included) as ``lm_brain`` reports it;
+``unit: word`` (``hparams/LM/word_ngram.yaml``): the text as words in the tokenizer's case
+(``modules.word_ngram``: its 1-grams are the decoding lexicon), perplexity per word and the
+share of valid and test words outside the lexicon (each one a word error).
 
 No Brain: counting n-grams has no training loop. KenLM's programs are C++ (no maintained
 Python package builds ARPA files); ``make kenlm`` builds them into ``tools/kenlm/bin``.
@@ -17,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from modules.ngram import MODEL_FILE, NGramScorer, import_kenlm
+from inference import TextNormalizer
+from modules.ngram import LN10, MODEL_FILE, NGramScorer, import_kenlm
+from modules.word_ngram import WordNGramScorer, tokenizer_pieces
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +46,23 @@ def token_lines(dataset) -> list[str]:
     ``tokens`` are CTC targets: id + 1)."""
     with dataset.output_keys_as(["tokens"]):
         return [" ".join(str(int(t) - 1) for t in item["tokens"]) for item in dataset]
+
+
+def word_lines(dataset, sp) -> list[str]:
+    """Each sentence of a text dataset as words, in the tokenizer's case and spacing."""
+    normalize = TextNormalizer(sp)
+    with dataset.output_keys_as(["wrd"]):
+        return [normalize(item["wrd"]) for item in dataset]
+
+
+def word_figures(scorer: WordNGramScorer, lines: list[str], name: str) -> dict:
+    """Perplexity per word (``</s>`` included; KenLM's ``<unk>`` for unseen words) and the
+    share of words outside the lexicon (each one an error of lexicon-constrained decoding)."""
+    words = [word for line in lines for word in line.split()]
+    total = sum(LN10 * scorer.model.score(line, bos=True, eos=True) for line in lines)
+    outside = sum(not scorer.in_lexicon(word) for word in words)
+    return {f"lm_{name}_perplexity": math.exp(-total / (len(words) + len(lines))),
+            f"lm_{name}_oov_rate": outside / max(len(words), 1)}
 
 
 def run_program(command: list, log: Path) -> None:
@@ -70,6 +91,9 @@ def train_ngram(hparams: dict, datasets: dict) -> dict:
         import_kenlm()
     except ImportError as error:
         raise SystemExit(f"error: {error}") from None
+    unit = hparams.get("unit", "token")
+    if unit not in ("token", "word"):
+        raise SystemExit(f"error: --unit {unit}: give token or word")
     if not 2 <= hparams["order"] <= MAX_ORDER:
         raise SystemExit(f"error: --order {hparams['order']}: give 2 to {MAX_ORDER} (KenLM as "
                          f"`make kenlm` builds it reads n-grams up to order {MAX_ORDER})")
@@ -77,7 +101,8 @@ def train_ngram(hparams: dict, datasets: dict) -> dict:
     lmplz = kenlm_program("lmplz", hparams.get("kenlm_bin"))
     build_binary = kenlm_program("build_binary", hparams.get("kenlm_bin"))
     text = folder / "text.txt"
-    lines = token_lines(datasets["train"])
+    sp = hparams["tokenizer"].sp
+    lines = token_lines(datasets["train"]) if unit == "token" else word_lines(datasets["train"], sp)
     text.write_text("\n".join(lines) + "\n")
     arpa, log = folder / "lm.arpa", folder / "kenlm_log.txt"
     log.write_text("")
@@ -90,7 +115,16 @@ def train_ngram(hparams: dict, datasets: dict) -> dict:
             command.append("--discount_fallback")
         run_program(command, log)
     run_program([build_binary, arpa, folder / MODEL_FILE], log)
-    scorer = NGramScorer(folder / MODEL_FILE, hparams["vocab_size"])
+    if unit == "token":
+        scorer = NGramScorer(folder / MODEL_FILE, hparams["vocab_size"])
+        figures = {f"lm_{name}_perplexity": perplexity(scorer, token_lines(datasets[name]))
+                   for name in ("valid", "test")}
+    else:
+        scorer = WordNGramScorer(folder / MODEL_FILE, arpa, tokenizer_pieces(sp))
+        figures = {"lexicon_words": scorer.lexicon_words,
+                   "lexicon_words_unspellable": scorer.dropped_words}
+        for name in ("valid", "test"):
+            figures.update(word_figures(scorer, word_lines(datasets[name], sp), name))
     counts = {}
     for line in arpa.open():
         if line.startswith("ngram "):
@@ -99,8 +133,7 @@ def train_ngram(hparams: dict, datasets: dict) -> dict:
         elif line.startswith("\\1-grams"):
             break
     summary = {
-        "lm_valid_perplexity": perplexity(scorer, token_lines(datasets["valid"])),
-        "lm_test_perplexity": perplexity(scorer, token_lines(datasets["test"])),
+        **figures, "unit": unit,
         "order": hparams["order"], "ngrams": counts, "train_sentences": len(lines),
         "train_seconds": round(time.time() - start, 1),
         "lm_hparams": str((folder / "hyperparams.yaml").resolve()),

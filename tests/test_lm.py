@@ -5,6 +5,7 @@ sentences and decodings a model cannot run are refused in one line."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +256,29 @@ def test_a_tokenizer_retrained_on_the_same_text_is_the_same(runs, tmp_path):
     again = tmp_path / "26_char.model"
     assert file_digest(again) != file_digest(ours)
     check_same_tokenizer(again, ours, "lm", "asr")
+
+
+@needs_kenlm
+def test_word_ngram_recipe_constrains_every_decoding_to_its_lexicon(runs, tmp_path):
+    """The word n-gram recipe writes the training text as words in the tokenizer's case and
+    reports its lexicon's OOV rates; every decoding mode fused with it through evaluate.py
+    outputs lexicon words only (a heavy LM weight: the constraint, not the weight, decides)."""
+    tmp, _ = runs
+    command = ngram_command(tmp, tmp_path / "words")
+    command[0] = str(ROOT / "hparams" / "LM" / "word_ngram.yaml")
+    summary = json.loads(train(*command[:-2], "--order", "3").stdout.strip().splitlines()[-1])
+    assert summary["unit"] == "word" and summary["lexicon_words"] > 20
+    assert 0.0 <= summary["lm_test_oov_rate"] < 1.0 and summary["lm_test_perplexity"] > 1.0
+    lexicon = set((tmp_path / "words" / "text.txt").read_text().split())
+    assert all(word.isupper() for word in lexicon)
+    rows = (tmp / "test.csv").read_text().splitlines()
+    (tmp_path / "two.csv").write_text("\n".join(rows[:3]) + "\n")
+    for decoding in ["ctc_prefix_beam", "attention_rescoring", "attention"]:
+        result = evaluate(tmp, "--test_csv", str(tmp_path / "two.csv"), "--decoding", decoding,
+                          "--lm", str(tmp_path / "words"), "--lm_weight", "0.5",
+                          "--beam_size", "2", "--context", "low", "--streaming",
+                          "--output_folder", str(tmp_path / decoding))
+        hypotheses = [json.loads(line)["hyp"] for line in
+                      Path(result["hypotheses"]).read_text().splitlines()]
+        assert len(hypotheses) == 2
+        assert all(word in lexicon for hyp in hypotheses for word in hyp.split()), hypotheses

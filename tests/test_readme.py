@@ -68,6 +68,8 @@ SHORTENED = {
                                       "--beam_size", "2"],
     "hparams/LM/ngram.yaml": ["--vocab_size", "26", "--order", "4", *TINY_DATA,
                               "--test_csv", "tiny/test.csv"],
+    "hparams/LM/word_ngram.yaml": ["--vocab_size", "26", *TINY_DATA, "--test_csv",
+                                   "tiny/test.csv"],
     "recipes/train.py hparams/LM/": ["--d_model", "32", "--nhead", "2", "--num_layers", "1",
                                      "--d_ffn", "64", "--vocab_size", "26", *TINY_DATA,
                                      "--test_csv", "tiny/test.csv", "--number_of_epochs", "1"],
@@ -171,7 +173,8 @@ def test_documented_snippet_runs(clone, language, text):
         reason = not_run_reason(text)
         if reason:
             pytest.skip(f"not run: {reason}")
-        if "hparams/LM/ngram.yaml" in text and not kenlm_built():
+        if ("hparams/LM/ngram.yaml" in text or "hparams/LM/word_ngram.yaml" in text) and \
+                not kenlm_built():
             pytest.skip("KenLM is not built here: run `make kenlm`")
         if "--compiled" in text and not compiler_available():
             pytest.skip("no C++ compiler here, which torch.compile needs")

@@ -1,0 +1,259 @@
+"""A word n-gram language model over a lexicon, scored token by token: shallow fusion of a
+KenLM *word* model (``hparams/LM/word_ngram.yaml``) wherever the token LMs fuse (the CTC prefix
+beam, chunk by chunk; attention rescoring; the attention beam search).
+
+A token-level search proposes pieces; a word LM scores words. The pieces of a word are scored
+by *look-ahead*: a partial word scores the unigram log-probability of its likeliest completion
+in the lexicon (``smear``), each piece adding the change in that bound, and the word's last
+piece is scored when the next word starts or the sentence ends, replacing the bound with the
+word's log-probability given the words before it. Along a whole sentence the increments
+telescope, so its score is exactly the word LM's sentence log-probability (``</s>`` included).
+A piece that leaves the lexicon scores ``NEVER``: the search only spells lexicon words, the
+usual lexicon-constrained decoding (flashlight's, WeNet's TLG), so a word outside the lexicon
+is always an error, which the LM run reports as its OOV rate.
+
+Written here: SpeechBrain's ``KenLMScorer`` treats each token as a word, and flashlight's
+lexicon decoder (torchaudio's ``ctc_decoder``) neither gives an n-best to rescore nor plugs
+into our prefix beam or SpeechBrain's attention search. The lexicon and its unigram bounds come
+from the ARPA file's 1-grams, so the two cannot disagree.
+
+Pieces are SentencePiece's: ``▁`` at the start of a piece begins a word (a character model
+has ``▁`` alone); control and unknown pieces are never emitted.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from speechbrain.decoders.scorer import BaseScorerInterface
+
+from .ngram import LN10, NEVER, import_kenlm
+
+WORD_START = "\u2581"  # SentencePiece's word-boundary marker
+
+
+class LexiconNode:
+    """A node of the lexicon trie: the characters so far of one or more words."""
+    __slots__ = ("children", "smear", "is_word")
+
+    def __init__(self):
+        self.children: dict[str, LexiconNode] = {}
+        self.smear = -math.inf  # the best unigram log-probability of a word below this node
+        self.is_word = False
+
+    def walk(self, text: str) -> "LexiconNode | None":
+        """The node after ``text`` (None: no lexicon word continues this way)."""
+        node = self
+        for char in text:
+            node = node.children.get(char)
+            if node is None:
+                return None
+        return node
+
+
+def tokenizer_pieces(sp) -> list[str | None]:
+    """Each id's piece of a SentencePiece processor; None for pieces never emitted (control,
+    unknown, unused)."""
+    return [None if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) else
+            sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+
+
+def read_unigrams(arpa: str | Path) -> dict[str, float]:
+    """The 1-grams of an ARPA file: word -> natural-log probability (``<s>``, ``</s>`` and
+    ``<unk>`` left out)."""
+    unigrams, inside = {}, False
+    with open(arpa, encoding="utf-8") as lines:
+        for line in lines:
+            if line.startswith("\\1-grams:"):
+                inside = True
+            elif inside and line.startswith("\\"):
+                break
+            elif inside and line.strip():
+                fields = line.split("\t")
+                if fields[1].strip() not in ("<s>", "</s>", "<unk>"):
+                    unigrams[fields[1].strip()] = LN10 * float(fields[0])
+    if not unigrams:
+        raise ValueError(f"{arpa}: no 1-grams found; is it an ARPA file of a word n-gram?")
+    return unigrams
+
+
+def build_lexicon(unigrams: dict[str, float], alphabet: set[str]) -> tuple[LexiconNode, int]:
+    """The trie of the words spelled by ``alphabet`` only, with each node's look-ahead bound;
+    and how many words were left out (characters the tokenizer cannot write)."""
+    root, dropped = LexiconNode(), 0
+    for word, log_prob in unigrams.items():
+        if not set(word) <= alphabet:
+            dropped += 1
+            continue
+        node = root
+        node.smear = max(node.smear, log_prob)
+        for char in word:
+            node = node.children.setdefault(char, LexiconNode())
+            node.smear = max(node.smear, log_prob)
+        node.is_word = True
+    return root, dropped
+
+
+class WordNGramScorer:
+    """Next-token log-probabilities (natural log) of token-id prefixes under a word n-gram
+    over its lexicon, with the interface of ``modules.ngram.NGramScorer`` (the ids, then
+    ``bos`` = ``len(pieces)``, never emitted, and ``eos`` = ``len(pieces) + 1``).
+
+    Arguments
+    ---------
+    model_path : the KenLM binary (or ARPA) of the word model.
+    arpa_path : its ARPA file, whose 1-grams are the lexicon.
+    pieces : the ASR tokenizer's piece of each id; ``None`` for pieces never emitted
+        (``tokenizer_pieces``).
+
+    Example
+    -------
+    >>> scorer = WordNGramScorer("lm.bin", "lm.arpa", pieces)  # doctest: +SKIP
+    >>> scorer([[], [1, 10]]).shape  # doctest: +SKIP
+    torch.Size([2, 31])
+    """
+
+    def __init__(self, model_path: str | Path, arpa_path: str | Path,
+                 pieces: list[str | None]):
+        kenlm = import_kenlm()
+        for path in (model_path, arpa_path):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"word n-gram file {path} not found: train it with "
+                                        "python recipes/train.py hparams/LM/word_ngram.yaml")
+        self.model = kenlm.Model(str(model_path))
+        self.kenlm = kenlm
+        self.pieces = pieces
+        self.vocab_size = len(pieces)
+        self.bos, self.eos = self.vocab_size, self.vocab_size + 1
+        alphabet = {char for piece in pieces if piece for char in piece if char != WORD_START}
+        unigrams = read_unigrams(arpa_path)
+        self.lexicon, dropped = build_lexicon(unigrams, alphabet)
+        self.lexicon_words = len(unigrams) - dropped
+        if not self.lexicon.children:
+            raise ValueError(f"{arpa_path}: none of its words can be spelled with the ASR "
+                             f"tokenizer's characters ({''.join(sorted(alphabet))}); were the "
+                             "LM's text and the ASR model's transcripts normalized alike?")
+        self.dropped_words = dropped
+        # each word-starting piece's node (the root for a bare ``▁``; None: no word starts so)
+        self.starts = {index: self.lexicon.walk(piece[1:]) for index, piece in enumerate(pieces)
+                       if piece and piece.startswith(WORD_START)}
+        start = kenlm.State()
+        self.model.BeginSentenceWrite(start)
+        # prefix -> (KenLM state after its finished words, its open word, that word's node)
+        self.states: dict[tuple[int, ...], tuple] = {(): (start, "", self.lexicon)}
+
+    def in_lexicon(self, word: str) -> bool:
+        """Whether the search can spell ``word``."""
+        node = self.lexicon.walk(word)
+        return node is not None and node.is_word
+
+    def _word_score(self, state, word: str):
+        """Log-probability of ``word`` after ``state``, and the state after it."""
+        after = self.kenlm.State()
+        return LN10 * self.model.BaseScore(state, word, after), after
+
+    def state(self, prefix: tuple[int, ...]) -> tuple:
+        """(KenLM state, open word, its lexicon node) after ``prefix``; node None: the prefix
+        left the lexicon. Built on from the longest cached prefix (a loop: a long stream's
+        prefixes would exceed Python's recursion limit)."""
+        known = len(prefix)
+        while prefix[:known] not in self.states:
+            known -= 1
+        lm_state, word, node = self.states[prefix[:known]]
+        if len(self.states) > 100_000:  # a long decode: states of dead prefixes go
+            self.states = {(): self.states[()]}
+        for end in range(known + 1, len(prefix) + 1):
+            index = prefix[end - 1]
+            piece = self.pieces[index] if index < self.vocab_size else None
+            if node is None or piece is None:
+                node = None
+            elif piece.startswith(WORD_START):
+                if word:
+                    _, lm_state = self._word_score(lm_state, word)
+                word, node = piece[1:], self.starts[index]
+            else:
+                word, node = word + piece, node.walk(piece)
+            self.states[prefix[:end]] = (lm_state, word, node)
+        return self.states[prefix]
+
+    def _finish(self, lm_state, word: str, node: LexiconNode):
+        """The score of ending the open word (replacing its bound), and the state after it."""
+        if not word:
+            return 0.0, lm_state
+        if not node.is_word:
+            return NEVER, lm_state
+        score, after = self._word_score(lm_state, word)
+        return score - node.smear, after
+
+    def next_scores(self, prefix: tuple[int, ...]) -> list[float]:
+        """Log-score of every token of the decoder's vocabulary after ``prefix``."""
+        lm_state, word, node = self.state(prefix)
+        row = [NEVER] * (self.vocab_size + 2)
+        if node is None:
+            return row
+        bound = node.smear if word else 0.0
+        finish, after = self._finish(lm_state, word, node)
+        for index, piece in enumerate(self.pieces):
+            if piece is None:
+                continue
+            if piece.startswith(WORD_START):
+                child = self.starts[index]
+                if child is not None and finish > NEVER:
+                    row[index] = finish + (child.smear if piece[1:] else 0.0)
+            else:
+                child = node.walk(piece)
+                if child is not None:
+                    row[index] = child.smear - bound
+        if finish > NEVER:
+            row[self.eos] = finish + self._word_score(after, "</s>")[0]
+        return row
+
+    def __call__(self, prefixes: list[list[int]]) -> torch.Tensor:
+        """Token-id prefixes -> (N, vocab_size + 2) log-scores of the next token."""
+        return torch.tensor([self.next_scores(tuple(p)) for p in prefixes], dtype=torch.float32)
+
+    def sentence_scores(self, token_lists: list[list[int]]) -> list[float]:
+        """Log-probability of each whole sentence under the word model (``</s>`` included);
+        ``NEVER`` for a sentence with a word outside the lexicon."""
+        scores = []
+        for tokens in token_lists:
+            text = "".join(self.pieces[t] or "" for t in tokens if t < self.vocab_size)
+            words = text.replace(WORD_START, " ").split()
+            if not all(self.in_lexicon(word) for word in words) or \
+                    any(t >= self.vocab_size or self.pieces[t] is None for t in tokens):
+                scores.append(NEVER)
+            else:
+                scores.append(LN10 * self.model.score(" ".join(words), bos=True, eos=True))
+        return scores
+
+    def search_scorer(self) -> "PrefixSearchScorer":
+        """The scorer of SpeechBrain's beam search over the search vocabulary of
+        ``modules.decoding.SearchVocabulary`` (ids, bos, eos, blank)."""
+        return PrefixSearchScorer(self)
+
+
+class PrefixSearchScorer(BaseScorerInterface):
+    """SpeechBrain's full-scorer interface over any ``prefixes -> next-token scores`` LM: its
+    memory is each hypothesis' token-id prefix (the search's bos not included).
+
+    Written here: SpeechBrain's LM scorers each wrap one kind of model (an RNN, a Transformer,
+    a KenLM model over tokens), none a scorer given as prefixes."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def score(self, inp_tokens, memory, candidates, attn):
+        if memory is None:  # the first step: every hypothesis is bos alone
+            prefixes = [()] * inp_tokens.shape[0]
+        else:
+            prefixes = [prefix + (token,) for prefix, token in zip(memory, inp_tokens.tolist())]
+        rows = self.lm(prefixes)  # (N, vocab + 2): ids, bos, eos
+        blank = torch.full_like(rows[:, :1], NEVER)
+        return torch.cat([rows, blank], dim=-1).to(inp_tokens.device), prefixes
+
+    def permute_mem(self, memory, index):
+        return [memory[i] for i in index.reshape(-1).tolist()]
+
+    def reset_mem(self, x, enc_lens):
+        return None

@@ -1,0 +1,138 @@
+"""The word n-gram scorer (issue 22): piece by piece, its look-ahead scores add up to the word
+model's sentence log-probability; the search it drives spells lexicon words only; the streamed
+CTC prefix beam with it is the offline one; SpeechBrain's search scorer follows the beams.
+Needs KenLM (``make kenlm``): skipped, with the reason, where it is not built."""
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+kenlm = pytest.importorskip("kenlm", reason="the kenlm Python module: run `make kenlm`")
+LMPLZ = ROOT / "tools" / "kenlm" / "bin" / "lmplz"
+if not LMPLZ.is_file():
+    pytest.skip("KenLM's lmplz is not built: run `make kenlm`", allow_module_level=True)
+
+from modules.ctc import CTCPrefixBeam  # noqa: E402
+from modules.ngram import NEVER  # noqa: E402
+from modules.word_ngram import WORD_START, PrefixSearchScorer, WordNGramScorer  # noqa: E402
+
+WORDS = ["THE", "THEN", "THERE", "A", "AN", "AND", "CAT", "CAN", "NET", "TEN", "ANT", "HAT"]
+CHARS = [None, WORD_START] + sorted(set("".join(WORDS)))  # <unk>, ▁, letters: a char model
+SUBWORDS = [None, WORD_START, f"{WORD_START}THE", f"{WORD_START}A", "N", "RE", "T", "E", "H",
+            f"{WORD_START}C", "A", "D", f"{WORD_START}N", f"{WORD_START}T", f"{WORD_START}H"]
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """A trigram on random sentences of ``WORDS``: its ARPA and KenLM binary (the same file)."""
+    tmp = tmp_path_factory.mktemp("word_ngram")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))) for _ in range(400)]
+    (tmp / "text.txt").write_text("\n".join(lines) + "\n")
+    subprocess.run([str(LMPLZ), "--order", "3", "--text", str(tmp / "text.txt"), "--arpa",
+                    str(tmp / "lm.arpa"), "--discount_fallback", "--memory", "5%"],
+                   check=True, capture_output=True)
+    return tmp / "lm.arpa", tmp / "lm.arpa"
+
+
+def encode(text: str, pieces: list) -> list[int]:
+    """Greedy longest-match spelling of ``text`` in ``pieces`` (each word starts with ▁)."""
+    marked, ids = "".join(WORD_START + word for word in text.split()), []
+    while marked:
+        index = max((i for i, piece in enumerate(pieces) if piece and marked.startswith(piece)),
+                    key=lambda i: len(pieces[i]))
+        ids.append(index)
+        marked = marked[len(pieces[index]):]
+    return ids
+
+
+@pytest.mark.parametrize("pieces", [CHARS, SUBWORDS], ids=["characters", "subwords"])
+def test_piece_scores_add_up_to_the_word_model_sentence_score(model_files, pieces):
+    scorer = WordNGramScorer(*model_files, pieces)
+    for sentence in ["THE CAT", "AN ANT AND THEN THERE", "A", "THEN THE HAT"]:
+        tokens = encode(sentence, pieces)
+        rows = scorer([tokens[:k] for k in range(len(tokens) + 1)])
+        assert rows.shape == (len(tokens) + 1, len(pieces) + 2)
+        assert (rows[:, scorer.bos] == NEVER).all() and (rows[:, 0] == NEVER).all()
+        path = sum(float(rows[k, t]) for k, t in enumerate(tokens)) + float(rows[-1, scorer.eos])
+        exact = math.log(10) * scorer.model.score(sentence, bos=True, eos=True)
+        assert path == pytest.approx(exact, abs=1e-3)
+        assert scorer.sentence_scores([tokens])[0] == pytest.approx(exact, abs=1e-4)
+
+
+def test_the_lexicon_is_the_only_way_out(model_files):
+    scorer = WordNGramScorer(*model_files, CHARS)
+    the = encode("THE", CHARS)
+    row = scorer([the])[0]
+    letter = {piece: index for index, piece in enumerate(CHARS) if piece}
+    assert row[letter["N"]] > NEVER and row[letter["R"]] > NEVER  # THEN, THERE
+    assert row[letter["C"]] == NEVER  # no word starts THEC
+    assert row[scorer.eos] > NEVER and row[letter[WORD_START]] > NEVER  # THE is a word
+    the_r = the + [letter["R"]]
+    row = scorer([the_r])[0]
+    assert row[scorer.eos] == NEVER and row[letter[WORD_START]] == NEVER  # THER is not
+    assert scorer.sentence_scores([encode("THE TEA", CHARS), the_r]) == [NEVER, NEVER]
+    # the look-ahead bound of an open word is its likeliest completion's unigram
+    assert float(scorer([the_r])[0].max()) <= 0.0
+    assert not scorer.in_lexicon("THER") and scorer.in_lexicon("THERE")
+
+
+def test_the_search_spells_lexicon_words_only(model_files):
+    scorer = WordNGramScorer(*model_files, CHARS)
+    generator = torch.Generator().manual_seed(3)
+    log_probs = torch.randn(60, len(CHARS) + 1, generator=generator).mul(3).log_softmax(-1)
+    search = CTCPrefixBeam(beam_size=8, lm=scorer, lm_weight=1.0)
+    search.push(log_probs)
+    plain = CTCPrefixBeam(beam_size=8)
+    plain.push(log_probs)
+    spelled = lambda prefix: "".join(CHARS[i - 1] or "?" for i in prefix).replace(WORD_START, " ")
+    assert any(not all(w in WORDS for w in spelled(h.prefix).split()) for h in plain.nbest())
+    for hypothesis in search.nbest():
+        *finished, last = spelled(hypothesis.prefix).split() or [""]
+        assert all(word in WORDS for word in finished)
+        assert any(word.startswith(last) for word in WORDS)
+
+
+@pytest.mark.parametrize("chunks", [[50], [1] * 50, [7, 13, 30]])
+def test_streamed_prefix_beam_with_the_word_model_is_the_offline_one(model_files, chunks):
+    scorer = WordNGramScorer(*model_files, CHARS)
+    generator = torch.Generator().manual_seed(5)
+    log_probs = torch.randn(50, len(CHARS) + 1, generator=generator).mul(2).log_softmax(-1)
+    offline = CTCPrefixBeam(beam_size=5, lm=scorer, lm_weight=0.7, length_bonus=0.5)
+    offline.push(log_probs)
+    stream, start = CTCPrefixBeam(beam_size=5, lm=scorer, lm_weight=0.7, length_bonus=0.5), 0
+    for size in chunks:
+        stream.push(log_probs[start:start + size])
+        start += size
+    assert stream.nbest() == offline.nbest()
+
+
+def test_search_scorer_follows_the_surviving_beams(model_files):
+    scorer = WordNGramScorer(*model_files, CHARS)
+    search = scorer.search_scorer()
+    assert isinstance(search, PrefixSearchScorer) and search.reset_mem(None, None) is None
+    bos = torch.full((2,), scorer.bos)
+    first, memory = search.score(bos, None, None, None)
+    assert first.shape == (2, len(CHARS) + 3) and (first[:, -1] == NEVER).all()
+    assert torch.equal(first[0, :-1], scorer([[]])[0])
+    memory = search.permute_mem(memory, torch.tensor([[1, 0]]))
+    t = CHARS.index("T")
+    second, memory = search.score(torch.tensor([1, t]), memory, None, None)
+    assert memory == [(1,), (t,)]
+    assert torch.equal(second[1, :-1], scorer([[t]])[0])
+
+
+def test_a_long_prefix_and_bad_files(model_files, tmp_path):
+    scorer = WordNGramScorer(*model_files, CHARS)
+    tokens = encode(" ".join(["THE CAT"] * 600), CHARS)  # longer than Python's recursion limit
+    assert len(tokens) > sys.getrecursionlimit()
+    assert scorer([tokens])[0][scorer.eos] > NEVER
+    with pytest.raises(FileNotFoundError, match="hparams/LM/word_ngram.yaml"):
+        WordNGramScorer(tmp_path / "lm.bin", model_files[1], CHARS)
+    with pytest.raises(ValueError, match="none of its words can be spelled"):
+        WordNGramScorer(*model_files, [None, WORD_START] + list("xyz"))
