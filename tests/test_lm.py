@@ -282,3 +282,41 @@ def test_word_ngram_recipe_constrains_every_decoding_to_its_lexicon(runs, tmp_pa
                       Path(result["hypotheses"]).read_text().splitlines()]
         assert len(hypotheses) == 2
         assert all(word in lexicon for hyp in hypotheses for word in hyp.split()), hypotheses
+
+
+def test_decoding_modes_tunes_on_dev_decodes_test_once_and_resumes(runs, tmp_path):
+    """recipes/decoding_modes.py (the results tables of docs/decoding.md): each LM system's
+    weight and every beam system's length bonus chosen on dev, every system decoded on test,
+    the declared comparisons paired; two processes share the systems and a rerun decodes
+    nothing (each decoding is read back)."""
+    tmp, _ = runs
+    command = [sys.executable, str(ROOT / "recipes" / "decoding_modes.py"), "--asr_run",
+               str(tmp / "s2s"), "--lm", str(tmp / "lm"), "--dev_csv", str(tmp / "valid.csv"),
+               "--test_csv", str(tmp / "test.csv"), "--output_folder", str(tmp_path / "modes"),
+               "--contexts", "low,unlimited", "--attention_contexts", "low", "--tune_context",
+               "low", "--lm_weights", "0.5", "--length_bonuses", "0,1", "--beam_size", "2",
+               "--latency_utterances", "1"]
+
+    def run(*extra):
+        done = subprocess.run([*command, *extra], capture_output=True, text=True, cwd=ROOT,
+                              timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert run("--systems", "ctc_greedy,attention,attention+lm") == {
+        "decoded": ["ctc_greedy", "attention", "attention+lm"]}
+    summary = run()
+    result = json.loads(Path(summary["json"]).read_text())
+    assert set(result["chosen_on_dev"]) == {"ctc_prefix_beam", "attention_rescoring",
+                                            "ctc_prefix_beam+lm", "attention_rescoring+lm",
+                                            "attention+lm"}
+    assert result["chosen_on_dev"]["ctc_prefix_beam+lm"]["lm_weight"] == 0.5
+    assert not result["missing"] and len(result["test"]) == 7
+    for path in (tmp_path / "modes" / "test").glob("*.json"):
+        assert "--beam_size" in json.loads(path.read_text())["record"]["argv"]
+    pairs = {(c["a"], c["b"]) for c in result["comparisons"]}
+    assert {("attention_rescoring+lm", "ctc_greedy"), ("attention+lm", "ctc_greedy")} <= pairs
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "modes").rglob("*.json")
+            if p.name != "decoding_modes.json"}
+    run()
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
