@@ -10,7 +10,9 @@ word's log-probability given the words before it. Along a whole sentence the inc
 telescope, so its score is exactly the word LM's sentence log-probability (``</s>`` included).
 A piece that leaves the lexicon scores ``NEVER``: the search only spells lexicon words, the
 usual lexicon-constrained decoding (flashlight's, WeNet's TLG), so a word outside the lexicon
-is always an error, which the LM run reports as its OOV rate.
+is always an error, which the LM run reports as its OOV rate. With an ``oov_penalty`` the
+search may leave the lexicon: such a word scores KenLM's ``<unk>`` plus the penalty per
+character (the open-vocabulary option of lexicon decoders).
 
 Written here: SpeechBrain's ``KenLMScorer`` treats each token as a word, and flashlight's
 lexicon decoder (torchaudio's ``ctc_decoder``) neither gives an n-best to rescore nor plugs
@@ -106,6 +108,9 @@ class WordNGramScorer:
     arpa_path : its ARPA file, whose 1-grams are the lexicon.
     pieces : the ASR tokenizer's piece of each id; ``None`` for pieces never emitted
         (``tokenizer_pieces``).
+    oov_penalty : None: only lexicon words (lexicon-constrained). A log-score per character
+        (negative): a word outside the lexicon may be spelled, scored as KenLM's ``<unk>``
+        plus this per character.
 
     Example
     -------
@@ -115,7 +120,7 @@ class WordNGramScorer:
     """
 
     def __init__(self, model_path: str | Path, arpa_path: str | Path,
-                 pieces: list[str | None]):
+                 pieces: list[str | None], oov_penalty: float | None = None):
         kenlm = import_kenlm()
         for path in (model_path, arpa_path):
             if not Path(path).is_file():
@@ -135,8 +140,12 @@ class WordNGramScorer:
                              f"tokenizer's characters ({''.join(sorted(alphabet))}); were the "
                              "LM's text and the ASR model's transcripts normalized alike?")
         self.dropped_words = dropped
-        # each word-starting piece's node (the root for a bare ``▁``; None: no word starts so)
-        self.starts = {index: self.lexicon.walk(piece[1:]) for index, piece in enumerate(pieces)
+        self.oov_penalty = oov_penalty
+        self.oov = LexiconNode()  # the open word has left the lexicon (with an oov_penalty)
+        self.oov.smear, self.oov.is_word = 0.0, True
+        # each word-starting piece's (node, score) from the root
+        self.starts = {index: self._extend("", self.lexicon, piece[1:])
+                       for index, piece in enumerate(pieces)
                        if piece and piece.startswith(WORD_START)}
         start = kenlm.State()
         self.model.BeginSentenceWrite(start)
@@ -144,19 +153,50 @@ class WordNGramScorer:
         self.states: dict[tuple[int, ...], tuple] = {(): (start, "", self.lexicon)}
 
     def in_lexicon(self, word: str) -> bool:
-        """Whether the search can spell ``word``."""
+        """Whether ``word`` is a lexicon word."""
         node = self.lexicon.walk(word)
         return node is not None and node.is_word
 
     def _word_score(self, state, word: str):
-        """Log-probability of ``word`` after ``state``, and the state after it."""
+        """Log-probability of ``word`` after ``state`` (KenLM's ``<unk>`` for a word it does
+        not know), and the state after it."""
         after = self.kenlm.State()
         return LN10 * self.model.BaseScore(state, word, after), after
 
+    def _bound(self, word: str, node: LexiconNode) -> float:
+        """The look-ahead score already given to the open ``word``."""
+        return node.smear if word and node is not self.oov else 0.0
+
+    def _extend(self, word: str, node: LexiconNode, text: str):
+        """(node, score) of appending ``text`` to the open ``word`` at ``node``; node None:
+        the search may not spell it (outside the lexicon, no ``oov_penalty``)."""
+        if not text:
+            return node, 0.0
+        if node is self.oov:
+            return node, self.oov_penalty * len(text)
+        child = node.walk(text)
+        if child is not None:
+            return child, child.smear - self._bound(word, node)
+        if self.oov_penalty is None:
+            return None, NEVER
+        return self.oov, self.oov_penalty * len(word + text) - self._bound(word, node)
+
+    def _finish(self, lm_state, word: str, node: LexiconNode):
+        """The score of ending the open word (replacing its bound), and the state after it."""
+        if not word:
+            return 0.0, lm_state
+        if node is self.oov or node.is_word:
+            score, after = self._word_score(lm_state, word)
+            return score - self._bound(word, node), after
+        if self.oov_penalty is None:
+            return NEVER, lm_state
+        score, after = self._word_score(lm_state, word)  # a lexicon prefix that is no word
+        return score + self.oov_penalty * len(word) - node.smear, after
+
     def state(self, prefix: tuple[int, ...]) -> tuple:
-        """(KenLM state, open word, its lexicon node) after ``prefix``; node None: the prefix
-        left the lexicon. Built on from the longest cached prefix (a loop: a long stream's
-        prefixes would exceed Python's recursion limit)."""
+        """(KenLM state after the finished words, the open word, its node) after ``prefix``;
+        node None: the search may not spell it. Built on from the longest cached prefix (a
+        loop: a long stream's prefixes would exceed Python's recursion limit)."""
         known = len(prefix)
         while prefix[:known] not in self.states:
             known -= 1
@@ -171,20 +211,11 @@ class WordNGramScorer:
             elif piece.startswith(WORD_START):
                 if word:
                     _, lm_state = self._word_score(lm_state, word)
-                word, node = piece[1:], self.starts[index]
+                word, (node, _) = piece[1:], self._extend("", self.lexicon, piece[1:])
             else:
-                word, node = word + piece, node.walk(piece)
+                word, (node, _) = word + piece, self._extend(word, node, piece)
             self.states[prefix[:end]] = (lm_state, word, node)
         return self.states[prefix]
-
-    def _finish(self, lm_state, word: str, node: LexiconNode):
-        """The score of ending the open word (replacing its bound), and the state after it."""
-        if not word:
-            return 0.0, lm_state
-        if not node.is_word:
-            return NEVER, lm_state
-        score, after = self._word_score(lm_state, word)
-        return score - node.smear, after
 
     def next_scores(self, prefix: tuple[int, ...]) -> list[float]:
         """Log-score of every token of the decoder's vocabulary after ``prefix``."""
@@ -192,19 +223,18 @@ class WordNGramScorer:
         row = [NEVER] * (self.vocab_size + 2)
         if node is None:
             return row
-        bound = node.smear if word else 0.0
         finish, after = self._finish(lm_state, word, node)
         for index, piece in enumerate(self.pieces):
             if piece is None:
                 continue
             if piece.startswith(WORD_START):
-                child = self.starts[index]
+                child, score = self.starts[index]
                 if child is not None and finish > NEVER:
-                    row[index] = finish + (child.smear if piece[1:] else 0.0)
+                    row[index] = finish + score
             else:
-                child = node.walk(piece)
+                child, score = self._extend(word, node, piece)
                 if child is not None:
-                    row[index] = child.smear - bound
+                    row[index] = score
         if finish > NEVER:
             row[self.eos] = finish + self._word_score(after, "</s>")[0]
         return row
@@ -214,17 +244,21 @@ class WordNGramScorer:
         return torch.tensor([self.next_scores(tuple(p)) for p in prefixes], dtype=torch.float32)
 
     def sentence_scores(self, token_lists: list[list[int]]) -> list[float]:
-        """Log-probability of each whole sentence under the word model (``</s>`` included);
-        ``NEVER`` for a sentence with a word outside the lexicon."""
+        """Log-score of each whole sentence (``</s>`` included): the word model's, plus
+        ``oov_penalty`` per character of its words outside the lexicon (``NEVER`` without one)."""
         scores = []
         for tokens in token_lists:
-            text = "".join(self.pieces[t] or "" for t in tokens if t < self.vocab_size)
-            words = text.replace(WORD_START, " ").split()
-            if not all(self.in_lexicon(word) for word in words) or \
-                    any(t >= self.vocab_size or self.pieces[t] is None for t in tokens):
+            if any(t >= self.vocab_size or self.pieces[t] is None for t in tokens):
                 scores.append(NEVER)
-            else:
-                scores.append(LN10 * self.model.score(" ".join(words), bos=True, eos=True))
+                continue
+            text = "".join(self.pieces[t] for t in tokens)
+            words = text.replace(WORD_START, " ").split()
+            outside = sum(len(word) for word in words if not self.in_lexicon(word))
+            if outside and self.oov_penalty is None:
+                scores.append(NEVER)
+                continue
+            penalty = self.oov_penalty * outside if outside else 0.0
+            scores.append(LN10 * self.model.score(" ".join(words), bos=True, eos=True) + penalty)
         return scores
 
     def search_scorer(self) -> "PrefixSearchScorer":

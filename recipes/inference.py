@@ -262,7 +262,8 @@ def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_siz
                          f"{vocab_size}")
     if data["task"] == "ngram" and data.get("unit", "token") == "word":
         pieces = tokenizer_pieces(SentencePieceProcessor(model_file=str(asr_tokenizer)))
-        return WordNGramScorer(folder / MODEL_FILE, folder / "lm.arpa", pieces)
+        return WordNGramScorer(folder / MODEL_FILE, folder / "lm.arpa", pieces,
+                               data.get("oov_penalty"))
     if data["task"] == "ngram":
         return NGramScorer(folder / MODEL_FILE, vocab_size)
     hparams = load_run_hparams(folder)

@@ -94,6 +94,9 @@ def train_ngram(hparams: dict, datasets: dict) -> dict:
     unit = hparams.get("unit", "token")
     if unit not in ("token", "word"):
         raise SystemExit(f"error: --unit {unit}: give token or word")
+    if hparams.get("oov_penalty") is not None and not hparams["oov_penalty"] < 0:
+        raise SystemExit(f"error: --oov_penalty {hparams['oov_penalty']}: give a negative "
+                         "log-score per character, or null (lexicon words only)")
     if not 2 <= hparams["order"] <= MAX_ORDER:
         raise SystemExit(f"error: --order {hparams['order']}: give 2 to {MAX_ORDER} (KenLM as "
                          f"`make kenlm` builds it reads n-grams up to order {MAX_ORDER})")

@@ -282,6 +282,14 @@ def test_word_ngram_recipe_constrains_every_decoding_to_its_lexicon(runs, tmp_pa
                       Path(result["hypotheses"]).read_text().splitlines()]
         assert len(hypotheses) == 2
         assert all(word in lexicon for hyp in hypotheses for word in hyp.split()), hypotheses
+    train(*command[:-2], "--oov_penalty", "-3.0", "--output_folder", str(tmp_path / "open"))
+    from inference import load_language_model
+    scorer = load_language_model(tmp_path / "open", tmp / "s2s" / "save" / "tokenizer" /
+                                 "26_char.model", "asr", 26, torch.device("cpu"))
+    assert scorer.oov_penalty == -3.0 and scorer.sentence_scores([[1, 2, 3]])[0] > -1.0e4
+    run = train(*command[:-2], "--oov_penalty", "1.0", "--output_folder",
+                str(tmp_path / "bad"), check=False)
+    assert run.returncode != 0 and "--oov_penalty 1.0: give a negative" in run.stderr
 
 
 def test_decoding_modes_tunes_on_dev_decodes_test_once_and_resumes(runs, tmp_path):

@@ -65,6 +65,21 @@ def test_piece_scores_add_up_to_the_word_model_sentence_score(model_files, piece
         assert scorer.sentence_scores([tokens])[0] == pytest.approx(exact, abs=1e-4)
 
 
+@pytest.mark.parametrize("pieces", [CHARS, SUBWORDS], ids=["characters", "subwords"])
+def test_with_an_oov_penalty_other_words_score_as_unk_plus_the_penalty(model_files, pieces):
+    scorer = WordNGramScorer(*model_files, pieces, oov_penalty=-2.5)
+    strict = WordNGramScorer(*model_files, pieces)
+    for sentence in ["THE TEA", "THERE THEN", "ANTE CAT", "HAT HEAT A", "THE CAT"]:
+        tokens = encode(sentence, pieces)
+        rows = scorer([tokens[:k] for k in range(len(tokens) + 1)])
+        path = sum(float(rows[k, t]) for k, t in enumerate(tokens)) + float(rows[-1, scorer.eos])
+        outside = sum(len(w) for w in sentence.split() if w not in WORDS)
+        exact = math.log(10) * scorer.model.score(sentence, bos=True, eos=True) - 2.5 * outside
+        assert path == pytest.approx(exact, abs=1e-3)
+        assert scorer.sentence_scores([tokens])[0] == pytest.approx(exact, abs=1e-4)
+        assert (strict.sentence_scores([tokens])[0] == NEVER) == (outside > 0)
+
+
 def test_the_lexicon_is_the_only_way_out(model_files):
     scorer = WordNGramScorer(*model_files, CHARS)
     the = encode("THE", CHARS)
