@@ -113,6 +113,8 @@ class UtteranceDecoder:
     def finish(self, memory: torch.Tensor | None = None) -> list[int]:
         """The final token ids; ``attention_rescoring`` rescores the n-best with ``memory``,
         (1, T, D) the utterance's encoder output."""
+        if self.options.decoding == "ctc_prefix_beam" and self.lm is not None:
+            return self._ended_best()
         if self.options.decoding != "attention_rescoring":
             return self.partial()
         if memory is None:
@@ -125,6 +127,18 @@ class UtteranceDecoder:
         fused = [(score + self.options.lm_weight * lm + self.options.length_bonus * len(tokens),
                   tokens) for (tokens, score, _), lm in zip(rescored, lm_scores)]
         return max(fused, key=lambda item: item[0])[1]
+
+
+    def _ended_best(self) -> list[int]:
+        """The prefix beam's best hypothesis once the sentence ends: its ranking plus the
+        LM's end-of-sentence score (a word LM closes the open word there: a prefix ending
+        inside a word that is no word loses to any n-best hypothesis that ends in a word)."""
+        nbest = self.beam.nbest()
+        ends = self.lm([[index - 1 for index in h.prefix] for h in nbest])[:, self.lm.eos]
+        ranked = [(h.ctc + self.options.lm_weight * (h.lm + float(end))
+                   + self.options.length_bonus * len(h.prefix), h.prefix)
+                  for h, end in zip(nbest, ends)]
+        return [index - 1 for index in max(ranked, key=lambda item: item[0])[1]]
 
 
 class SearchVocabulary(torch.nn.Module):

@@ -33,6 +33,7 @@ from speechbrain.decoders.scorer import BaseScorerInterface
 from .ngram import LN10, NEVER, import_kenlm
 
 WORD_START = "\u2581"  # SentencePiece's word-boundary marker
+CACHED_PREFIXES = 20_000  # states kept (a search needs its beam's and their parents')
 
 
 class LexiconNode:
@@ -131,6 +132,11 @@ class WordNGramScorer:
         self.pieces = pieces
         self.vocab_size = len(pieces)
         self.bos, self.eos = self.vocab_size, self.vocab_size + 1
+        inside = [piece for piece in pieces if piece and WORD_START in piece[1:]]
+        if inside:
+            raise ValueError(f"tokenizer pieces such as {inside[0]!r} span a word boundary "
+                             "(SentencePiece's split_by_whitespace=false): a word LM needs "
+                             "pieces that start words or lie inside them")
         alphabet = {char for piece in pieces if piece for char in piece if char != WORD_START}
         unigrams = read_unigrams(arpa_path)
         self.lexicon, dropped = build_lexicon(unigrams, alphabet)
@@ -196,25 +202,31 @@ class WordNGramScorer:
     def state(self, prefix: tuple[int, ...]) -> tuple:
         """(KenLM state after the finished words, the open word, its node) after ``prefix``;
         node None: the search may not spell it. Built on from the longest cached prefix (a
-        loop: a long stream's prefixes would exceed Python's recursion limit)."""
-        known = len(prefix)
-        while prefix[:known] not in self.states:
+        search asks for one token more than a prefix it asked for before); only the prefixes
+        asked for are kept, at most ``CACHED_PREFIXES`` of them."""
+        if prefix in self.states:
+            return self.states[prefix]
+        known = len(prefix) - 1
+        while known > 0 and prefix[:known] not in self.states:
             known -= 1
-        lm_state, word, node = self.states[prefix[:known]]
-        if len(self.states) > 100_000:  # a long decode: states of dead prefixes go
-            self.states = {(): self.states[()]}
-        for end in range(known + 1, len(prefix) + 1):
-            index = prefix[end - 1]
+        lm_state, word, node = self.states[prefix[:known]] if known > 0 else self.states[()]
+        for position in range(known, len(prefix)):
+            index = prefix[position]
             piece = self.pieces[index] if index < self.vocab_size else None
             if node is None or piece is None:
                 node = None
             elif piece.startswith(WORD_START):
+                if not word and position > 0:
+                    node = None  # a second boundary in a row: normalized text has none
+                    continue
                 if word:
                     _, lm_state = self._word_score(lm_state, word)
                 word, (node, _) = piece[1:], self._extend("", self.lexicon, piece[1:])
             else:
                 word, (node, _) = word + piece, self._extend(word, node, piece)
-            self.states[prefix[:end]] = (lm_state, word, node)
+        if len(self.states) >= CACHED_PREFIXES:  # a long decode: the states of dead prefixes go
+            self.states = {(): self.states[()]}
+        self.states[prefix] = (lm_state, word, node)
         return self.states[prefix]
 
     def next_scores(self, prefix: tuple[int, ...]) -> list[float]:
@@ -229,7 +241,7 @@ class WordNGramScorer:
                 continue
             if piece.startswith(WORD_START):
                 child, score = self.starts[index]
-                if child is not None and finish > NEVER:
+                if child is not None and finish > NEVER and (word or not prefix):
                     row[index] = finish + score
             else:
                 child, score = self._extend(word, node, piece)
@@ -252,6 +264,9 @@ class WordNGramScorer:
                 scores.append(NEVER)
                 continue
             text = "".join(self.pieces[t] for t in tokens)
+            if 2 * WORD_START in text:  # a boundary piece after a boundary: never searched
+                scores.append(NEVER)
+                continue
             words = text.replace(WORD_START, " ").split()
             outside = sum(len(word) for word in words if not self.in_lexicon(word))
             if outside and self.oov_penalty is None:

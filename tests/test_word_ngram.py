@@ -18,6 +18,7 @@ if not LMPLZ.is_file():
     pytest.skip("KenLM's lmplz is not built: run `make kenlm`", allow_module_level=True)
 
 from modules.ctc import CTCPrefixBeam  # noqa: E402
+from modules.decoding import DecodingOptions, UtteranceDecoder  # noqa: E402
 from modules.ngram import NEVER  # noqa: E402
 from modules.word_ngram import WORD_START, PrefixSearchScorer, WordNGramScorer  # noqa: E402
 
@@ -107,10 +108,12 @@ def test_the_search_spells_lexicon_words_only(model_files):
     plain.push(log_probs)
     spelled = lambda prefix: "".join(CHARS[i - 1] or "?" for i in prefix).replace(WORD_START, " ")
     assert any(not all(w in WORDS for w in spelled(h.prefix).split()) for h in plain.nbest())
-    for hypothesis in search.nbest():
+    for hypothesis in search.nbest():  # partial results: the last word may be open
         *finished, last = spelled(hypothesis.prefix).split() or [""]
         assert all(word in WORDS for word in finished)
         assert any(word.startswith(last) for word in WORDS)
+        assert "  " not in spelled(hypothesis.prefix)[1:]  # no free boundaries
+
 
 
 @pytest.mark.parametrize("chunks", [[50], [1] * 50, [7, 13, 30]])
@@ -131,15 +134,94 @@ def test_search_scorer_follows_the_surviving_beams(model_files):
     scorer = WordNGramScorer(*model_files, CHARS)
     search = scorer.search_scorer()
     assert isinstance(search, PrefixSearchScorer) and search.reset_mem(None, None) is None
-    bos = torch.full((2,), scorer.bos)
-    first, memory = search.score(bos, None, None, None)
+    first, memory = search.score(torch.full((2,), scorer.bos), None, None, None)
     assert first.shape == (2, len(CHARS) + 3) and (first[:, -1] == NEVER).all()
     assert torch.equal(first[0, :-1], scorer([[]])[0])
-    memory = search.permute_mem(memory, torch.tensor([[1, 0]]))
-    t = CHARS.index("T")
-    second, memory = search.score(torch.tensor([1, t]), memory, None, None)
-    assert memory == [(1,), (t,)]
-    assert torch.equal(second[1, :-1], scorer([[t]])[0])
+    boundary, t, h = CHARS.index(WORD_START), CHARS.index("T"), CHARS.index("H")
+    _, memory = search.score(torch.tensor([boundary, t]), memory, None, None)
+    assert memory == [(boundary,), (t,)]
+    memory = search.permute_mem(memory, torch.tensor([[1, 0]]))  # the beams swap
+    second, memory = search.score(torch.tensor([h, t]), memory, None, None)
+    assert memory == [(t, h), (boundary, t)]
+    assert torch.equal(second[0, :-1], scorer([[t, h]])[0])
+    assert torch.equal(second[1, :-1], scorer([[boundary, t]])[0])
+
+
+def test_the_attention_search_keeps_the_scorer_in_step_with_its_hypotheses(model_files):
+    """SpeechBrain's own searcher, batch 2 x beam 3: at every step the scorer's memory of each
+    live hypothesis, plus the token it just chose, is that hypothesis."""
+    from speechbrain.decoders.seq2seq import S2SBeamSearcher
+
+    from modules.decoding import OpenScorerBuilder
+
+    scorer = WordNGramScorer(*model_files, CHARS)
+    vocab = len(CHARS)
+    table = torch.randn(50, 6, vocab + 3, generator=torch.Generator().manual_seed(1)).mul(2)
+    mismatches, checked = [], []
+
+    class Searcher(S2SBeamSearcher):  # a decoder of random scores, step by step
+        def reset_mem(self, batch_size, device=None):
+            return 0
+
+        def set_n_out(self):
+            return vocab + 3
+
+        def forward_step(self, inp_tokens, memory, enc_states, enc_lens):
+            scores = table[memory].clone()
+            scores[:, [vocab, vocab + 2]] = NEVER  # bos, blank
+            return scores.log_softmax(-1), memory + 1, None
+
+        def permute_mem(self, memory, index):
+            return memory
+
+        def search_step(self, alived, inp_tokens, log_probs, eos, memory, scorer_memory,
+                        *rest):
+            kept = scorer_memory["prefixsearch"]
+            if kept is not None:
+                for row, (prefix, token) in enumerate(zip(kept, inp_tokens.tolist())):
+                    if alived.sequence_scores[row] > -1e30:
+                        checked.append(row)
+                        if prefix + (token,) != tuple(alived.alived_seq[row].tolist()):
+                            mismatches.append(row)
+            return super().search_step(alived, inp_tokens, log_probs, eos, memory,
+                                       scorer_memory, *rest)
+
+    searcher = Searcher(bos_index=vocab, eos_index=vocab + 1, min_decode_ratio=0.0,
+                        max_decode_ratio=1.0, beam_size=3, using_eos_threshold=False,
+                        length_normalization=True,
+                        scorer=OpenScorerBuilder(full_scorers=[scorer.search_scorer()],
+                                                 weights={"prefixsearch": 0.5}))
+    hypotheses, *_ = searcher(torch.zeros(2, 12, 4), torch.ones(2))
+    assert len(hypotheses) == 2 and len(checked) > 20 and not mismatches
+
+
+def test_a_prefix_ending_inside_a_word_loses_at_the_end(model_files):
+    """Frames that spell ``▁THE▁CA`` confidently: the partial result may show the open word,
+    the final result may not (the word LM's end-of-sentence score closes it)."""
+    scorer = WordNGramScorer(*model_files, CHARS)
+    spelled = encode("THE CA", CHARS)
+    log_probs = torch.full((2 * len(spelled), len(CHARS) + 1), -8.0)
+    for frame, index in enumerate(spelled):
+        log_probs[2 * frame, index + 1], log_probs[2 * frame + 1, 0] = -0.05, -0.05
+    decoder = UtteranceDecoder(DecodingOptions("ctc_prefix_beam", beam_size=10, lm_weight=1.0),
+                               lm=scorer)
+    decoder.push(log_probs.log_softmax(-1))
+    assert decoder.partial() == spelled
+    words = "".join(CHARS[i] for i in decoder.finish()).replace(WORD_START, " ").split()
+    assert words != ["THE", "CA"] and all(word in WORDS for word in words)
+
+
+def test_the_cache_is_bounded_and_rebuilds(model_files, monkeypatch):
+    import modules.word_ngram as word_ngram
+
+    monkeypatch.setattr(word_ngram, "CACHED_PREFIXES", 3)
+    scorer = WordNGramScorer(*model_files, CHARS)
+    fresh = WordNGramScorer(*model_files, CHARS)
+    tokens = encode("THEN A CAT AND THE HAT", CHARS)
+    for end in range(len(tokens) + 1):  # asked again after a reset, or first after one
+        for prefix in (tokens[:end], tokens[:end], tokens[:max(end - 2, 0)]):
+            assert len(scorer.states) <= 3
+            assert scorer([prefix]).tolist() == fresh([prefix]).tolist()
 
 
 def test_a_long_prefix_and_bad_files(model_files, tmp_path):
@@ -151,3 +233,5 @@ def test_a_long_prefix_and_bad_files(model_files, tmp_path):
         WordNGramScorer(tmp_path / "lm.bin", model_files[1], CHARS)
     with pytest.raises(ValueError, match="none of its words can be spelled"):
         WordNGramScorer(*model_files, [None, WORD_START] + list("xyz"))
+    with pytest.raises(ValueError, match="span a word boundary"):
+        WordNGramScorer(*model_files, CHARS + [f"E{WORD_START}C"])
