@@ -122,6 +122,9 @@ class WordNGramScorer:
 
     def __init__(self, model_path: str | Path, arpa_path: str | Path,
                  pieces: list[str | None], oov_penalty: float | None = None):
+        if oov_penalty is not None and not oov_penalty < 0:
+            raise ValueError(f"oov_penalty {oov_penalty}: give a negative log-score per "
+                             "character, or None (lexicon words only)")
         kenlm = import_kenlm()
         for path in (model_path, arpa_path):
             if not Path(path).is_file():

@@ -17,7 +17,8 @@ stream, which gives the offline outputs of the same context. ``--decoding`` (def
 CTC; an S2S run's own ``decoding``): ``ctc_prefix_beam`` and ``attention_rescoring`` (two-pass)
 stream, ``attention`` (joint CTC / attention beam search) is offline; ``--lm`` fuses an LM run
 (``hparams/LM/transformer.yaml`` or the n-gram ``hparams/LM/ngram.yaml``) trained with the
-model's tokenizer.
+model's tokenizer, or a word n-gram (``hparams/LM/word_ngram.yaml``) whose words are the only
+ones the search spells.
 
 Latency (``--latency_utterances`` N > 0, on N utterances spread over the durations, through the
 streaming API, audio pushed one chunk at a time, real-time arrival simulated from each push's
@@ -289,8 +290,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctc_weight", type=float, default=None,
                         help="CTC weight of rescoring and attention decoding (default: the "
                              "run's ctc_weight_decode, else 0.4)")
-    parser.add_argument("--lm", help="an LM run folder (hparams/LM/transformer.yaml or "
-                                     "ngram.yaml) trained with this model's tokenizer")
+    parser.add_argument("--lm", help="an LM run folder: hparams/LM/transformer.yaml or "
+                                     "ngram.yaml (trained with this model's tokenizer), or "
+                                     "word_ngram.yaml (a word LM: only its words are spelled)")
     parser.add_argument("--lm_weight", type=float, default=None,
                         help="LM weight (default 0.6 with --lm)")
     parser.add_argument("--length_bonus", type=float, default=0.0,

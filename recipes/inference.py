@@ -108,6 +108,9 @@ class Recognizer:
                              f"{self.folder} is a CTC model: give an S2S run (hparams/S2S/*.yaml) "
                              "or decode with ctc_greedy or ctc_prefix_beam")
         self.lm_scorer = None
+        if lm is not None and self.decoding.decoding == "ctc_greedy":
+            raise ValueError(f"--lm {lm}: greedy CTC decoding uses no language model; decode "
+                             "with ctc_prefix_beam, attention_rescoring or attention")
         if lm is not None:
             self.lm_scorer = load_language_model(lm, self.tokenizer_file, self.folder,
                                                  self.sp.get_piece_size(), self.device)
@@ -249,21 +252,21 @@ def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_siz
                         device: torch.device) -> LMScorer | NGramScorer:
     """The scorer of an LM run: a Transformer LM (its best checkpoint by valid loss, in eval
     mode) or an n-gram (``hparams/LM/ngram.yaml`` over tokens, ``word_ngram.yaml`` over words,
-    spelled with the ASR model's pieces); an LM trained with another tokenizer than
-    the ASR model's is refused in one line."""
+    spelled with the ASR model's pieces, whatever tokenizer its run copied); a token LM trained
+    with another tokenizer than the ASR model's is refused in one line."""
     folder = find_run_folder(lm)
     data = hparams_data(run_hparams_text(folder))
     if data.get("task") not in ("lm", "ngram"):
         raise ValueError(f"--lm {lm} is a {data.get('task')} run: give an LM run "
-                         "(hparams/LM/transformer.yaml or hparams/LM/ngram.yaml)")
+                         "(hparams/LM/transformer.yaml, ngram.yaml or word_ngram.yaml)")
+    if data["task"] == "ngram" and data.get("unit", "token") == "word":  # words, any tokenizer
+        pieces = tokenizer_pieces(SentencePieceProcessor(model_file=str(asr_tokenizer)))
+        return WordNGramScorer(folder / MODEL_FILE, folder / "lm.arpa", pieces,
+                               data.get("oov_penalty"))
     check_same_tokenizer(tokenizer_model(data), asr_tokenizer, str(lm), str(asr_name))
     if data["vocab_size"] != vocab_size:
         raise ValueError(f"--lm {lm}: vocab_size {data['vocab_size']}, the ASR model's "
                          f"{vocab_size}")
-    if data["task"] == "ngram" and data.get("unit", "token") == "word":
-        pieces = tokenizer_pieces(SentencePieceProcessor(model_file=str(asr_tokenizer)))
-        return WordNGramScorer(folder / MODEL_FILE, folder / "lm.arpa", pieces,
-                               data.get("oov_penalty"))
     if data["task"] == "ngram":
         return NGramScorer(folder / MODEL_FILE, vocab_size)
     hparams = load_run_hparams(folder)

@@ -131,10 +131,11 @@ class Stream:
         if self.pending is not None and self.pending.shape[1]:
             self._encode(self.pending, time.perf_counter())
             self.pending = self.pending[:, :0]
-        if self.memory is not None and self.second_pass_seconds is None:
-            begin = time.perf_counter()
-            self.decoder.finish(torch.cat(self.memory, dim=1))
-            self.second_pass_seconds = time.perf_counter() - begin
+        if isinstance(self.decoder, BeamText) and self.decoder.final is None:
+            begin = time.perf_counter()  # the beam's end: the LM's end scores, the second pass
+            self.decoder.finish(None if self.memory is None else torch.cat(self.memory, dim=1))
+            if self.memory is not None:
+                self.second_pass_seconds = time.perf_counter() - begin
         return self.decoder.text()
 
     def text(self) -> str:

@@ -135,6 +135,40 @@ def test_two_pass_stream_final_is_the_offline_rescoring(runs):
                 beam.transcribe(samples, context)
 
 
+def test_prefix_beam_stream_final_adds_the_lm_end_score(runs):
+    """With an LM, the prefix beam's final result ranks its n-best with the LM's end of
+    sentence, streamed as offline: an LM that vetoes ending the best partial hypothesis makes
+    both the stream's final result and the offline one another hypothesis."""
+    from dataio import load_audio
+    from inference import Recognizer
+    from modules.decoding import DecodingOptions
+
+    tmp, _ = runs
+    beam = Recognizer(tmp / "s2s", decoding=DecodingOptions("ctc_prefix_beam", 4, 0.4, 1.0),
+                      lm=tmp / "lm")
+
+    class EndVeto:
+        def __init__(self, lm):
+            self.lm, self.eos, self.vetoed = lm, lm.eos, None
+
+        def __call__(self, prefixes):
+            rows = self.lm(prefixes)
+            for row, prefix in enumerate(prefixes):
+                if tuple(prefix) == self.vetoed:
+                    rows[row, self.eos] = -1.0e4
+            return rows
+
+    beam.lm_scorer = veto = EndVeto(beam.lm_scorer)
+    row = (tmp / "test.csv").read_text().splitlines()[1]
+    samples = load_audio(row.split(",")[2].replace("$data_root", str(CORPUS)))
+    context = beam.context("low")
+    stream = beam.stream(context)
+    partial = stream.push(samples)
+    veto.vetoed = tuple(stream.decoder.search.partial())
+    final = stream.finish()
+    assert final != partial and final == beam.transcribe(samples, context)
+
+
 def test_decodings_a_model_or_lm_cannot_run_are_refused(runs, tmp_path):
     from modules.lm import check_same_tokenizer
 
@@ -143,6 +177,8 @@ def test_decodings_a_model_or_lm_cannot_run_are_refused(runs, tmp_path):
     assert run.returncode != 0 and "--lm_weight needs --lm" in run.stderr
     run = evaluate(tmp, "--lm", str(tmp / "s2s"), check=False)
     assert run.returncode != 0 and "is a s2s run: give an LM run" in run.stderr
+    run = evaluate(tmp, "--lm", str(tmp / "lm"), "--decoding", "ctc_greedy", check=False)
+    assert run.returncode != 0 and "greedy CTC decoding uses no language model" in run.stderr
     assert "Traceback" not in run.stderr
     from speechbrain.tokenizers.SentencePiece import SentencePiece
 
@@ -172,7 +208,8 @@ def test_transcribe_streams_two_pass_and_says_attention_is_offline(runs):
     tmp, _ = runs
     audio = (tmp / "test.csv").read_text().splitlines()[1].split(",")[2].replace(
         "$data_root", str(CORPUS))
-    for decoding, streamed in [("attention_rescoring", True), ("attention", False)]:
+    for decoding, streamed in [("attention_rescoring", True), ("attention", False),
+                               ("ctc_prefix_beam", True)]:
         run = subprocess.run([sys.executable, str(ROOT / "recipes" / "transcribe.py"),
                               str(tmp / "s2s"), "--audio", audio, "--context", "low",
                               "--decoding", decoding, "--lm", str(tmp / "lm"), "--quiet"],
@@ -180,9 +217,9 @@ def test_transcribe_streams_two_pass_and_says_attention_is_offline(runs):
         assert run.returncode == 0, run.stderr[-2000:]
         result = json.loads(run.stdout.strip().splitlines()[-1])
         assert result["equal_to_offline"] and result["streamed"] == streamed
-        if streamed:
+        if decoding == "attention_rescoring":
             assert result["decoding"] == decoding and result["second_pass_ms"] > 0
-        else:
+        if not streamed:
             assert "offline beam search: transcribed offline" in run.stderr
 
 
