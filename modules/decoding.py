@@ -128,7 +128,6 @@ class UtteranceDecoder:
                   tokens) for (tokens, score, _), lm in zip(rescored, lm_scores)]
         return max(fused, key=lambda item: item[0])[1]
 
-
     def _ended_best(self) -> list[int]:
         """The prefix beam's best hypothesis once the sentence ends: its ranking plus the
         LM's end-of-sentence score (a word LM closes the open word there: a prefix ending

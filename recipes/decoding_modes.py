@@ -7,12 +7,13 @@ search, and the last three with LM fusion. On ``--dev_csv`` at ``--tune_context`
 then CER): the CTC beam and rescoring choose their ``length_bonus`` from ``--length_bonuses``,
 with and without the LM (with it, jointly with ``lm_weight`` from ``--lm_weights``); the
 attention search (length-normalized) chooses only its ``lm_weight``. The CTC weight and beam are
-the model's hparams (``ctc_weight_decode``, ``beam_size`` unless ``--beam_size``), not tuned. Then every system decodes
-``--test_csv`` once at each of ``--contexts`` (the attention search, the costliest, at
-``--attention_contexts``), the encoder streamed chunk by
-chunk (offline at ``unlimited``), with first-partial and final-result latency measured on
+the model's hparams (``ctc_weight_decode``; ``beam_size`` unless ``--beam_size``), not tuned.
+Then every system decodes ``--test_csv`` once at each of ``--contexts`` (the attention search,
+the costliest, at ``--attention_contexts``), the encoder streamed chunk by chunk (offline at
+``unlimited``), with first-partial and final-result latency measured on
 ``--latency_utterances`` utterances (``evaluate.py``). Differences (rescoring vs prefix beam, LM
-vs none, and the attention search with the LM vs greedy CTC: declared before any test decoding)
+vs none, and the attention search and rescoring with the LM vs greedy CTC: declared before any
+test decoding)
 are paired over utterances, clustered by test voice (the base voice of the manifest's ``voice``
 column, else ``spk_id``): cluster-bootstrap interval of the difference and of the relative
 difference, exact sign-flip p-value (uncorrected: few voices, read them with care).

@@ -249,7 +249,7 @@ class Recognizer:
 
 
 def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_size: int,
-                        device: torch.device) -> LMScorer | NGramScorer:
+                        device: torch.device) -> LMScorer | NGramScorer | WordNGramScorer:
     """The scorer of an LM run: a Transformer LM (its best checkpoint by valid loss, in eval
     mode) or an n-gram (``hparams/LM/ngram.yaml`` over tokens, ``word_ngram.yaml`` over words,
     spelled with the ASR model's pieces, whatever tokenizer its run copied); a token LM trained
