@@ -130,7 +130,11 @@ class WordNGramScorer:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"word n-gram file {path} not found: train it with "
                                         "python recipes/train.py hparams/LM/word_ngram.yaml")
-        self.model = kenlm.Model(str(model_path))
+        try:
+            self.model = kenlm.Model(str(model_path))
+        except (OSError, RuntimeError) as error:  # truncated or foreign file
+            raise ValueError(f"word n-gram {model_path}: KenLM cannot read it ({error}); train "
+                             "it again with hparams/LM/word_ngram.yaml") from None
         self.kenlm = kenlm
         self.pieces = pieces
         self.vocab_size = len(pieces)

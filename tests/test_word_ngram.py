@@ -233,6 +233,9 @@ def test_a_long_prefix_and_bad_files(model_files, tmp_path):
         WordNGramScorer(tmp_path / "lm.bin", model_files[1], CHARS)
     with pytest.raises(ValueError, match="none of its words can be spelled"):
         WordNGramScorer(*model_files, [None, WORD_START] + list("xyz"))
+    (tmp_path / "cut.arpa").write_bytes(model_files[0].read_bytes()[:300])
+    with pytest.raises(ValueError, match="KenLM cannot read it"):
+        WordNGramScorer(tmp_path / "cut.arpa", model_files[1], CHARS)
     with pytest.raises(ValueError, match="oov_penalty 2.0: give a negative"):
         WordNGramScorer(*model_files, CHARS, oov_penalty=2.0)
     with pytest.raises(ValueError, match="span a word boundary"):
