@@ -38,3 +38,17 @@ def tiny_encoder(subsampling_factor: int = 4, num_layers: int = 2, kernel_size: 
     if kind == "transformer":
         return CausalTransformerEncoder(**sizes).eval()
     return CausalConformerEncoder(kernel_size=kernel_size, **sizes).eval()
+
+
+def offline_and_streamed_beams(log_probs: torch.Tensor, chunks: list[int], **beam_options):
+    """Two ``CTCPrefixBeam``s over the same (T, V) log-probabilities: one pushed them all at
+    once, the other chunk by chunk (``chunks``: frames per push)."""
+    from modules.ctc import CTCPrefixBeam
+
+    offline = CTCPrefixBeam(**beam_options)
+    offline.push(log_probs)
+    stream, start = CTCPrefixBeam(**beam_options), 0
+    for size in chunks:
+        stream.push(log_probs[start:start + size])
+        start += size
+    return offline, stream

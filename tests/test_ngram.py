@@ -9,14 +9,13 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, offline_and_streamed_beams
 
 kenlm = pytest.importorskip("kenlm", reason="the kenlm Python module: run `make kenlm`")
 LMPLZ = ROOT / "tools" / "kenlm" / "bin" / "lmplz"
 if not LMPLZ.is_file():
     pytest.skip("KenLM's lmplz is not built: run `make kenlm`", allow_module_level=True)
 
-from modules.ctc import CTCPrefixBeam  # noqa: E402
 from modules.ngram import NEVER, KenLMScorer, NGramScorer  # noqa: E402
 
 VOCAB = 7  # token ids 0..6; bos 7, eos 8; the search's blank 9
@@ -61,12 +60,8 @@ def test_rows_are_next_token_probabilities_adding_up_to_sentence_scores(scorer):
 def test_streamed_prefix_beam_with_the_ngram_is_the_offline_one(scorer, chunks):
     generator = torch.Generator().manual_seed(5)
     log_probs = torch.randn(40, VOCAB + 1, generator=generator).mul(2).log_softmax(-1)
-    offline = CTCPrefixBeam(beam_size=5, lm=scorer, lm_weight=0.7, length_bonus=0.5)
-    offline.push(log_probs)
-    stream, start = CTCPrefixBeam(beam_size=5, lm=scorer, lm_weight=0.7, length_bonus=0.5), 0
-    for size in chunks:
-        stream.push(log_probs[start:start + size])
-        start += size
+    offline, stream = offline_and_streamed_beams(log_probs, chunks, beam_size=5, lm=scorer,
+                                                 lm_weight=0.7, length_bonus=0.5)
     assert stream.nbest() == offline.nbest()
     for hypothesis in offline.nbest():  # each prefix's LM score is the n-gram's (no </s> yet)
         tokens = [index - 1 for index in hypothesis.prefix]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, offline_and_streamed_beams
 
 kenlm = pytest.importorskip("kenlm", reason="the kenlm Python module: run `make kenlm`")
 LMPLZ = ROOT / "tools" / "kenlm" / "bin" / "lmplz"
@@ -121,12 +121,8 @@ def test_streamed_prefix_beam_with_the_word_model_is_the_offline_one(model_files
     scorer = WordNGramScorer(*model_files, CHARS)
     generator = torch.Generator().manual_seed(5)
     log_probs = torch.randn(50, len(CHARS) + 1, generator=generator).mul(2).log_softmax(-1)
-    offline = CTCPrefixBeam(beam_size=5, lm=scorer, lm_weight=0.7, length_bonus=0.5)
-    offline.push(log_probs)
-    stream, start = CTCPrefixBeam(beam_size=5, lm=scorer, lm_weight=0.7, length_bonus=0.5), 0
-    for size in chunks:
-        stream.push(log_probs[start:start + size])
-        start += size
+    offline, stream = offline_and_streamed_beams(log_probs, chunks, beam_size=5, lm=scorer,
+                                                 lm_weight=0.7, length_bonus=0.5)
     assert stream.nbest() == offline.nbest()
 
 
