@@ -357,13 +357,20 @@ def main(argv: list[str]) -> dict | None:
 
 
 if __name__ == "__main__":
+    finished = False
     try:
         result = main(sys.argv[1:])
+        finished = True
     except (AudioFileError, FileNotFoundError, ManifestError) as error:
         # Also raised inside DataLoader workers: keep the message, drop the worker traceback.
         raise SystemExit(f"error: {str(error).strip().splitlines()[-1] if 'Traceback' in str(error) else error}")
     finally:
         if torch.distributed.is_initialized():
+            # A rank that tears gloo down while another still talks to it can abort ("terminate
+            # called without an active exception"): finished ranks leave together. A failed rank
+            # does not wait (the others would never come), torchrun stops the rest.
+            if finished:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     if result is not None:
         print(json.dumps(result))
