@@ -22,10 +22,9 @@ The last line printed to stdout (by the main process only) is one JSON object su
 """
 from __future__ import annotations
 
-import atexit
+import distributed_exit  # first: its exit hook must run after every other one
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -358,25 +357,6 @@ def main(argv: list[str]) -> dict | None:
     }
 
 
-def leave_process_group(finished: bool) -> None:
-    """Ends a torchrun process: finished ranks meet at a barrier, then the group is destroyed.
-
-    A finished rank then leaves through ``os._exit`` after Python's exit handlers (log flushes,
-    temporary folders): under load, a gloo rank sometimes aborted in the C++ teardown after its
-    work was done ("terminate called without an active exception", no Python frame), which
-    fails the whole torchrun. A failed rank does not wait at the barrier (the others would never
-    come); torchrun stops the rest.
-    """
-    if finished:
-        torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    if finished:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        atexit._run_exitfuncs()
-        os._exit(0)
-
-
 if __name__ == "__main__":
     finished = False
     try:
@@ -389,4 +369,4 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {str(error).strip().splitlines()[-1] if 'Traceback' in str(error) else error}")
     finally:
         if torch.distributed.is_initialized():
-            leave_process_group(finished)
+            distributed_exit.leave_process_group(finished)

@@ -92,6 +92,44 @@ def test_torchrun_ctc_probe_of_a_trained_encoder(tmp_path):
     assert summary["world_size"] == 2 and summary["epochs"] == 1
 
 
+_RANK = """
+import atexit, sys
+import torch
+sys.path.insert(0, {recipes!r})
+import distributed_exit
+
+rank, init_file, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.distributed.init_process_group("gloo", init_method=f"file://{{init_file}}", rank=rank,
+                                     world_size=2)
+atexit.register(lambda: print(f"rank {{rank}}: exit hook ran", flush=True))
+finished = False
+try:  # as train.py's main block
+    if rank == 1 and mode == "fail":
+        raise SystemExit(3)
+    finished = True
+finally:
+    distributed_exit.leave_process_group(finished)
+"""
+
+
+@pytest.mark.parametrize("mode", ["finish", "fail"])
+def test_ranks_leave_together_or_say_that_another_failed(tmp_path, mode):
+    """Finished ranks meet, run every exit hook and exit 0 (no C++ teardown); when one rank
+    fails, the finished one says so in one line and exits 1 instead of hanging."""
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK.format(recipes=str(ROOT / "recipes")))
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / "init"), mode],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    (out0, err0), (out1, _) = (rank.communicate(timeout=120) for rank in ranks)
+    if mode == "finish":
+        assert [rank.returncode for rank in ranks] == [0, 0]
+        assert "rank 0: exit hook ran" in out0 and "rank 1: exit hook ran" in out1
+    else:
+        assert [rank.returncode for rank in ranks] == [1, 3]
+        assert "error: rank 0 finished, but another process did not" in err0
+
+
 def _draw_contexts(rank: int, init_file: str, seeds: list[int], queue) -> None:
     """One gloo process: a sampler seeded with ``seeds[rank]`` checks that it is in step with
     the main process's, then draws 30 contexts (no message per draw)."""
