@@ -19,7 +19,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import shutil
 import sys
 import threading
@@ -83,6 +85,28 @@ def snapshot(run_folder: Path, epochs: set[int], out: Path, stop: threading.Even
         stop.wait(10)
 
 
+def unlabeled_manifest(sources: list[Path], out: Path) -> Path:
+    """Writes the rows of ``sources`` as one SSL manifest, with the transcripts left empty (SSL
+    reads none; a labeled partition joins as audio only). Its dev and test voices stay unseen."""
+    rows = []
+    for source in sources:
+        if not source.is_file():
+            raise SystemExit(f"error: --ssl_manifests: no {source} (a manifest of the corpus, "
+                             "e.g. unlabeled_train or train)")
+        with open(source) as f:
+            rows += [{**row, "wrd": ""} for row in csv.DictReader(f)]
+    if len({row["ID"] for row in rows}) < len(rows):
+        raise SystemExit(f"error: --ssl_manifests: {[str(s) for s in sources]} share utterance IDs")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")  # the other process may read it
+    with open(partial, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(out)
+    return out
+
+
 def wait_for(path: Path) -> Path:
     while not path.is_dir():
         time.sleep(30)
@@ -93,7 +117,7 @@ class Attempt(Curve):
     """The curve's SSL run with changed hparams and snapshots; fine-tuning as the curve's."""
 
     def __init__(self, grid: dict, folder: Path, ssl_overrides: dict, epochs: list[int],
-                 extra: dict):
+                 extra: dict, ssl_manifests: list[str] | None = None):
         merged = {**grid["ssl"]["overrides"], **ssl_overrides}
         # every end-of-epoch checkpoint stays (the run would keep only its lowest-loss one), so
         # that each snapshot is there to copy however fast the epochs go
@@ -101,6 +125,10 @@ class Attempt(Curve):
         grid = {**grid, "ssl": {**grid["ssl"], "overrides": merged}}
         super().__init__(grid, folder, dev_only=True)
         self.epochs, self.extra = epochs, extra
+        if ssl_manifests:
+            self.ssl_train_csv = unlabeled_manifest(
+                [self.corpus / f"{name}.csv" for name in ssl_manifests],
+                folder / "manifests" / "ssl_train.csv")
 
     def snapshots(self, encoder: str, seed: int) -> dict[int, Path]:
         """Trains the SSL run (or reads it back) while copying its snapshots."""
@@ -148,6 +176,9 @@ def main() -> None:
     parser.add_argument("--ssl_seed", type=int, default=1)
     parser.add_argument("--ssl_overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="hparams of the SSL run that differ from the curve's")
+    parser.add_argument("--ssl_manifests", nargs="*", default=[], metavar="NAME",
+                        help="corpus manifests the SSL run pretrains on, as audio only "
+                             "(default: the curve's unlabeled_train)")
     parser.add_argument("--snapshot_epochs", nargs="*", type=int, default=[])
     parser.add_argument("--settings", nargs="*", default=[], metavar="KEY=VALUE,...",
                         help="fine-tuning settings of the SSL arm (lr, spec_augment_prob, ...)")
@@ -172,7 +203,8 @@ def main() -> None:
     if args.precision:
         ssl_overrides["precision"] = args.precision
     folder = args.output_folder / args.name
-    attempt = Attempt(grid, folder, ssl_overrides, args.snapshot_epochs, extra)
+    attempt = Attempt(grid, folder, ssl_overrides, args.snapshot_epochs, extra,
+                      args.ssl_manifests)
 
     def scratch_rows() -> list[dict]:
         return [attempt.dev_cer(args.encoder, args.size, "scratch", parse_setting(s), None, "")
@@ -192,6 +224,7 @@ def main() -> None:
         rows = scratch_rows() + rows
     report = {"command": " ".join(["python", "recipes/ssl_attempt.py", *sys.argv[1:]]),
               "code_commit": attempt.code_commit, "ssl_overrides": ssl_overrides,
+              "ssl_train_csv": rel(attempt.ssl_train_csv),
               "ssl_run": rel(folder / f"{args.encoder}/ssl/seed{args.ssl_seed}/run"),
               "rows": rows, "finished": time.strftime("%Y-%m-%d %H:%M")}
     write_json_atomic(folder / "attempt.json", report)

@@ -120,6 +120,7 @@ class Curve:
         self.grid, self.folder, self.arms, self.dev_only = grid, folder, arms, dev_only
         self.ssl_seeds = ssl_seeds or grid["ssl"]["seeds"]
         self.corpus = Path(grid["corpus"])
+        self.ssl_train_csv = self.corpus / "unlabeled_train.csv"
         self.code_commit = current_code_commit()
         self.ssl_runs: dict[tuple[str, int], dict] = {}
         self.costs: dict[str, dict] = {}
@@ -154,7 +155,7 @@ class Curve:
             spec = self.grid["ssl"]
             name = f"{encoder}/ssl/seed{seed}"
             args = [spec["hparams"].format(encoder=encoder), "--data_folder", rel(self.corpus),
-                    "--train_csv", rel(self.corpus / "unlabeled_train.csv"),
+                    "--train_csv", rel(self.ssl_train_csv),
                     "--valid_csv", rel(self.corpus / "unlabeled_valid.csv"),
                     "--seed", str(seed), *overrides(spec["overrides"]),
                     "--output_folder", rel(self.folder / name / "run")]

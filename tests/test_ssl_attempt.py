@@ -1,12 +1,15 @@
 """recipes/ssl_attempt.py on a tiny corpus: one SSL run with snapshots at two epochs, each
 fine-tuned as the curve's SSL arm, a scratch row, dev CER only; and a rerun that reads back."""
+import csv
 import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import ROOT
+from ssl_attempt import Attempt
 from test_ssl_curve import TINY, tiny_benchmark
 
 
@@ -50,3 +53,44 @@ def test_attempt_snapshots_each_epoch_and_fine_tunes_it(tmp_path):
     rerun = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "recipes/train.py" not in rerun.stdout  # all read back, nothing retrained
+
+
+def write_manifest(path, ids):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ID", "duration", "wav", "spk_id", "wrd"])
+        writer.writerows([i, "1.0", f"$data_root/{i}.flac", i[:2], "SOME WORDS"] for i in ids)
+
+
+def test_ssl_manifests_join_partitions_as_audio_only(tmp_path, monkeypatch):
+    """``--ssl_manifests``: the SSL run pretrains on the named partitions, transcripts dropped."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_manifest(corpus / "unlabeled_train.csv", ["un-0", "un-1"])
+    write_manifest(corpus / "train.csv", ["tr-0"])
+    grid = {"corpus": str(corpus), "ssl": {"hparams": "hparams/SSL/{encoder}.yaml", "seeds": [1],
+                                           "overrides": {"number_of_epochs": 4}}}
+    attempt = Attempt(grid, tmp_path / "a", {}, [4], {}, ["unlabeled_train", "train"])
+    with open(attempt.ssl_train_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["ID"] for r in rows] == ["un-0", "un-1", "tr-0"]
+    assert {r["wrd"] for r in rows} == {""}
+    commands = []
+    monkeypatch.setattr(Attempt, "_run", lambda self, name, script, args, *rest: commands.append(
+        args) or {"output_folder": "x"})
+    attempt.ssl("conformer", 1)
+    assert commands[0][commands[0].index("--train_csv") + 1].endswith("a/manifests/ssl_train.csv")
+    # the default is the curve's unlabeled partition
+    assert Attempt(grid, tmp_path / "b", {}, [4], {}).ssl_train_csv == corpus / "unlabeled_train.csv"
+
+
+def test_ssl_manifests_refuse_a_missing_or_overlapping_partition(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_manifest(corpus / "unlabeled_train.csv", ["un-0"])
+    write_manifest(corpus / "copy.csv", ["un-0"])
+    grid = {"corpus": str(corpus), "ssl": {"hparams": "x", "seeds": [1], "overrides": {}}}
+    with pytest.raises(SystemExit, match="no .*trian.csv"):
+        Attempt(grid, tmp_path / "a", {}, [1], {}, ["unlabeled_train", "trian"])
+    with pytest.raises(SystemExit, match="share utterance IDs"):
+        Attempt(grid, tmp_path / "a", {}, [1], {}, ["unlabeled_train", "copy"])
