@@ -51,6 +51,29 @@ def code_dirty() -> bool | None:
     return None if status is None else bool(status)
 
 
+def machine_description() -> str:
+    """The CPU (model, logical cores, AMX or not: bf16 is fast only with it), GPU and torch
+    version, for the record of a measured figure."""
+    import platform
+
+    import torch
+
+    cpu, amx = platform.processor() or platform.machine(), None
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines()
+                   if line.startswith("model name"))
+        amx = "amx_tile" in info
+    except (OSError, StopIteration):
+        pass
+    parts = [cpu, f"{os.cpu_count()} logical CPUs"]
+    if amx is not None:
+        parts.append("AMX" if amx else "no AMX")
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(0))
+    return ", ".join(parts + [f"torch {torch.__version__}"])
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from provenance import write_json_atomic
+from provenance import ROOT, machine_description, write_json_atomic
 from ssl_curve import Curve, load_grid, rel, run_name
 
 
@@ -105,6 +105,26 @@ def unlabeled_manifest(sources: list[Path], out: Path) -> Path:
         writer.writerows(rows)
     partial.replace(out)
     return out
+
+
+def with_records(report: dict, folder: Path) -> dict:
+    """``report`` with what made each figure: every row's run record, the SSL run's record and
+    its per-epoch valid loss and masked accuracy, and the machine."""
+    def record(result: Path) -> dict | None:  # None: not finished (the other process's run)
+        return json.loads(result.read_text()).get("record") if result.is_file() else None
+
+    ssl_run = ROOT / report["ssl_run"]
+    history = json.loads((ssl_run / "history.json").read_text()) if (
+        ssl_run / "history.json").is_file() else []
+    return {**report,
+            "rows": [{**row, "record": record(folder / row["run"] / "result.json")}
+                     for row in report["rows"]],
+            "ssl_run_record": record(ssl_run.parent / "result.json"),
+            "ssl_history": [{"epoch": e["epoch"], "valid_loss": e["valid"]["loss"],
+                             "valid_masked_acc": e["valid"]["masked_acc"],
+                             "train_stage_seconds": e.get("train_stage_seconds")}
+                            for e in history],
+            "machine": machine_description()}
 
 
 def wait_for(path: Path) -> Path:
@@ -227,12 +247,12 @@ def main() -> None:
               "ssl_train_csv": rel(attempt.ssl_train_csv),
               "ssl_run": rel(folder / f"{args.encoder}/ssl/seed{args.ssl_seed}/run"),
               "rows": rows, "finished": time.strftime("%Y-%m-%d %H:%M")}
-    write_json_atomic(folder / "attempt.json", report)
+    write_json_atomic(folder / "attempt.json", with_records(report, folder))
     lines = [f"`{report['command']}` (code {str(attempt.code_commit)[:7]})", "",
              "| arm | snapshot | setting | dev CER % | CPU-min |", "|---|---|---|---|---|"]
     for row in rows:
         setting = ", ".join(f"{k} {v}" for k, v in row.items()
-                            if k not in {"arm", "snapshot", "dev_cer", "cpu_minutes", "run"})
+                            if k not in {"arm", "snapshot", "dev_cer", "cpu_minutes", "run", "record"})
         lines.append(f"| {row['arm']} | {row['snapshot'] or '-'} | {setting} | "
                      f"{row['dev_cer']:.2f} | {row['cpu_minutes']} |")
     (folder / "attempt.md").write_text("\n".join(lines) + "\n")

@@ -40,6 +40,11 @@ def test_attempt_snapshots_each_epoch_and_fine_tunes_it(tmp_path):
     assert [(r["arm"], r["snapshot"]) for r in report["rows"]] == [
         ("scratch", None), ("ssl", "ssl1_epoch1"), ("ssl", "ssl1_epoch2")]
     assert report["ssl_overrides"] == {"number_of_epochs": 2}  # as asked
+    # what made each figure: the runs' records, the SSL run's history, the machine
+    assert all("recipes/train.py" in row["record"]["command"] for row in report["rows"])
+    assert "--seed" in report["ssl_run_record"]["command"]
+    assert [e["epoch"] for e in report["ssl_history"]] == [1, 2]
+    assert "torch" in report["machine"]
     snapshots = folder / "conformer" / "ssl" / "seed1" / "snapshots"
     counters = [(c / "counter.ckpt").read_text().strip()
                 for e in (1, 2) for c in (snapshots / f"epoch{e}" / "save").glob("CKPT+*")]
