@@ -87,9 +87,13 @@ def snapshot(run_folder: Path, epochs: set[int], out: Path, stop: threading.Even
 
 def unlabeled_manifest(sources: list[Path], out: Path) -> Path:
     """Writes the rows of ``sources`` as one SSL manifest, with the transcripts left empty (SSL
-    reads none; a labeled partition joins as audio only). Its dev and test voices stay unseen."""
+    reads none; a labeled partition joins as audio only). Dev and test are refused: their voices
+    stay unheard until the decode that scores them."""
     rows = []
     for source in sources:
+        if source.stem in ("dev", "test"):
+            raise SystemExit(f"error: --ssl_manifests: {source.stem} is for scoring; pretraining "
+                             "on its audio would let the encoder hear the voices it is scored on")
         if not source.is_file():
             raise SystemExit(f"error: --ssl_manifests: no {source} (a manifest of the corpus, "
                              "e.g. unlabeled_train or train)")
@@ -251,8 +255,9 @@ def main() -> None:
     lines = [f"`{report['command']}` (code {str(attempt.code_commit)[:7]})", "",
              "| arm | snapshot | setting | dev CER % | CPU-min |", "|---|---|---|---|---|"]
     for row in rows:
-        setting = ", ".join(f"{k} {v}" for k, v in row.items()
-                            if k not in {"arm", "snapshot", "dev_cer", "cpu_minutes", "run", "record"})
+        shown = {k: v for k, v in row.items()
+                 if k not in {"arm", "snapshot", "dev_cer", "cpu_minutes", "run", "record"}}
+        setting = ", ".join(f"{k} {v}" for k, v in shown.items())
         lines.append(f"| {row['arm']} | {row['snapshot'] or '-'} | {setting} | "
                      f"{row['dev_cer']:.2f} | {row['cpu_minutes']} |")
     (folder / "attempt.md").write_text("\n".join(lines) + "\n")

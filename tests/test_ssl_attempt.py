@@ -86,10 +86,11 @@ def test_ssl_manifests_join_partitions_as_audio_only(tmp_path, monkeypatch):
     attempt.ssl("conformer", 1)
     assert commands[0][commands[0].index("--train_csv") + 1].endswith("a/manifests/ssl_train.csv")
     # the default is the curve's unlabeled partition
-    assert Attempt(grid, tmp_path / "b", {}, [4], {}).ssl_train_csv == corpus / "unlabeled_train.csv"
+    default = Attempt(grid, tmp_path / "b", {}, [4], {})
+    assert default.ssl_train_csv == corpus / "unlabeled_train.csv"
 
 
-def test_ssl_manifests_refuse_a_missing_or_overlapping_partition(tmp_path):
+def test_ssl_manifests_refuse_a_missing_scoring_or_overlapping_partition(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     write_manifest(corpus / "unlabeled_train.csv", ["un-0"])
@@ -97,5 +98,7 @@ def test_ssl_manifests_refuse_a_missing_or_overlapping_partition(tmp_path):
     grid = {"corpus": str(corpus), "ssl": {"hparams": "x", "seeds": [1], "overrides": {}}}
     with pytest.raises(SystemExit, match="no .*trian.csv"):
         Attempt(grid, tmp_path / "a", {}, [1], {}, ["unlabeled_train", "trian"])
+    with pytest.raises(SystemExit, match="dev is for scoring"):
+        Attempt(grid, tmp_path / "a", {}, [1], {}, ["unlabeled_train", "dev"])
     with pytest.raises(SystemExit, match="share utterance IDs"):
         Attempt(grid, tmp_path / "a", {}, [1], {}, ["unlabeled_train", "copy"])
