@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import sys
 import threading
@@ -31,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from provenance import ROOT, machine_description, write_json_atomic
-from ssl_curve import Curve, load_grid, rel, run_name
+from ssl_curve import Curve, load_grid, rel, run_name, write_manifest
 
 
 def parse_setting(text: str) -> dict:
@@ -101,13 +100,7 @@ def unlabeled_manifest(sources: list[Path], out: Path) -> Path:
             rows += [{**row, "wrd": ""} for row in csv.DictReader(f)]
     if len({row["ID"] for row in rows}) < len(rows):
         raise SystemExit(f"error: --ssl_manifests: {[str(s) for s in sources]} share utterance IDs")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")  # the other process may read it
-    with open(partial, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(out)
+    write_manifest(rows, out)
     return out
 
 

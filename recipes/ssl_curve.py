@@ -99,17 +99,21 @@ def repeated_manifest(source: Path, out: Path, min_utterances: int) -> int:
     with open(source) as f:
         rows = list(csv.DictReader(f))
     repeats = max(1, math.ceil(min_utterances / len(rows)))
+    write_manifest([{**row, "ID": f"{row['ID']}_r{k}" if repeats > 1 else row["ID"]}
+                    for k in range(repeats) for row in rows], out)
+    return repeats * len(rows)
+
+
+def write_manifest(rows: list[dict], out: Path) -> None:
+    """Writes ``rows`` as a CSV manifest, aside and renamed: a run of a curve (or the other
+    process of an attempt) beside this one may be reading it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed: a run of a curve beside this one may be reading it.
     partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
     with open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        for k in range(repeats):
-            writer.writerows({**row, "ID": f"{row['ID']}_r{k}" if repeats > 1 else row["ID"]}
-                             for row in rows)
+        writer.writerows(rows)
     partial.replace(out)
-    return repeats * len(rows)
 
 
 class Curve:
