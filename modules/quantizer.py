@@ -1,5 +1,8 @@
 """BEST-RQ random-projection quantizer: frozen targets for masked-token prediction."""
 import torch
+from speechbrain.processing.features import InputNormalization
+
+TARGET_NORMALIZATIONS = ("none", "utterance")
 
 
 class RandomProjectionQuantizer(torch.nn.Module):
@@ -17,6 +20,10 @@ class RandomProjectionQuantizer(torch.nn.Module):
     num_classes : codes per codebook.
     num_books : number of independent codebooks.
     seed : seed of the random projections and codebooks.
+    target_normalization : ``"none"``: codes of the features as given (the encoder's globally
+        normalized input); ``"utterance"``: each utterance first normalized to zero mean and
+        unit variance over its own frames, so a voice's spectral tilt and loudness do not pick
+        the codes. Targets are never streamed, so using the whole utterance is allowed.
 
     Example
     -------
@@ -27,8 +34,14 @@ class RandomProjectionQuantizer(torch.nn.Module):
 
     def __init__(self, n_mels: int = 80, subsampling_factor: int = 4, code_dim: int = 16,
                  num_classes: int = 8192, num_books: int = 1, seed: int = 0,
-                 rows_per_step: int = 4096):
+                 target_normalization: str = "none", rows_per_step: int = 4096):
         super().__init__()
+        if target_normalization not in TARGET_NORMALIZATIONS:
+            raise ValueError(f"target_normalization must be one of {TARGET_NORMALIZATIONS}, "
+                             f"got {target_normalization!r}")
+        # SpeechBrain's per-sentence statistics skip the padding (relative lengths).
+        self.utterance_normalization = (InputNormalization(norm_type="sentence")
+                                        if target_normalization == "utterance" else None)
         self.subsampling_factor = subsampling_factor
         self.num_classes = num_classes
         self.rows_per_step = rows_per_step
@@ -45,14 +58,21 @@ class RandomProjectionQuantizer(torch.nn.Module):
         return self.codebooks.shape[0]
 
     @torch.no_grad()
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, n_mels) clean features -> (B, ceil(T / s), num_books) long code indices.
+
+        ``lengths``: (B,) relative lengths, for the per-utterance statistics (default: all 1).
 
         Always float32, also under autocast: a bf16 projection would move a few percent of the
         frames to another code, so training and validation targets would disagree.
         """
         with torch.autocast(feats.device.type, enabled=False):
-            return self._codes(feats.float())
+            feats = feats.float()
+            if self.utterance_normalization is not None:
+                if lengths is None:
+                    lengths = torch.ones(feats.shape[0], device=feats.device)
+                feats = self.utterance_normalization(feats, lengths.float())
+            return self._codes(feats)
 
     def _codes(self, feats: torch.Tensor) -> torch.Tensor:
         batch, frames, dim = feats.shape

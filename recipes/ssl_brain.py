@@ -25,7 +25,7 @@ class SSLBrain(StreamingBrain):
         batch = batch.to(self.device, non_blocking=True)
         wavs, wav_lens = batch.sig
         feats, frame_lengths = self.compute_features(wavs, wav_lens)
-        targets = self.modules.quantizer(feats)  # from clean features
+        targets = self.modules.quantizer(feats, frame_lengths / feats.shape[1])  # clean features
         inputs = feats
         if stage == sb.Stage.TRAIN and self.hparams.denoising:
             inputs, _ = self.compute_features(self.hparams.add_noise(wavs, wav_lens), wav_lens)

@@ -1,4 +1,5 @@
 """Random-projection quantizer: nearest-code search, frozen state, checkpointing."""
+import pytest
 import torch
 
 from modules.quantizer import RandomProjectionQuantizer
@@ -49,3 +50,23 @@ def test_uses_many_codes_on_varied_input():
     codes = quantizer(torch.randn(4, 400, 80))
     assert codes.unique().numel() > 32
     assert codes.min() >= 0 and codes.max() < 64
+
+
+def test_utterance_normalization_ignores_voice_offsets_and_padding():
+    """Per-utterance targets: a constant spectral offset and gain per utterance (a voice's tilt
+    and loudness) leave the codes unchanged, and padding does not enter the statistics."""
+    quantizer = RandomProjectionQuantizer(num_classes=64, num_books=2,
+                                          target_normalization="utterance")
+    feats = torch.randn(2, 40, 80)
+    tilt = torch.randn(2, 1, 80)
+    assert torch.equal(quantizer(feats), quantizer(feats * 1.7 + tilt))
+    padded = torch.cat([feats[:1], torch.full((1, 40, 80), 9.0)], dim=1)  # (1, 80, 80)
+    codes = quantizer(padded, torch.tensor([0.5]))
+    assert torch.equal(codes[:, :10], quantizer(feats[:1]))
+    plain = RandomProjectionQuantizer(num_classes=64, num_books=2)
+    assert not torch.equal(plain(feats), plain(feats * 1.7 + tilt))
+
+
+def test_unknown_target_normalization_is_refused():
+    with pytest.raises(ValueError, match="target_normalization must be one of .*utterance"):
+        RandomProjectionQuantizer(target_normalization="speaker")
