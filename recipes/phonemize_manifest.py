@@ -4,11 +4,14 @@
 A diagnostic for the benchmark ("Why SSL gains little here", docs/benchmark.md): a CTC model
 fine-tuned on phonemes is scored on how it hears, a model on letters also on how English is
 spelled. Each utterance is phonemized in the accent of the espeak-ng voice that spoke it (so the
-labels are what espeak-ng said), flite and festival utterances as ``en-us``. Stress marks are
-dropped (a stress error is not a phone error); lengths and word boundaries stay. The transcript
-is lowercased first (espeak-ng spells some upper-case words letter by letter); the IPA is NFKC
-normalized, as SentencePiece normalizes what it trains on (``ʲ`` -> ``j``), so the references
-hold only characters the tokenizer has.
+labels are what espeak-ng said), flite and festival utterances as ``en-us`` (espeak-ng's
+phonemes, not theirs: an approximation). Stress marks are dropped (a stress error is not a
+phone error) and every length mark is ``ː`` (some accents write ``:``). Word boundaries are
+espeak-ng's: it joins some function words (``ɪnðə``), so a phoneme "WER" means little. The
+transcript is lowercased first (espeak-ng spells some upper-case words letter by letter); the
+IPA is NFKC normalized, as SentencePiece normalizes what it trains on (``ʲ`` -> ``j``), so the
+references hold only characters the tokenizer has. The error rate over these characters is an
+IPA-symbol error rate (diphthongs and affricates count as two symbols).
 
 Usage::
 
@@ -30,7 +33,8 @@ import unicodedata
 from multiprocessing import Pool
 from pathlib import Path
 
-STRESS_MARKS = "ˈˌ"
+DROPPED = {ord("ˈ"): None, ord("ˌ"): None}  # stress marks
+LENGTH = {ord(":"): "ː"}  # en-gb-scotland writes the length mark in ASCII
 DEFAULT_LANGUAGE = "en-us"  # flite's and festival's voices are American English
 
 
@@ -48,7 +52,7 @@ def phonemize(job: tuple[str, str]) -> str:
     text, language = job
     output = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", language, text.lower()],
                             capture_output=True, text=True, check=True).stdout
-    output = unicodedata.normalize("NFKC", output.translate({ord(c): None for c in STRESS_MARKS}))
+    output = unicodedata.normalize("NFKC", output.translate({**DROPPED, **LENGTH}))
     return " ".join(output.split())
 
 

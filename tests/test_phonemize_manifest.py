@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from phonemize_manifest import espeak_language, phonemize_manifest
+from phonemize_manifest import espeak_language, phonemize, phonemize_manifest
 
 
 def test_language_follows_the_voice_that_spoke():
@@ -35,7 +35,13 @@ def test_phonemized_rows_keep_everything_but_the_transcript(tmp_path):
         {k: v for k, v in r.items() if k != "wrd"} for r in rows]
     assert len(out[0]["wrd"].split()) == 3 and out[0]["wrd"].islower()  # one IPA word per word
     assert "ð" in out[0]["wrd"] and "æ" in out[0]["wrd"]
-    assert not set("ˈˌ") & characters and " " not in characters
+    assert not set("ˈˌ:") & characters and " " not in characters
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_one_length_mark_for_every_accent():
+    scottish = phonemize(("rather", "en-gb-scotland"))
+    assert ":" not in scottish and "ː" in scottish
 
 
 def test_a_manifest_without_voices_is_refused(tmp_path):
