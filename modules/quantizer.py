@@ -22,8 +22,8 @@ class RandomProjectionQuantizer(torch.nn.Module):
     seed : seed of the random projections and codebooks.
     target_normalization : ``"none"``: codes of the features as given (the encoder's globally
         normalized input); ``"utterance"``: each utterance first normalized to zero mean and
-        unit variance over its own frames, so a voice's spectral tilt and loudness do not pick
-        the codes. Targets are never streamed, so using the whole utterance is allowed.
+        unit variance over its own frames, meant to keep a voice's spectral tilt and loudness
+        from picking the codes. Targets are never streamed, so the whole utterance may be used.
 
     Example
     -------

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Phoneme transcripts of a synthetic-corpus manifest: ``wrd`` becomes espeak-ng's IPA.
 
-A diagnostic for the benchmark ("Why SSL gains little here", docs/benchmark.md): a CTC model
+A diagnostic for the benchmark ("Why so little?", docs/benchmark.md): a CTC model
 fine-tuned on phonemes is scored on how it hears, a model on letters also on how English is
 spelled. Each utterance is phonemized in the accent of the espeak-ng voice that spoke it (so the
 labels are what espeak-ng said), flite and festival utterances as ``en-us`` (espeak-ng's
