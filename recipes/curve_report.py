@@ -30,14 +30,15 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, costs: di
     rows = []
     for point in points:
         for row in point["summary"]:
-            d = row["ssl_minus_scratch"]
+            d = row.get("ssl_minus_scratch")  # none for the topline: scratch alone
+            ssl = interval_text(row["ssl_cer"]) if "ssl_cer" in row else "-"
+            difference = (f"{d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] | "
+                          f"{relative_text(d)} | {d['p_value']:.3f}") if d else "- | - | -"
             lines.append(
                 f"| {point['encoder']} | {point['size']} ({point['labeled_hours']:.2f} h) | "
-                f"{row['context']} {row['pair']} | {interval_text(row['ssl_cer'])} | "
-                f"{interval_text(row['scratch_cer'])} | {d['difference']:+.1f} "
-                f"[{d['low']:+.1f}, {d['high']:+.1f}] | {relative_text(d)} | "
-                f"{d['p_value']:.3f} |")
-            for arm in ("ssl", "scratch"):
+                f"{row['context']} {row['pair']} | {ssl} | "
+                f"{interval_text(row['scratch_cer'])} | {difference} |")
+            for arm in point["arms"]:
                 rows.append({"encoder": point["encoder"], "size": point["size"],
                              "labeled_hours": point["labeled_hours"], "context": row["context"],
                              "arm": arm, **{f"setting_{k}": v for k, v in
@@ -46,10 +47,11 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, costs: di
                              "test_cer_mean": round(row[f"{arm}_cer"]["mean"], 2),
                              "test_cer_half_width": row[f"{arm}_cer"]["half_width"],
                              "test_wer_mean": round(row[f"{arm}_wer"]["mean"], 2),
-                             "ssl_minus_scratch": round(d["difference"], 2),
-                             "difference_low": round(d["low"], 2),
-                             "difference_high": round(d["high"], 2)})
-    verdicts = [f"- {p['encoder']} {p['size']}: {goal_verdict(p)}" for p in points if p["summary"]]
+                             **{key: round(d[field], 2) if d else None for key, field in
+                                (("ssl_minus_scratch", "difference"),
+                                 ("difference_low", "low"), ("difference_high", "high"))}})
+    verdicts = [f"- {p['encoder']} {p['size']}: {goal_verdict(p)}" for p in points
+                if p["summary"] and "ssl_minus_scratch" in p["summary"][0]]
     if verdicts:
         lines += ["", "Goal (issue 17): SSL at least 20 % (labeled <= 15 min) or 10 % (>= 1 h) "
                   "relatively better in test CER, the 95 % interval of the difference below 0, at "
@@ -120,7 +122,7 @@ def plot(points: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [p for p in points if p["summary"]]  # both arms measured
+    points = [p for p in points if p["summary"]]  # measured on test
     if not points:
         return
     contexts = [row["context"] for row in points[0]["summary"]]
@@ -131,8 +133,12 @@ def plot(points: list[dict], path: Path) -> None:
             mine = sorted((p for p in points if p["encoder"] == encoder),
                           key=lambda p: p["labeled_hours"])
             for arm, style in (("ssl", "o-"), ("scratch", "s--")):
-                values = [p["summary"][index][f"{arm}_cer"] for p in mine]
-                axis.errorbar([p["labeled_hours"] for p in mine], [v["mean"] for v in values],
+                measured = [p for p in mine if f"{arm}_cer" in p["summary"][index]]
+                if not measured:
+                    continue
+                values = [p["summary"][index][f"{arm}_cer"] for p in measured]
+                axis.errorbar([p["labeled_hours"] for p in measured],
+                              [v["mean"] for v in values],
                               yerr=[v["half_width"] or 0 for v in values], fmt=style, capsize=4,
                               label=f"{encoder}, {'from SSL' if arm == 'ssl' else 'from scratch'}")
         row = points[0]["summary"][index]

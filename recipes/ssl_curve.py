@@ -10,8 +10,9 @@ For every encoder of the grid file (``hparams/curves/*.yaml``) and every labeled
    init) fine-tunes with CTC at every grid point (peak LR x SpecAugment ...) with ``grid_seed``,
    the same optimizer steps for both arms; ``train.py``'s own test set is ``dev.csv``, so a
    run's ``ctc_cer`` is its dev CER (greedy, averaged best checkpoints, which are also chosen by
-   dev CER). The arm's setting is its lowest dev CER. Test is never read here, and
-   ``--dev_only`` stops here (for iterating on a recipe).
+   dev CER; per-epoch validation may read every ``valid_every``-th dev utterance). The arm's
+   setting is its lowest dev CER. Test is never read here, and ``--dev_only`` stops here (for
+   iterating on a recipe). The ``topline`` sizes (all labeled data) run the scratch arm alone.
 3. **Final runs, on test.** The chosen setting of each arm with every fine-tuning seed (x every
    SSL seed for ``ssl``; none of them a grid run, so no dev winner is reported), each decoded on
    ``test.csv`` by ``evaluate.py --streaming`` at the ``test_contexts`` with per-utterance edits.
@@ -57,14 +58,15 @@ from stats import paired_cluster_bootstrap, per_utterance_errors, t_interval
 
 GRID_KEYS = {"corpus", "output_folder", "encoders", "ssl", "steps", "validations", "fine_tune",
              "arms", "test_contexts", "probe_layers", "bootstrap_resamples"}
+OPTIONAL_KEYS = {"topline": [], "valid_every": 1}
 
 
 def load_grid(path: Path) -> dict:
     """The curve's grid file, checked: each problem named with its key."""
     if not path.is_file():
         raise SystemExit(f"error: grid file {path} not found (see hparams/curves/)")
-    grid = yaml.safe_load(path.read_text())
-    unknown = set(grid) - GRID_KEYS
+    grid = {**OPTIONAL_KEYS, **yaml.safe_load(path.read_text())}
+    unknown = set(grid) - GRID_KEYS - set(OPTIONAL_KEYS)
     missing = GRID_KEYS - set(grid)
     if unknown or missing:
         raise SystemExit(f"error: {path}: unknown keys {sorted(unknown)}, missing keys "
@@ -77,6 +79,12 @@ def load_grid(path: Path) -> dict:
                 raise SystemExit(f"error: {path}: size {size!r} of {encoder} has no steps")
     if set(grid["arms"]) != {"ssl", "scratch"}:
         raise SystemExit(f"error: {path}: arms must be ssl and scratch")
+    sizes = {size for sizes in grid["encoders"].values() for size in sizes}
+    if not set(grid["topline"]) <= sizes:
+        raise SystemExit(f"error: {path}: topline {grid['topline']}: not sizes of the encoders "
+                         f"({sorted(sizes)})")
+    if not (isinstance(grid["valid_every"], int) and grid["valid_every"] >= 1):
+        raise SystemExit(f"error: {path}: valid_every must be a whole number >= 1")
     return grid
 
 
@@ -185,6 +193,19 @@ class Curve:
         rows = repeated_manifest(source, manifest, math.ceil(steps / validations) * batch)
         return manifest, math.ceil(steps / math.ceil(rows / batch))
 
+    def valid_manifest(self) -> Path:
+        """The per-epoch validation set: every ``valid_every``-th dev utterance (validation
+        only picks and averages checkpoints; a run's reported dev CER is on all of dev)."""
+        dev = self.corpus / "dev.csv"
+        every = self.grid["valid_every"]
+        if every == 1:
+            return dev
+        with open(dev) as f:
+            rows = list(csv.DictReader(f))[::every]
+        manifest = self.folder / "manifests" / f"dev_every{every}.csv"
+        write_manifest(rows, manifest)
+        return manifest
+
     def fine_tune(self, name: str, encoder: str, size: str, arm: str, setting: dict, seed: int,
                   ssl_seed: int | None, extra: dict | None = None, wait: bool = True
                   ) -> dict | None:
@@ -194,7 +215,7 @@ class Curve:
         manifest, epochs = self.train_manifest(size)
         args = [spec["hparams"].format(encoder=encoder), *self.encoder_sizes(encoder),
                 "--data_folder", rel(self.corpus), "--train_csv", rel(manifest),
-                "--valid_csv", rel(self.corpus / "dev.csv"),
+                "--valid_csv", rel(self.valid_manifest()),
                 "--test_csv", rel(self.corpus / "dev.csv"),
                 "--tokenizer_csv", rel(self.corpus / "train.csv"),
                 "--number_of_epochs", str(epochs), "--batch_size", str(spec["batch_size"]),
@@ -270,10 +291,12 @@ class Curve:
         point = {"encoder": encoder, "size": size, "grid": [], "arms": {},
                  "labeled_hours": round(hours_of(self.corpus / f"{size}.csv"), 3)}
         done: dict[tuple, dict] = {}
+        # The topline (all labeled data) is supervised: the scratch arm alone.
+        arms = [a for a in self.arms if a == "scratch" or size not in self.grid["topline"]]
         wait = False
         while True:
             before, complete = len(done), True
-            for arm in self.arms:
+            for arm in arms:
                 first_ssl = grid_ssl if arm == "ssl" else None
                 for index, setting in enumerate(self.grid_points()):
                     if ("grid", arm, index) not in done:
@@ -311,16 +334,17 @@ class Curve:
             if complete:
                 break
             wait = len(done) == before  # nothing moved: block on what the others hold
-        for arm in self.arms:
+        for arm in arms:
             point["grid"] += [{"arm": arm, **setting, "dev_cer": done[("grid", arm, i)]["ctc_cer"]}
                               for i, setting in enumerate(self.grid_points())]
-        both = len(point["arms"]) == 2 and all(a["runs"] for a in point["arms"].values())
-        point["summary"] = self.summarize(point) if both else []
+        measured = point["arms"] and all(a["runs"] for a in point["arms"].values())
+        point["summary"] = self.summarize(point) if measured else []
         return point
 
     def summarize(self, point: dict) -> list[dict]:
-        """Per test context: each arm's CER/WER mean with a t-interval over its runs, and the
-        paired voice bootstrap of SSL minus scratch (edits averaged over each arm's runs)."""
+        """Per test context: each arm's CER/WER mean with a t-interval over its runs, and, when
+        both arms ran, the paired voice bootstrap of SSL minus scratch (edits averaged over each
+        arm's runs)."""
         voice_of = voices(self.corpus / "test.csv")
         rows = []
         for index, context in enumerate(self.grid["test_contexts"]):
@@ -333,9 +357,10 @@ class Curve:
                 errors[arm] = per_utterance_errors(
                     [utterance_edits(self.folder / r["name"] / "test_utterances.jsonl", row["pair"])
                      for r in data["runs"]])
-            row["ssl_minus_scratch"] = paired_cluster_bootstrap(
-                errors["ssl"], errors["scratch"], voice_of,
-                resamples=self.grid["bootstrap_resamples"])
+            if len(errors) == 2:
+                row["ssl_minus_scratch"] = paired_cluster_bootstrap(
+                    errors["ssl"], errors["scratch"], voice_of,
+                    resamples=self.grid["bootstrap_resamples"])
             rows.append(row)
         return rows
 

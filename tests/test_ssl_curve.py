@@ -1,6 +1,7 @@
 """recipes/ssl_curve.py end to end on a tiny benchmark-shaped corpus made from the shipped one
-(two sizes, both arms, two seeds, tiny model): dev-only grids, test-only finals, intervals and
-the paired bootstrap, resume by read-back, refusal of a stale result; and its statistics."""
+(two sizes, both arms, two seeds, tiny model, and a scratch-only topline): dev-only grids,
+test-only finals, intervals and the paired bootstrap, resume by read-back, refusal of a stale
+result; and its statistics."""
 import csv
 import json
 import subprocess
@@ -11,7 +12,7 @@ import torch
 import yaml
 
 from conftest import ROOT
-from ssl_curve import effective_rank, repeated_manifest
+from ssl_curve import effective_rank, load_grid, repeated_manifest
 from stats import paired_cluster_bootstrap, per_utterance_errors, t_interval
 
 SHIPPED = ROOT / "data" / "espeak_corpus"
@@ -52,10 +53,11 @@ def tiny_curve(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("curve")
     grid = {"corpus": str(tiny_benchmark(tmp_path / "corpus")),
             "output_folder": str(tmp_path / "out"),
-            "encoders": {"conformer": ["train_small", "train_mid"]},
+            "encoders": {"conformer": ["train_small", "train_mid", "train"]},
+            "topline": ["train"], "valid_every": 2,
             "ssl": {"hparams": "hparams/SSL/{encoder}.yaml", "seeds": [1],
                     "overrides": {**TINY, "num_classes": 32, "number_of_epochs": 1}},
-            "steps": {"train_small": 2, "train_mid": 4}, "validations": 2,
+            "steps": {"train_small": 2, "train_mid": 4, "train": 2}, "validations": 2,
             "fine_tune": {"hparams": "hparams/CTC/{encoder}_small.yaml", "batch_size": 4,
                           "grid_seed": 0, "seeds": [1, 2], "grid": {"lr": [0.001],
                                                     "spec_augment_prob": [0.0, 1.0]},
@@ -72,8 +74,15 @@ def test_tiny_curve_tunes_on_dev_tests_on_test_and_reports_intervals(tiny_curve)
     tmp_path, grid, run = tiny_curve
     out = tmp_path / "out"
     report = json.loads((out / "curve.json").read_text())
-    assert [p["size"] for p in report["points"]] == ["train_small", "train_mid"]
-    for point in report["points"]:
+    assert [p["size"] for p in report["points"]] == ["train_small", "train_mid", "train"]
+    *curve_points, topline = report["points"]
+    # The topline: scratch alone, its own grid and seeds, intervals but no SSL difference.
+    assert list(topline["arms"]) == ["scratch"] and len(topline["grid"]) == 2
+    assert [r["seed"] for r in topline["arms"]["scratch"]["runs"]] == [1, 2]
+    assert all(row["scratch_cer"]["n"] == 2 and "ssl_minus_scratch" not in row
+               for row in topline["summary"])
+    assert "| conformer | train (" in (out / "curve.md").read_text()
+    for point in curve_points:
         for arm in ("ssl", "scratch"):
             final = point["arms"][arm]
             chosen = [g for g in point["grid"] if g["arm"] == arm]
@@ -87,11 +96,13 @@ def test_tiny_curve_tunes_on_dev_tests_on_test_and_reports_intervals(tiny_curve)
             assert d["low"] <= d["difference"] <= d["high"] and d["clusters"] == 2
             assert d["utterances"] == 20
     # Grid runs never see test; final runs are decoded on test at the lowest / highest preset.
+    # Fine-tuning validates on every 2nd dev utterance and reports on all of dev.
     for result in out.rglob("result.json"):
         record = json.loads(result.read_text())["record"]
         command = record["command"]
-        assert command[command.index("--test_csv") + 1].endswith("dev.csv") if "--test_csv" \
-            in command else True
+        if "--test_csv" in command:
+            assert command[command.index("--test_csv") + 1].endswith("/dev.csv")
+            assert command[command.index("--valid_csv") + 1].endswith("dev_every2.csv")
         assert record["code_commit"] is None or len(record["code_commit"]) == 40
     tests = list(out.rglob("test.json"))
     assert tests and all(json.loads(t.read_text())["contexts"][0]["pair"] == [8, 0]
@@ -159,3 +170,17 @@ def test_effective_rank_counts_the_directions_variance_spans():
     assert abs(effective_rank(torch.randn(4000, 16, generator=g)) - 16) < 1
     collapsed = torch.randn(4000, 2, generator=g) @ torch.randn(2, 16, generator=g)
     assert effective_rank(collapsed) < 2.5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"topline": ["train_2h"]}, "topline"),
+    ({"valid_every": 0}, "valid_every"),
+    ({"valid_evry": 2}, "unknown keys"),
+])
+def test_a_bad_grid_names_its_key(tmp_path, change, message):
+    grid = yaml.safe_load((ROOT / "hparams" / "curves" / "benchmark.yaml").read_text())
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**grid, **change}))
+    with pytest.raises(SystemExit, match=message):
+        load_grid(path)
+    assert load_grid(ROOT / "hparams" / "curves" / "benchmark.yaml")["topline"] == ["train"]
