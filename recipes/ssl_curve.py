@@ -44,6 +44,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,13 +53,14 @@ import yaml
 
 from curve_report import write_outputs
 from demo import ROOT, SSL_SIZES, run
-from provenance import (check_result, current_code_commit, ssl_checkpoint_fields,
-                        write_json_atomic, write_result)
-from stats import paired_cluster_bootstrap, per_utterance_errors, t_interval
+from provenance import (check_result, current_code_commit, machine_description,
+                        ssl_checkpoint_fields, write_json_atomic, write_result)
+from stats import (paired_cluster_bootstrap, paired_sign_flip, per_utterance_errors,
+                   runs_and_voices_bootstrap, t_interval)
 
 GRID_KEYS = {"corpus", "output_folder", "encoders", "ssl", "steps", "validations", "fine_tune",
              "arms", "test_contexts", "probe_layers", "bootstrap_resamples"}
-OPTIONAL_KEYS = {"topline": [], "valid_every": 1}
+OPTIONAL_KEYS = {"topline": [], "valid_every": 1, "cpu_budget_hours": None}
 
 
 def load_grid(path: Path) -> dict:
@@ -102,11 +104,12 @@ def rel(path: Path) -> str:
 
 
 def repeated_manifest(source: Path, out: Path, min_utterances: int) -> int:
-    """Writes ``source``'s rows repeated (IDs suffixed ``_r<k>``) until at least
-    ``min_utterances``; returns the number of rows written."""
+    """Writes ``source``'s rows repeated (IDs suffixed ``_r<k>``) about ``min_utterances`` times
+    over (the nearest whole number of repeats, at least one: a set barely smaller than that
+    is not doubled); returns the number of rows written."""
     with open(source) as f:
         rows = list(csv.DictReader(f))
-    repeats = max(1, math.ceil(min_utterances / len(rows)))
+    repeats = max(1, round(min_utterances / len(rows)))
     write_manifest([{**row, "ID": f"{row['ID']}_r{k}" if repeats > 1 else row["ID"]}
                     for k in range(repeats) for row in rows], out)
     return repeats * len(rows)
@@ -184,8 +187,8 @@ class Curve:
         return [a for key in SSL_SIZES[encoder] for a in (f"--{key}", str(hparams[key]))]
 
     def train_manifest(self, size: str) -> tuple[Path, int]:
-        """The size's manifest, repeated to make up an epoch of steps / validations; and the
-        number of epochs that gives the size's optimizer steps."""
+        """The size's manifest, repeated to make up about an epoch of steps / validations; and
+        the number of epochs that gives at least the size's optimizer steps."""
         batch = self.grid["fine_tune"]["batch_size"]
         steps, validations = self.grid["steps"][size], self.grid["validations"]
         source = self.corpus / f"{size}.csv"
@@ -260,6 +263,12 @@ class Curve:
             if stored["command"] == command and stored["trained"] == trained["cost"]:
                 self.costs[f"{name} (test)"] = stored["cost"]
                 return stored
+        # Every read of test is logged, append-only, before it happens: a decode that is
+        # repeated (a changed command, a retrained run) stays on record.
+        with open(self.folder / "test_decodes.jsonl", "a") as log:
+            log.write(json.dumps({"run": name, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                    time.gmtime()),
+                                  "code_commit": self.code_commit, "command": command}) + "\n")
         start_wall, start_cpu = time.time(), cpu_seconds()
         evaluation = run("evaluate.py", *args)
         results = evaluation.get("results", [evaluation])
@@ -278,6 +287,26 @@ class Curve:
         grid = self.grid["fine_tune"]["grid"]
         return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
+    def arm_grid(self, dev: dict[str, float]) -> tuple[list[dict], dict | None]:
+        """An arm's grid points so far and its choice (None until every point has a dev CER).
+
+        ``dev``: dev CER by setting tag. When the lowest lies at the lowest or highest peak LR
+        tried, one point beyond it (half or twice that LR, the rest of the setting kept) joins
+        the grid, up to ``edge_extensions`` times: the same rule for both arms, so neither is
+        left at an edge the other had explored.
+        """
+        points, limit = self.grid_points(), self.grid["fine_tune"].get("edge_extensions", 0)
+        for extension in range(limit + 1):
+            if any(setting_tag(s) not in dev for s in points):
+                return points, None
+            best = min(points, key=lambda s: dev[setting_tag(s)])
+            lrs = sorted({s["lr"] for s in points})
+            if extension == limit or best["lr"] not in (lrs[0], lrs[-1]) or len(lrs) < 2:
+                return points, best
+            points.append({**best, "lr": best["lr"] / 2 if best["lr"] == lrs[0]
+                           else best["lr"] * 2})
+        raise AssertionError("unreachable")
+
     def size_point(self, encoder: str, size: str) -> dict:
         """Grid on dev, then the chosen settings' final runs on test, for one labeled size.
 
@@ -290,34 +319,40 @@ class Curve:
         grid_seed, grid_ssl = self.grid["fine_tune"]["grid_seed"], self.grid["ssl"]["seeds"][0]
         point = {"encoder": encoder, "size": size, "grid": [], "arms": {},
                  "labeled_hours": round(hours_of(self.corpus / f"{size}.csv"), 3)}
-        done: dict[tuple, dict] = {}
         # The topline (all labeled data) is supervised: the scratch arm alone.
         arms = [a for a in self.arms if a == "scratch" or size not in self.grid["topline"]]
+        dev: dict[str, dict[str, float]] = {arm: {} for arm in arms}
+        finals: dict[tuple, dict] = {}
         wait = False
         while True:
-            before, complete = len(done), True
+            before = sum(map(len, dev.values())) + len(finals)
+            complete = True
             for arm in arms:
                 first_ssl = grid_ssl if arm == "ssl" else None
-                for index, setting in enumerate(self.grid_points()):
-                    if ("grid", arm, index) not in done:
+                while True:  # grid points, extended at an edge as results come in
+                    points, chosen = self.arm_grid(dev[arm])
+                    todo = [s for s in points if setting_tag(s) not in dev[arm]]
+                    for setting in todo:
                         name = run_name(encoder, size, arm, setting, grid_seed, first_ssl)
                         result = self.fine_tune(name, encoder, size, arm, setting, grid_seed,
                                                 first_ssl, wait=wait)
                         if result is not None:
-                            done[("grid", arm, index)] = result
-                dev = [(done[("grid", arm, i)]["ctc_cer"], i, setting)
-                       for i, setting in enumerate(self.grid_points()) if ("grid", arm, i) in done]
-                if len(dev) < len(self.grid_points()):
+                            dev[arm][setting_tag(setting)] = result["ctc_cer"]
+                    if not todo or all(setting_tag(s) not in dev[arm] for s in todo):
+                        break  # chosen, or waiting on runs another process holds
+                point["grid"] = [g for g in point["grid"] if g["arm"] != arm] + [
+                    {"arm": arm, **s, "dev_cer": dev[arm][setting_tag(s)]}
+                    for s in points if setting_tag(s) in dev[arm]]
+                if chosen is None:
                     complete = False
                     continue
-                chosen = min(dev)[2]
                 point["arms"][arm] = {"setting": chosen, "runs": []}
                 if self.dev_only:
                     continue
                 for ssl_seed in (ssl_seeds if arm == "ssl" else [None]):
                     for seed in seeds:
-                        key = ("final", arm, ssl_seed, seed)
-                        if key in done:
+                        key = (arm, ssl_seed, seed)
+                        if key in finals:
                             continue
                         name = run_name(encoder, size, arm, chosen, seed, ssl_seed)
                         result = self.fine_tune(name, encoder, size, arm, chosen, seed, ssl_seed,
@@ -326,41 +361,61 @@ class Curve:
                         if test is None:
                             complete = False
                             continue
-                        done[key] = {"name": name, "seed": seed, "ssl_seed": ssl_seed,
-                                     "dev_cer": result["ctc_cer"], "test": test}
-                point["arms"][arm] = {"setting": chosen, "runs": [
-                    done[("final", arm, s_, seed)] for s_ in (ssl_seeds if arm == "ssl" else [None])
-                    for seed in seeds if ("final", arm, s_, seed) in done]}
+                        finals[key] = {"name": name, "seed": seed, "ssl_seed": ssl_seed,
+                                       "dev_cer": result["ctc_cer"], "test": test}
+                point["arms"][arm]["runs"] = [
+                    finals[(arm, s_, seed)] for s_ in (ssl_seeds if arm == "ssl" else [None])
+                    for seed in seeds if (arm, s_, seed) in finals]
             if complete:
                 break
-            wait = len(done) == before  # nothing moved: block on what the others hold
-        for arm in arms:
-            point["grid"] += [{"arm": arm, **setting, "dev_cer": done[("grid", arm, i)]["ctc_cer"]}
-                              for i, setting in enumerate(self.grid_points())]
+            # nothing moved: block on what the others hold
+            wait = sum(map(len, dev.values())) + len(finals) == before
         measured = point["arms"] and all(a["runs"] for a in point["arms"].values())
         point["summary"] = self.summarize(point) if measured else []
         return point
 
     def summarize(self, point: dict) -> list[dict]:
-        """Per test context: each arm's CER/WER mean with a t-interval over its runs, and, when
-        both arms ran, the paired voice bootstrap of SSL minus scratch (edits averaged over each
-        arm's runs)."""
+        """Per test context: each arm's CER/WER mean with a t-interval over its runs (the same
+        estimand for both arms: the spread of one fine-tuning run; the SSL arm's per-SSL-seed
+        means beside it), and, when both arms ran, SSL minus scratch: the paired voice
+        bootstrap and the exact sign-flip test over voices (edits averaged over each arm's runs),
+        a bootstrap over runs and voices together (``runs_and_voices_bootstrap``: the SSL
+        seeds, the fine-tuning seeds and the test voices) and the difference per SSL seed."""
         voice_of = voices(self.corpus / "test.csv")
         rows = []
         for index, context in enumerate(self.grid["test_contexts"]):
-            row, errors = {"context": context}, {}
+            row, edits = {"context": context}, {}
             for arm, data in point["arms"].items():
                 measured = [r["test"]["contexts"][index] for r in data["runs"]]
                 row["pair"] = measured[0]["pair"]
                 for metric in ("cer", "wer"):
-                    row[f"{arm}_{metric}"] = t_interval(seed_means(data["runs"], index, metric))
-                errors[arm] = per_utterance_errors(
-                    [utterance_edits(self.folder / r["name"] / "test_utterances.jsonl", row["pair"])
-                     for r in data["runs"]])
-            if len(errors) == 2:
-                row["ssl_minus_scratch"] = paired_cluster_bootstrap(
-                    errors["ssl"], errors["scratch"], voice_of,
-                    resamples=self.grid["bootstrap_resamples"])
+                    row[f"{arm}_{metric}"] = t_interval([m[metric] for m in measured])
+                groups: dict = {}
+                for r in data["runs"]:
+                    groups.setdefault(r["ssl_seed"], []).append(utterance_edits(
+                        self.folder / r["name"] / "test_utterances.jsonl", row["pair"]))
+                edits[arm] = groups
+                if arm == "ssl":
+                    row["ssl_cer_per_ssl_seed"] = {
+                        str(seed): statistics.fmean(
+                            r["test"]["contexts"][index]["cer"] for r in data["runs"]
+                            if r["ssl_seed"] == seed) for seed in groups}
+            if len(edits) == 2:
+                resamples = self.grid["bootstrap_resamples"]
+                ssl_all = per_utterance_errors([r for g in edits["ssl"].values() for r in g])
+                scratch_all = per_utterance_errors(edits["scratch"][None])
+                row["ssl_minus_scratch"] = {
+                    **paired_cluster_bootstrap(ssl_all, scratch_all, voice_of,
+                                               resamples=resamples),
+                    "sign_flip_p": paired_sign_flip(ssl_all, scratch_all, voice_of)["p_value"]}
+                row["ssl_minus_scratch_runs_and_voices"] = runs_and_voices_bootstrap(
+                    list(edits["ssl"].values()), [edits["scratch"][None]], voice_of,
+                    resamples=resamples)
+                row["ssl_minus_scratch_per_ssl_seed"] = {
+                    str(seed): paired_cluster_bootstrap(
+                        per_utterance_errors(group), scratch_all, voice_of,
+                        resamples=resamples)["difference"]
+                    for seed, group in edits["ssl"].items()}
             rows.append(row)
         return rows
 
@@ -407,22 +462,14 @@ def locked(path: Path, wait: bool):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def seed_means(runs: list[dict], index: int, metric: str) -> list[float]:
-    """The values a t-interval is taken over: one per SSL seed (the mean of its fine-tuning
-    seeds) when the runs come from several SSL encoders, whose spread dominates; one per run
-    otherwise (scratch, or a single SSL seed: the interval then covers fine-tuning only)."""
-    groups: dict = {}
-    for r in runs:
-        groups.setdefault(r["ssl_seed"], []).append(r["test"]["contexts"][index][metric])
-    if len(groups) > 1:
-        return [sum(values) / len(values) for values in groups.values()]
-    return next(iter(groups.values()))
+def setting_tag(setting: dict) -> str:
+    return "_".join(f"{key}{value}" for key, value in setting.items())
 
 
 def run_name(encoder: str, size: str, arm: str, setting: dict, seed: int,
              ssl_seed: int | None) -> str:
-    tag = "_".join(f"{key}{value}" for key, value in setting.items())
-    return f"{encoder}/{size}/{arm}" + (f"_ssl{ssl_seed}" if ssl_seed else "") + f"/{tag}/seed{seed}"
+    return (f"{encoder}/{size}/{arm}" + (f"_ssl{ssl_seed}" if ssl_seed else "")
+            + f"/{setting_tag(setting)}/seed{seed}")
 
 
 def plain_yaml(text: str) -> dict:
@@ -536,15 +583,19 @@ def main() -> None:
                          f"{grid['ssl']['seeds']}")
     curve = Curve(grid, folder, tuple(args.arms), args.ssl_seeds, args.dev_only)
     header = {"grid": rel(args.grid), "code_commit": curve.code_commit,
-              "command": " ".join(["python", "recipes/ssl_curve.py", *sys.argv[1:]])}
+              "command": " ".join(["python", "recipes/ssl_curve.py", *sys.argv[1:]]),
+              "machine": machine_description(), "cpu_budget_hours": grid["cpu_budget_hours"]}
+    # Test figures are written only once every point of the grid file is measured, so that no
+    # recipe choice still to come (a later size, the other encoder) can follow a test figure.
+    whole = not (args.encoders or args.sizes or args.ssl_seeds or args.dev_only
+                 or args.ssl_only or set(args.arms) != {"scratch", "ssl"})
     points, probes, ranks = [], [], {}
-    start = time.time()
 
-    def save():
-        header["cpu_hours"] = sum(c["cpu_seconds"] for c in curve.costs.values()) / 3600
-        header["wall_hours"] = (time.time() - start) / 3600
-        write_outputs(points, probes, ranks, curve.costs, header, grid["fine_tune"]["grid"],
-                      folder / "curve")
+    def save(final: bool = False):
+        shown = points if final and whole else [{**p, "summary": []} for p in points]
+        header["test_held_back"] = not (final and whole)
+        header["cost"] = cost_summary(curve.costs, grid)
+        write_outputs(shown, probes, ranks, header, grid["fine_tune"]["grid"], folder / "curve")
 
     for encoder, sizes in grid["encoders"].items():
         if args.encoders and encoder not in args.encoders:
@@ -558,7 +609,7 @@ def main() -> None:
                 continue
             points.append(curve.size_point(encoder, size))
             save()
-            print(json.dumps({"point": f"{encoder} {size}", "summary": points[-1]["summary"]}),
+            print(json.dumps({"point": f"{encoder} {size}", "grid": points[-1]["grid"]}),
                   flush=True)
         if grid["probe_layers"] and "ssl" in args.arms:
             probes += curve.probes(encoder)
@@ -566,9 +617,33 @@ def main() -> None:
         if found:
             ranks[encoder] = found
         save()
-    cpu_hours = sum(c["cpu_seconds"] for c in curve.costs.values()) / 3600
+    save(final=True)
     print(json.dumps({"table_md": str(folder / "curve.md"), "plot": str(folder / "curve.png"),
-                      "cpu_hours": round(cpu_hours, 3), "points": len(points)}))
+                      "cpu_hours": header["cost"]["cpu_hours"], "points": len(points),
+                      "test_held_back": header["test_held_back"]}))
+
+
+def cost_summary(costs: dict[str, dict], grid: dict) -> dict:
+    """CPU-hours by kind of run (SSL, each arm's grid and final runs, test decodes, probes),
+    their sum, and the serial wall-clock hours (the runs' own, summed: processes side by side
+    take less)."""
+    grid_seed = grid["fine_tune"]["grid_seed"]
+    kinds: dict[str, float] = {}
+    for name, cost in costs.items():
+        parts = name.split("/")
+        if name.endswith("(test)"):
+            kind = "test decodes"
+        elif parts[1] in ("ssl", "probes"):
+            kind = f"{parts[0]} {parts[1]}"
+        else:
+            stage = "grid" if parts[-1] == f"seed{grid_seed}" else "final"
+            kind = f"{parts[2].split('_')[0]} arm, {stage} runs"
+        kinds[kind] = kinds.get(kind, 0.0) + cost["cpu_seconds"] / 3600
+    return {"cpu_hours": round(sum(kinds.values()), 3),
+            "serial_wall_hours": round(sum(c["wall_seconds"] for c in costs.values()) / 3600, 3),
+            "runs": sum(not name.endswith("(test)") for name in costs),
+            "test_decodes": sum(name.endswith("(test)") for name in costs),
+            "cpu_hours_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items())}}
 
 
 if __name__ == "__main__":

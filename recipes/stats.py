@@ -127,3 +127,75 @@ def paired_sign_flip(errors_a: dict[str, tuple[float, int]],
     totals = np.abs(((1 - 2 * patterns) * d).sum(axis=1))
     p_value = float((totals >= abs(d.sum()) - 1e-9).mean())
     return {"p_value": p_value, "clusters": len(d), "exact": exact}
+
+
+def runs_and_voices_bootstrap(runs_a: list[list[dict[str, tuple[int, int]]]],
+                              runs_b: list[list[dict[str, tuple[int, int]]]],
+                              cluster_of: dict[str, str], resamples: int = 10000,
+                              confidence: float = 0.95, seed: int = 0) -> dict:
+    """Bootstrap of the difference of pooled error rates ``A - B`` (percent) that sees the
+    training runs as well as the test voices: each resample draws the voices with replacement
+    and, for each system, its groups of runs (e.g. SSL seeds) with replacement and then runs
+    within each drawn group; a system's rate is the mean over its drawn runs.
+
+    ``runs_a``, ``runs_b``: groups of runs, each run ``{utterance id: (edits, reference
+    length)}`` on the same utterances. A system with one group of one run adds no training
+    spread. Returns the observed difference (edits averaged over all runs) and its percentile
+    interval.
+
+    >>> a = [[{f"s{s}-{u}": (1, 10) for s in range(4) for u in range(3)}]]
+    >>> b = [[{k: (2, 10) for k in a[0][0]}], [{k: (4, 10) for k in a[0][0]}]]
+    >>> r = runs_and_voices_bootstrap(a, b, {k: k.split("-")[0] for k in a[0][0]}, 500)
+    >>> r["difference"], r["low"], r["high"]
+    (-20.0, -30.0, -10.0)
+    """
+    ids = sorted(runs_a[0][0])
+    for run in (r for groups in (runs_a, runs_b) for group in groups for r in group):
+        if sorted(run) != ids:
+            raise ValueError("runs were scored on different utterances")
+    clusters = sorted({cluster_of[u] for u in ids})
+    index = {c: i for i, c in enumerate(clusters)}
+    chars = np.zeros(len(clusters))
+    for u in ids:
+        chars[index[cluster_of[u]]] += runs_a[0][0][u][1]
+
+    def table(groups):  # (groups, runs per group, clusters) of summed edits; ragged -> lists
+        out = []
+        for group in groups:
+            rows = np.zeros((len(group), len(clusters)))
+            for r, run in enumerate(group):
+                for u in ids:
+                    rows[r, index[cluster_of[u]]] += run[u][0]
+            out.append(rows)
+        return out
+
+    rng = np.random.default_rng(seed)
+    voice_draws = rng.integers(0, len(clusters), size=(resamples, len(clusters)))
+    counts = np.stack([np.bincount(d, minlength=len(clusters)) for d in voice_draws])
+
+    def rates(groups):  # (resamples,) pooled rate of each resample's drawn runs
+        edits = np.zeros((resamples, len(clusters)))
+        drawn = rng.integers(0, len(groups), size=(resamples, len(groups)))
+        for g in range(len(groups)):
+            chosen = drawn[:, g]
+            for k, rows in enumerate(groups):
+                mask = chosen == k
+                if not mask.any():
+                    continue
+                picks = rng.integers(0, len(rows), size=(int(mask.sum()), len(rows)))
+                edits[mask] += rows[picks].mean(axis=1)
+        edits /= len(groups)
+        return 100 * (edits * counts).sum(axis=1) / (chars * counts).sum(axis=1)
+
+    tables_a, tables_b = table(runs_a), table(runs_b)
+    difference = rates(tables_a) - rates(tables_b)
+
+    def observed(tables):
+        return 100 * np.mean([rows.mean(axis=0).sum() for rows in tables]) / chars.sum()
+
+    tail = (1 - confidence) / 2 * 100
+    return {"difference": float(observed(tables_a) - observed(tables_b)),
+            "low": float(np.percentile(difference, tail)),
+            "high": float(np.percentile(difference, 100 - tail)),
+            "clusters": len(clusters), "runs_a": sum(map(len, runs_a)),
+            "runs_b": sum(map(len, runs_b)), "resamples": resamples}

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from conftest import ROOT
-from ssl_curve import effective_rank, load_grid, repeated_manifest
+from ssl_curve import Curve, cost_summary, effective_rank, load_grid, repeated_manifest, setting_tag
 from stats import paired_cluster_bootstrap, per_utterance_errors, t_interval
 
 SHIPPED = ROOT / "data" / "espeak_corpus"
@@ -64,7 +64,7 @@ def tiny_curve(tmp_path_factory):
                           "overrides": {"beam_size": 1}},
             "arms": {"ssl": {"head_only_fraction": 0.25}, "scratch": {"head_only_fraction": 0.0}},
             "test_contexts": ["very_low", "high"], "probe_layers": [],
-            "bootstrap_resamples": 200}
+            "bootstrap_resamples": 200, "cpu_budget_hours": 1}
     run = curve(tmp_path, grid)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return tmp_path, grid, run
@@ -108,7 +108,18 @@ def test_tiny_curve_tunes_on_dev_tests_on_test_and_reports_intervals(tiny_curve)
     assert tests and all(json.loads(t.read_text())["contexts"][0]["pair"] == [8, 0]
                          for t in tests)
     assert "SSL - scratch" in (out / "curve.md").read_text()
-    assert (out / "curve.png").is_file() and report["cpu_hours"] > 0
+    assert (out / "curve.png").is_file() and report["cost"]["cpu_hours"] > 0
+    assert not report["test_held_back"] and "within" in (out / "curve.md").read_text()
+    for point in curve_points:
+        for row in point["summary"]:
+            both = row["ssl_minus_scratch_runs_and_voices"]
+            assert both["low"] <= row["ssl_minus_scratch"]["difference"] <= both["high"]
+            assert 0 < row["ssl_minus_scratch"]["sign_flip_p"] <= 1
+            assert list(row["ssl_minus_scratch_per_ssl_seed"]) == ["1"]
+    # Every test decode is logged, once per final run (2 sizes x 2 arms x 2 seeds + topline).
+    log = (out / "test_decodes.jsonl").read_text().splitlines()
+    assert len(log) == 10 and all(json.loads(line)["command"][0] == "recipes/evaluate.py"
+                                  for line in log)
     assert "random init" in report["ranks"]["conformer"]
 
 
@@ -121,6 +132,15 @@ def test_rerun_reads_back_and_a_stale_result_is_refused(tiny_curve):
     assert "recipes/train.py" not in again.stdout  # nothing retrained
     after = json.loads((out / "curve.json").read_text())
     assert after["points"] == before["points"]
+    # A partial command (one size) reads its runs back but shows no test figure.
+    partial = subprocess.run([sys.executable, str(ROOT / "recipes" / "ssl_curve.py"),
+                              str(tmp_path / "grid.yaml"), "--sizes", "train_small"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    held = json.loads((out / "curve.json").read_text())
+    assert held["test_held_back"] and all(not p["summary"] for p in held["points"])
+    assert "held back" in (out / "curve.md").read_text()
+    assert len((out / "test_decodes.jsonl").read_text().splitlines()) == 10  # no new decode
     stale = next(out.rglob("train_small/scratch/*/seed2/result.json"))
     stored = json.loads(stale.read_text())
     stored["record"]["command"][-1] = "somewhere/else"
@@ -140,7 +160,7 @@ def test_ssl_only_trains_the_ssl_runs_and_reports_their_cost(tiny_curve):
 
 
 def test_repeated_manifest_keeps_ids_unique(tmp_path):
-    rows = repeated_manifest(SHIPPED / "valid.csv", tmp_path / "x.csv", 45)
+    rows = repeated_manifest(SHIPPED / "valid.csv", tmp_path / "x.csv", 55)  # 2.75 x: 3
     with open(tmp_path / "x.csv") as f:
         ids = [r["ID"] for r in csv.DictReader(f)]
     assert rows == len(ids) == 60 and len(set(ids)) == 60
@@ -184,3 +204,37 @@ def test_a_bad_grid_names_its_key(tmp_path, change, message):
     with pytest.raises(SystemExit, match=message):
         load_grid(path)
     assert load_grid(ROOT / "hparams" / "curves" / "benchmark.yaml")["topline"] == ["train"]
+
+
+def test_a_choice_at_an_lr_edge_extends_the_grid(tmp_path):
+    grid = load_grid(ROOT / "hparams" / "curves" / "benchmark.yaml")
+    curve = Curve(grid, tmp_path)
+    dev = {setting_tag(s): cer for s, cer in zip(curve.grid_points(), [52.5, 53.4, 63.1, 56.7])}
+    points, chosen = curve.arm_grid(dev)  # lowest at lr 0.0005, the grid's lower edge
+    assert chosen is None and points[-1] == {"lr": 0.00025, "spec_augment_prob": 0.0}
+    dev[setting_tag(points[-1])] = 53.0  # worse: the choice is inside the LRs tried
+    points, chosen = curve.arm_grid(dev)
+    assert chosen == {"lr": 0.0005, "spec_augment_prob": 0.0} and len(points) == 5
+    dev[setting_tag(points[-1])] = 50.0  # better: extended again, up to edge_extensions (2)
+    points, chosen = curve.arm_grid(dev)
+    assert chosen is None and points[-1]["lr"] == 0.000125
+    dev[setting_tag(points[-1])] = 49.0
+    points, chosen = curve.arm_grid(dev)
+    assert chosen["lr"] == 0.000125 and len(points) == 6  # still at an edge: flagged, not run
+    high = {setting_tag(s): cer for s, cer in zip(curve.grid_points(), [52.0, 51.6, 52.4, 51.0])}
+    points, chosen = curve.arm_grid(high)
+    assert chosen is None and points[-1] == {"lr": 0.004, "spec_augment_prob": 1.0}
+
+
+def test_cost_summary_splits_by_kind_of_run():
+    costs = {"conformer/ssl/seed1": {"cpu_seconds": 3600, "wall_seconds": 3700},
+             "conformer/train_10min/scratch/lr0.0005_x/seed0": {"cpu_seconds": 1800,
+                                                                "wall_seconds": 1900},
+             "conformer/train_10min/ssl_ssl1/lr0.002_x/seed1": {"cpu_seconds": 900,
+                                                                "wall_seconds": 1000},
+             "conformer/train_10min/ssl_ssl1/lr0.002_x/seed1 (test)": {"cpu_seconds": 360,
+                                                                       "wall_seconds": 400}}
+    cost = cost_summary(costs, {"fine_tune": {"grid_seed": 0}})
+    assert cost["cpu_hours_by_kind"] == {"conformer ssl": 1.0, "scratch arm, grid runs": 0.5,
+                                         "ssl arm, final runs": 0.25, "test decodes": 0.1}
+    assert cost["runs"] == 3 and cost["test_decodes"] == 1 and cost["cpu_hours"] == 1.85
