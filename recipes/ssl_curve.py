@@ -592,7 +592,7 @@ def main() -> None:
     points, probes, ranks = [], [], {}
 
     def save(final: bool = False):
-        shown = points if final and whole else [{**p, "summary": []} for p in points]
+        shown = points if final and whole else [held_back(p) for p in points]
         header["test_held_back"] = not (final and whole)
         header["cost"] = cost_summary(curve.costs, grid)
         write_outputs(shown, probes, ranks, header, grid["fine_tune"]["grid"], folder / "curve")
@@ -621,6 +621,15 @@ def main() -> None:
     print(json.dumps({"table_md": str(folder / "curve.md"), "plot": str(folder / "curve.png"),
                       "cpu_hours": header["cost"]["cpu_hours"], "points": len(points),
                       "test_held_back": header["test_held_back"]}))
+
+
+def held_back(point: dict) -> dict:
+    """``point`` without a test figure: no summary, and its final runs without their test
+    decodes (dev CER and seeds kept)."""
+    arms = {arm: {**data, "runs": [{k: v for k, v in run.items() if k != "test"}
+                                   for run in data["runs"]]}
+            for arm, data in point["arms"].items()}
+    return {**point, "summary": [], "arms": arms}
 
 
 def cost_summary(costs: dict[str, dict], grid: dict) -> dict:

@@ -139,6 +139,8 @@ def test_rerun_reads_back_and_a_stale_result_is_refused(tiny_curve):
     assert partial.returncode == 0, partial.stderr[-2000:]
     held = json.loads((out / "curve.json").read_text())
     assert held["test_held_back"] and all(not p["summary"] for p in held["points"])
+    assert all("test" not in run and "dev_cer" in run for p in held["points"]
+               for arm in p["arms"].values() for run in arm["runs"])
     assert "held back" in (out / "curve.md").read_text()
     assert len((out / "test_decodes.jsonl").read_text().splitlines()) == 10  # no new decode
     stale = next(out.rglob("train_small/scratch/*/seed2/result.json"))
