@@ -115,7 +115,9 @@ def test_tiny_curve_tunes_on_dev_tests_on_test_and_reports_intervals(tiny_curve)
             both = row["ssl_minus_scratch_runs_and_voices"]
             assert both["low"] <= row["ssl_minus_scratch"]["difference"] <= both["high"]
             assert 0 < row["ssl_minus_scratch"]["sign_flip_p"] <= 1
-            assert list(row["ssl_minus_scratch_per_ssl_seed"]) == ["1"]
+            assert list(row["ssl_minus_scratch_per_ssl_seed"]) == ["1"]  # one SSL seed: the whole
+            assert row["ssl_minus_scratch_per_ssl_seed"]["1"] == pytest.approx(
+                row["ssl_minus_scratch"]["difference"])
     # Every test decode is logged, once per final run (2 sizes x 2 arms x 2 seeds + topline).
     log = (out / "test_decodes.jsonl").read_text().splitlines()
     assert len(log) == 10 and all(json.loads(line)["command"][0] == "recipes/evaluate.py"
