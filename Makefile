@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test corpus corpus-labeled corpus-downstream ssl-curve recognizer kenlm clean
+.PHONY: install demo test corpus corpus-labeled lm-text corpus-downstream ssl-curve recognizer kenlm clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,16 @@ data/benchmark/test.csv: $(VENV)/.installed recipes/synthesize_benchmark.py
 	@dpkg -s $(BENCHMARK_PACKAGES) >/dev/null 2>&1 || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCHMARK_PACKAGES))
 	$(PY) recipes/synthesize_benchmark.py --out data/benchmark
+
+# More LM text for the benchmark (recipes/prepare_lm_text.py): the corpus's unspoken sentences
+# and the English fortune files and Dhammapada of Debian packages, none overlapping dev or test.
+LM_TEXT_PACKAGES := fortunes fortune-anarchism fortunes-bofh-excuses display-dhammapada
+lm-text: data/benchmark/lm_extra.csv
+
+data/benchmark/lm_extra.csv: data/benchmark/test.csv recipes/prepare_lm_text.py
+	@dpkg -s $(LM_TEXT_PACKAGES) >/dev/null 2>&1 || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(LM_TEXT_PACKAGES))
+	$(PY) recipes/prepare_lm_text.py --corpus data/benchmark --out $@
 
 # Keyword spotting (12 classes) and intent (8 classes) corpora spoken by the benchmark's voices,
 # by partition (recipes/synthesize_downstream.py); ~10 min on 2 cores.

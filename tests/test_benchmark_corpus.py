@@ -126,6 +126,7 @@ def test_generated_corpus_partitions_are_disjoint():
         with open(path) as f:
             splits[path.stem] = list(csv.DictReader(f))
     lm_text = (BENCHMARK / "lm_text.txt").read_text().splitlines()
+    lm_text += [row["wrd"] for row in splits.pop("lm_extra", [])]  # make lm-text
     assert partition_errors(splits, lm_text) == []
     assert len(splits["test"]) >= 400 and len({r["spk_id"] for r in splits["test"]}) >= 16
 
