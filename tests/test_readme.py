@@ -38,6 +38,8 @@ NOT_RUN = {
     "make kenlm": "apt-get and a C++ build, 3 minutes (tests/test_ngram.py uses what it builds)",
     "make corpus-labeled": "apt-get installs synthesizers, then writes 559 MB "
                            "(tests/test_benchmark_corpus.py checks the generator)",
+    "make lm-text": "apt-get installs text packages, and it needs the benchmark corpus "
+                    "(tests/test_lm_text.py checks what it writes)",
     "make ssl-curve": "hours of CPU on the benchmark corpus (tests/test_ssl_curve.py runs a tiny "
                       "curve)",
     "make recognizer": "hours of CPU on the benchmark corpus",
