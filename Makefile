@@ -40,8 +40,10 @@ data/benchmark/test.csv: $(VENV)/.installed recipes/synthesize_benchmark.py
 	$(PY) recipes/synthesize_benchmark.py --out data/benchmark
 
 # More LM text for the benchmark (recipes/prepare_lm_text.py): the corpus's unspoken sentences
-# and the English fortune files and Dhammapada of Debian packages, none overlapping dev or test.
-LM_TEXT_PACKAGES := fortunes fortune-anarchism fortunes-bofh-excuses display-dhammapada
+# and the English fortune files and Dhammapada of Debian packages, none of them a dev or test
+# sentence or a near copy of one; and a word list for the word LM's lexicon
+# (/usr/share/dict/american-english: hparams/LM/word_ngram.yaml --word_list).
+LM_TEXT_PACKAGES := fortunes fortune-anarchism display-dhammapada wamerican
 lm-text: data/benchmark/lm_extra.csv
 
 data/benchmark/lm_extra.csv: data/benchmark/test.csv recipes/prepare_lm_text.py

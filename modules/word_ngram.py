@@ -10,9 +10,11 @@ word's log-probability given the words before it. Along a whole sentence the inc
 telescope, so its score is exactly the word LM's sentence log-probability (``</s>`` included).
 A piece that leaves the lexicon scores ``NEVER``: the search only spells lexicon words, the
 usual lexicon-constrained decoding (flashlight's, WeNet's TLG), so a word outside the lexicon
-is always an error, which the LM run reports as its OOV rate. With an ``oov_penalty`` the
-search may leave the lexicon: such a word scores KenLM's ``<unk>`` plus the penalty per
-character (the open-vocabulary option of lexicon decoders).
+is always an error, which the LM run reports as its OOV rate. A *word list* widens the lexicon
+beyond the LM's text (a lexicon larger than the LM's vocabulary, as in flashlight's and Kaldi's
+decoders): a listed word the model never counted scores KenLM's ``<unk>`` in its context plus
+``word_list_penalty``. With an ``oov_penalty`` the search may leave the lexicon: such a word
+scores ``<unk>`` plus the penalty per character (the open-vocabulary option of lexicon decoders).
 
 Written here: SpeechBrain's ``KenLMScorer`` treats each token as a word, and flashlight's
 lexicon decoder (torchaudio's ``ctc_decoder``) neither gives an n-best to rescore nor plugs
@@ -33,17 +35,19 @@ from speechbrain.decoders.scorer import BaseScorerInterface
 from .ngram import LN10, NEVER, import_kenlm
 
 WORD_START = "\u2581"  # SentencePiece's word-boundary marker
+WORD_LIST_FILE = "word_list.txt"  # an LM run's copy of its word list (hparams word_list)
 CACHED_PREFIXES = 20_000  # states kept (a search needs its beam's and their parents')
 
 
 class LexiconNode:
     """A node of the lexicon trie: the characters so far of one or more words."""
-    __slots__ = ("children", "smear", "is_word")
+    __slots__ = ("children", "smear", "is_word", "penalty")
 
     def __init__(self):
         self.children: dict[str, LexiconNode] = {}
         self.smear = -math.inf  # the best unigram log-probability of a word below this node
         self.is_word = False
+        self.penalty = 0.0  # added to the word's LM score: a listed word the LM never counted
 
     def walk(self, text: str) -> "LexiconNode | None":
         """The node after ``text`` (None: no lexicon word continues this way)."""
@@ -63,8 +67,8 @@ def tokenizer_pieces(sp) -> list[str | None]:
 
 
 def read_unigrams(arpa: str | Path) -> dict[str, float]:
-    """The 1-grams of an ARPA file: word -> natural-log probability (``<s>``, ``</s>`` and
-    ``<unk>`` left out)."""
+    """The 1-grams of an ARPA file: word -> natural-log probability (``<s>`` and ``</s>`` left
+    out; ``<unk>`` kept)."""
     unigrams, inside = {}, False
     with open(arpa, encoding="utf-8") as lines:
         for line in lines:
@@ -74,18 +78,32 @@ def read_unigrams(arpa: str | Path) -> dict[str, float]:
                 break
             elif inside and line.strip():
                 fields = line.split("\t")
-                if fields[1].strip() not in ("<s>", "</s>", "<unk>"):
+                if fields[1].strip() not in ("<s>", "</s>"):
                     unigrams[fields[1].strip()] = LN10 * float(fields[0])
-    if not unigrams:
+    if set(unigrams) <= {"<unk>"}:
         raise ValueError(f"{arpa}: no 1-grams found; is it an ARPA file of a word n-gram?")
     return unigrams
 
 
-def build_lexicon(unigrams: dict[str, float], alphabet: set[str]) -> tuple[LexiconNode, int]:
+def read_word_list(path: str | Path) -> list[str]:
+    """The words of a word list file, one per line (blank lines skipped)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"word list {path} not found: train the LM again with "
+                                "hparams/LM/word_ngram.yaml --word_list <file>")
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def build_lexicon(unigrams: dict[str, float], alphabet: set[str],
+                  listed: dict[str, tuple[float, float]] | None = None
+                  ) -> tuple[LexiconNode, int]:
     """The trie of the words spelled by ``alphabet`` only, with each node's look-ahead bound;
-    and how many words were left out (characters the tokenizer cannot write)."""
+    and how many words were left out (characters the tokenizer cannot write). ``listed``:
+    more words, each with (look-ahead bound, penalty of its LM score)."""
     root, dropped = LexiconNode(), 0
-    for word, log_prob in unigrams.items():
+    entries = [(word, log_prob, 0.0) for word, log_prob in unigrams.items()]
+    entries += [(word, bound, penalty) for word, (bound, penalty) in (listed or {}).items()]
+    for word, log_prob, penalty in entries:
         if not set(word) <= alphabet:
             dropped += 1
             continue
@@ -94,7 +112,7 @@ def build_lexicon(unigrams: dict[str, float], alphabet: set[str]) -> tuple[Lexic
         for char in word:
             node = node.children.setdefault(char, LexiconNode())
             node.smear = max(node.smear, log_prob)
-        node.is_word = True
+        node.is_word, node.penalty = True, penalty
     return root, dropped
 
 
@@ -112,6 +130,8 @@ class WordNGramScorer:
     oov_penalty : None: only lexicon words (lexicon-constrained). A log-score per character
         (negative): a word outside the lexicon may be spelled, scored as KenLM's ``<unk>``
         plus this per character.
+    word_list : more lexicon words (``read_word_list``); those the model never counted score
+        as KenLM's ``<unk>`` plus ``word_list_penalty`` (a log-score, zero or negative).
 
     Example
     -------
@@ -121,10 +141,14 @@ class WordNGramScorer:
     """
 
     def __init__(self, model_path: str | Path, arpa_path: str | Path,
-                 pieces: list[str | None], oov_penalty: float | None = None):
+                 pieces: list[str | None], oov_penalty: float | None = None,
+                 word_list: list[str] | None = None, word_list_penalty: float = 0.0):
         if oov_penalty is not None and not oov_penalty < 0:
             raise ValueError(f"oov_penalty {oov_penalty}: give a negative log-score per "
                              "character, or None (lexicon words only)")
+        if not word_list_penalty <= 0:
+            raise ValueError(f"word_list_penalty {word_list_penalty}: give a log-score of "
+                             "zero or less (added to <unk>'s for each listed word)")
         kenlm = import_kenlm()
         for path in (model_path, arpa_path):
             if not Path(path).is_file():
@@ -146,8 +170,13 @@ class WordNGramScorer:
                              "pieces that start words or lie inside them")
         alphabet = {char for piece in pieces if piece for char in piece if char != WORD_START}
         unigrams = read_unigrams(arpa_path)
-        self.lexicon, dropped = build_lexicon(unigrams, alphabet)
-        self.lexicon_words = len(unigrams) - dropped
+        unknown = unigrams.pop("<unk>", NEVER)
+        # a listed word's bound: its unigram score as the model gives it (<unk>'s) + the penalty
+        listed = {word: (unknown + word_list_penalty, word_list_penalty)
+                  for word in dict.fromkeys(word_list or []) if word not in unigrams}
+        self.lexicon, dropped = build_lexicon(unigrams, alphabet, listed)
+        self.lexicon_words = len(unigrams) + len(listed) - dropped
+        self.listed_words = sum(set(word) <= alphabet for word in listed)
         if not self.lexicon.children:
             raise ValueError(f"{arpa_path}: none of its words can be spelled with the ASR "
                              f"tokenizer's characters ({''.join(sorted(alphabet))}); were the "
@@ -200,7 +229,7 @@ class WordNGramScorer:
             return 0.0, lm_state
         if node is self.oov or node.is_word:
             score, after = self._word_score(lm_state, word)
-            return score - self._bound(word, node), after
+            return score + node.penalty - self._bound(word, node), after
         if self.oov_penalty is None:
             return NEVER, lm_state
         score, after = self._word_score(lm_state, word)  # a lexicon prefix that is no word
@@ -264,7 +293,8 @@ class WordNGramScorer:
 
     def sentence_scores(self, token_lists: list[list[int]]) -> list[float]:
         """Log-score of each whole sentence (``</s>`` included): the word model's, plus
-        ``oov_penalty`` per character of its words outside the lexicon (``NEVER`` without one)."""
+        ``oov_penalty`` per character of its words outside the lexicon (``NEVER`` without one)
+        and the listed words' penalty."""
         scores = []
         for tokens in token_lists:
             if any(t >= self.vocab_size or self.pieces[t] is None for t in tokens):
@@ -280,6 +310,8 @@ class WordNGramScorer:
                 scores.append(NEVER)
                 continue
             penalty = self.oov_penalty * outside if outside else 0.0
+            penalty += sum(self.lexicon.walk(word).penalty for word in words
+                           if self.in_lexicon(word))
             scores.append(LN10 * self.model.score(" ".join(words), bos=True, eos=True) + penalty)
         return scores
 

@@ -33,7 +33,8 @@ from modules.decoding import (  # noqa: E402
 from modules.interfaces import encoder_frames, is_model_folder, load_model_folder  # noqa: E402
 from modules.lm import LMScorer, check_same_tokenizer  # noqa: E402
 from modules.ngram import MODEL_FILE, NGramScorer  # noqa: E402
-from modules.word_ngram import WordNGramScorer, tokenizer_pieces  # noqa: E402
+from modules.word_ngram import (WORD_LIST_FILE, WordNGramScorer, read_word_list,  # noqa: E402
+                                tokenizer_pieces)
 from provenance import hparams_data  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -261,8 +262,10 @@ def load_language_model(lm: str | Path, asr_tokenizer: Path, asr_name, vocab_siz
                          "(hparams/LM/transformer.yaml, ngram.yaml or word_ngram.yaml)")
     if data["task"] == "ngram" and data.get("unit", "token") == "word":  # words, any tokenizer
         pieces = tokenizer_pieces(SentencePieceProcessor(model_file=str(asr_tokenizer)))
+        word_list = read_word_list(folder / WORD_LIST_FILE) if data.get("word_list") else None
         return WordNGramScorer(folder / MODEL_FILE, folder / "lm.arpa", pieces,
-                               data.get("oov_penalty"))
+                               data.get("oov_penalty"), word_list,
+                               data.get("word_list_penalty") or 0.0)
     check_same_tokenizer(tokenizer_model(data), asr_tokenizer, str(lm), str(asr_name))
     if data["vocab_size"] != vocab_size:
         raise ValueError(f"--lm {lm}: vocab_size {data['vocab_size']}, the ASR model's "

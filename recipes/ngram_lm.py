@@ -3,7 +3,8 @@ Kneser-Ney) on the same text as the Transformer LM (``lm_brain.text_datasets``: 
 sentence), then ``build_binary``. ``unit: token`` (``hparams/LM/ngram.yaml``): the text written
 as the ASR run's token ids, perplexity per token (``</s>`` included) as ``lm_brain`` reports it;
 ``unit: word`` (``hparams/LM/word_ngram.yaml``): the text as words in the tokenizer's case
-(``modules.word_ngram``: its 1-grams are the decoding lexicon), perplexity per word and the
+(``modules.word_ngram``: its 1-grams are the decoding lexicon, with the words of
+``word_list`` if given, copied into the run as ``word_list.txt``), perplexity per word and the
 share of valid and test words outside the lexicon (each one a word error).
 
 No Brain: counting n-grams has no training loop. KenLM's programs are C++ (no maintained
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from inference import TextNormalizer
 from modules.ngram import LN10, MODEL_FILE, NGramScorer, import_kenlm
-from modules.word_ngram import WordNGramScorer, tokenizer_pieces
+from modules.word_ngram import WORD_LIST_FILE, WordNGramScorer, read_word_list, tokenizer_pieces
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,19 @@ def word_figures(scorer: WordNGramScorer, lines: list[str], name: str) -> dict:
             f"lm_{name}_oov_rate": outside / max(len(words), 1)}
 
 
+def copy_word_list(source: str, sp, out: Path) -> list[str]:
+    """The words of ``source`` in the tokenizer's case, each once, written to ``out``; entries
+    of more than one word are left out."""
+    if not Path(source).is_file():
+        raise SystemExit(f"error: --word_list {source} not found: give a file of words, one per "
+                         "line (e.g. /usr/share/dict/american-english: apt-get install wamerican)")
+    normalize = TextNormalizer(sp)
+    words = list(dict.fromkeys(word for word in map(normalize, read_word_list(source))
+                               if len(word.split()) == 1))
+    out.write_text("\n".join(words) + "\n")
+    return words
+
+
 def run_program(command: list, log: Path) -> None:
     """Runs a KenLM program, its messages in ``log``; its last lines in one error if it fails."""
     with open(log, "a") as out:
@@ -97,6 +111,9 @@ def train_ngram(hparams: dict, datasets: dict) -> dict:
     if hparams.get("oov_penalty") is not None and not hparams["oov_penalty"] < 0:
         raise SystemExit(f"error: --oov_penalty {hparams['oov_penalty']}: give a negative "
                          "log-score per character, or null (lexicon words only)")
+    if not hparams.get("word_list_penalty", 0.0) <= 0:
+        raise SystemExit(f"error: --word_list_penalty {hparams['word_list_penalty']}: give a "
+                         "log-score of zero or less (added to <unk>'s for each listed word)")
     if not 2 <= hparams["order"] <= MAX_ORDER:
         raise SystemExit(f"error: --order {hparams['order']}: give 2 to {MAX_ORDER} (KenLM as "
                          f"`make kenlm` builds it reads n-grams up to order {MAX_ORDER})")
@@ -123,8 +140,13 @@ def train_ngram(hparams: dict, datasets: dict) -> dict:
         figures = {f"lm_{name}_perplexity": perplexity(scorer, token_lines(datasets[name]))
                    for name in ("valid", "test")}
     else:
-        scorer = WordNGramScorer(folder / MODEL_FILE, arpa, tokenizer_pieces(sp))
+        word_list = (copy_word_list(hparams["word_list"], sp, folder / WORD_LIST_FILE)
+                     if hparams.get("word_list") else None)
+        scorer = WordNGramScorer(folder / MODEL_FILE, arpa, tokenizer_pieces(sp),
+                                 word_list=word_list,
+                                 word_list_penalty=hparams.get("word_list_penalty", 0.0))
         figures = {"lexicon_words": scorer.lexicon_words,
+                   "lexicon_words_listed": scorer.listed_words,
                    "lexicon_words_unspellable": scorer.dropped_words}
         for name in ("valid", "test"):
             figures.update(word_figures(scorer, word_lines(datasets[name], sp), name))

@@ -3,6 +3,7 @@ every decoding mode runs through evaluate.py with LM fusion; a two-pass stream's
 is the offline rescoring and its partials the prefix beam's; mismatched tokenizers, leaked test
 sentences and decodings a model cannot run are refused in one line."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -305,6 +306,7 @@ def test_word_ngram_recipe_constrains_every_decoding_to_its_lexicon(runs, tmp_pa
     command[0] = str(ROOT / "hparams" / "LM" / "word_ngram.yaml")
     summary = json.loads(train(*command[:-2], "--order", "3").stdout.strip().splitlines()[-1])
     assert summary["unit"] == "word" and summary["lexicon_words"] > 20
+    assert summary["lexicon_words_listed"] == 0
     assert 0.0 <= summary["lm_test_oov_rate"] < 1.0 and summary["lm_test_perplexity"] > 1.0
     lexicon = set((tmp_path / "words" / "text.txt").read_text().split())
     assert all(word.isupper() for word in lexicon)
@@ -327,6 +329,28 @@ def test_word_ngram_recipe_constrains_every_decoding_to_its_lexicon(runs, tmp_pa
     run = train(*command[:-2], "--oov_penalty", "1.0", "--output_folder",
                 str(tmp_path / "bad"), check=False)
     assert run.returncode != 0 and "--oov_penalty 1.0: give a negative" in run.stderr
+    # a word list widens the lexicon; the LM run keeps its copy, and decoding reads it back
+    tokenizer = tmp / "s2s" / "save" / "tokenizer" / "26_char.model"
+    strict = load_language_model(tmp_path / "words", tokenizer, "asr", 26, torch.device("cpu"))
+    spellable = {word for word in lexicon if strict.in_lexicon(word)}
+    fresh = sorted({"".join(sorted(word)) for word in spellable} - lexicon)[:2]
+    (tmp_path / "words.txt").write_text("\n".join([*map(str.lower, fresh), "new york",
+                                                   *lexicon]) + "\n")
+    listed = json.loads(train(*command[:-2], "--word_list", str(tmp_path / "words.txt"),
+                              "--word_list_penalty", "-2.0", "--output_folder",
+                              str(tmp_path / "listed")).stdout.strip().splitlines()[-1])
+    assert listed["lexicon_words_listed"] == 2
+    assert listed["lexicon_words"] == summary["lexicon_words"] + 2
+    scorer = load_language_model(tmp_path / "listed", tokenizer, "asr", 26, torch.device("cpu"))
+    assert scorer.in_lexicon(fresh[0]) and scorer.listed_words == 2
+    (tmp_path / "listed" / "word_list.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="word list .* not found"):
+        load_language_model(tmp_path / "listed", tokenizer, "asr", 26, torch.device("cpu"))
+    for flags, message in [(["--word_list", str(tmp_path / "none.txt")],
+                            "--word_list .* not found"),
+                           (["--word_list_penalty", "1.0"], "--word_list_penalty 1.0: give")]:
+        run = train(*command[:-2], *flags, "--output_folder", str(tmp_path / "bad"), check=False)
+        assert run.returncode != 0 and re.search(message, run.stderr), run.stderr[-500:]
 
 
 def test_decoding_modes_tunes_on_dev_decodes_test_once_and_resumes(runs, tmp_path):

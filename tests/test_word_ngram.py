@@ -81,6 +81,26 @@ def test_with_an_oov_penalty_other_words_score_as_unk_plus_the_penalty(model_fil
         assert (strict.sentence_scores([tokens])[0] == NEVER) == (outside > 0)
 
 
+@pytest.mark.parametrize("pieces", [CHARS, SUBWORDS], ids=["characters", "subwords"])
+def test_listed_words_the_model_lacks_score_as_unk_plus_the_penalty(model_files, pieces):
+    listed = ["TEA", "HEAT", "THE", "TEA", "ETA"]  # THE is counted already; TEA twice
+    scorer = WordNGramScorer(*model_files, pieces, word_list=listed, word_list_penalty=-1.5)
+    strict = WordNGramScorer(*model_files, pieces)
+    assert scorer.listed_words == 3 and scorer.lexicon_words == strict.lexicon_words + 3
+    for sentence in ["THE TEA", "HEAT A HAT", "THE CAT", "TEA ETA"]:
+        tokens = encode(sentence, pieces)
+        rows = scorer([tokens[:k] for k in range(len(tokens) + 1)])
+        path = sum(float(rows[k, t]) for k, t in enumerate(tokens)) + float(rows[-1, scorer.eos])
+        new = sum(word not in WORDS for word in sentence.split())
+        exact = math.log(10) * scorer.model.score(sentence, bos=True, eos=True) - 1.5 * new
+        assert path == pytest.approx(exact, abs=1e-3)
+        assert scorer.sentence_scores([tokens])[0] == pytest.approx(exact, abs=1e-4)
+        assert (strict.sentence_scores([tokens])[0] == NEVER) == (new > 0)
+    assert scorer.in_lexicon("HEAT") and not scorer.in_lexicon("HEA")
+    with pytest.raises(ValueError, match="word_list_penalty 0.5: give a log-score of zero"):
+        WordNGramScorer(*model_files, pieces, word_list=listed, word_list_penalty=0.5)
+
+
 def test_the_lexicon_is_the_only_way_out(model_files):
     scorer = WordNGramScorer(*model_files, CHARS)
     the = encode("THE", CHARS)
