@@ -11,10 +11,13 @@ telescope, so its score is exactly the word LM's sentence log-probability (``</s
 A piece that leaves the lexicon scores ``NEVER``: the search only spells lexicon words, the
 usual lexicon-constrained decoding (flashlight's, WeNet's TLG), so a word outside the lexicon
 is always an error, which the LM run reports as its OOV rate. A *word list* widens the lexicon
-beyond the LM's text (a lexicon larger than the LM's vocabulary, as in flashlight's and Kaldi's
-decoders): a listed word the model never counted scores KenLM's ``<unk>`` in its context plus
-``word_list_penalty``. With an ``oov_penalty`` the search may leave the lexicon: such a word
-scores ``<unk>`` plus the penalty per character (the open-vocabulary option of lexicon decoders).
+beyond the LM's text (as flashlight's lexicon decoder scores lexicon words its LM lacks as
+``unk``): a listed word the model never counted scores KenLM's ``<unk>`` in its context plus
+``word_list_penalty``. Each listed word gets ``<unk>``'s whole probability, so with many words
+and a small penalty the model no longer sums to one (tune the penalty on dev), and KenLM
+scores the word after an unknown one without the words before it. With an ``oov_penalty`` the
+search may leave the lexicon: such a word scores ``<unk>`` plus the penalty per character (the
+open-vocabulary option of lexicon decoders).
 
 Written here: SpeechBrain's ``KenLMScorer`` treats each token as a word, and flashlight's
 lexicon decoder (torchaudio's ``ctc_decoder``) neither gives an n-best to rescore nor plugs
@@ -88,32 +91,34 @@ def read_unigrams(arpa: str | Path) -> dict[str, float]:
 def read_word_list(path: str | Path) -> list[str]:
     """The words of a word list file, one per line (blank lines skipped)."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"word list {path} not found: train the LM again with "
-                                "hparams/LM/word_ngram.yaml --word_list <file>")
+        raise FileNotFoundError(f"word list {path} not found: give a file of words, one per "
+                                "line (an LM run's word_list.txt: train the LM run again with "
+                                "hparams/LM/word_ngram.yaml --word_list <file>)")
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
             if line.strip()]
 
 
 def build_lexicon(unigrams: dict[str, float], alphabet: set[str],
                   listed: dict[str, tuple[float, float]] | None = None
-                  ) -> tuple[LexiconNode, int]:
+                  ) -> tuple[LexiconNode, int, int]:
     """The trie of the words spelled by ``alphabet`` only, with each node's look-ahead bound;
-    and how many words were left out (characters the tokenizer cannot write). ``listed``:
-    more words, each with (look-ahead bound, penalty of its LM score)."""
-    root, dropped = LexiconNode(), 0
-    entries = [(word, log_prob, 0.0) for word, log_prob in unigrams.items()]
-    entries += [(word, bound, penalty) for word, (bound, penalty) in (listed or {}).items()]
-    for word, log_prob, penalty in entries:
+    how many words were left out (characters the tokenizer cannot write), and how many of them
+    were listed. ``listed``: more words, each with (look-ahead bound, penalty of its LM score)."""
+    root, dropped, dropped_listed = LexiconNode(), 0, 0
+    entries = [(word, log_prob, False) for word, log_prob in unigrams.items()]
+    entries += [(word, bound, True) for word, (bound, _) in (listed or {}).items()]
+    for word, log_prob, is_listed in entries:
         if not set(word) <= alphabet:
             dropped += 1
+            dropped_listed += is_listed
             continue
         node = root
         node.smear = max(node.smear, log_prob)
         for char in word:
             node = node.children.setdefault(char, LexiconNode())
             node.smear = max(node.smear, log_prob)
-        node.is_word, node.penalty = True, penalty
-    return root, dropped
+        node.is_word, node.penalty = True, listed[word][1] if is_listed else 0.0
+    return root, dropped, dropped_listed
 
 
 class WordNGramScorer:
@@ -130,8 +135,10 @@ class WordNGramScorer:
     oov_penalty : None: only lexicon words (lexicon-constrained). A log-score per character
         (negative): a word outside the lexicon may be spelled, scored as KenLM's ``<unk>``
         plus this per character.
-    word_list : more lexicon words (``read_word_list``); those the model never counted score
-        as KenLM's ``<unk>`` plus ``word_list_penalty`` (a log-score, zero or negative).
+    word_list : more lexicon words (``read_word_list``).
+    word_list_penalty : a log-score (zero or negative) added to KenLM's ``<unk>`` for each
+        listed word the model never counted. With an ``oov_penalty`` too, keep it above
+        ``oov_penalty`` times a word's length, or listing a word makes it costlier.
 
     Example
     -------
@@ -170,13 +177,16 @@ class WordNGramScorer:
                              "pieces that start words or lie inside them")
         alphabet = {char for piece in pieces if piece for char in piece if char != WORD_START}
         unigrams = read_unigrams(arpa_path)
-        unknown = unigrams.pop("<unk>", NEVER)
+        unknown = unigrams.pop("<unk>", None)
+        if word_list and unknown is None:
+            raise ValueError(f"{arpa_path} has no <unk> 1-gram, which scores listed words: "
+                             "count it with KenLM's lmplz (hparams/LM/word_ngram.yaml)")
         # a listed word's bound: its unigram score as the model gives it (<unk>'s) + the penalty
         listed = {word: (unknown + word_list_penalty, word_list_penalty)
-                  for word in dict.fromkeys(word_list or []) if word not in unigrams}
-        self.lexicon, dropped = build_lexicon(unigrams, alphabet, listed)
+                  for word in dict.fromkeys(word_list or []) if word and word not in unigrams}
+        self.lexicon, dropped, dropped_listed = build_lexicon(unigrams, alphabet, listed)
         self.lexicon_words = len(unigrams) + len(listed) - dropped
-        self.listed_words = sum(set(word) <= alphabet for word in listed)
+        self.listed_words = len(listed) - dropped_listed
         if not self.lexicon.children:
             raise ValueError(f"{arpa_path}: none of its words can be spelled with the ASR "
                              f"tokenizer's characters ({''.join(sorted(alphabet))}); were the "

@@ -66,17 +66,15 @@ def word_figures(scorer: WordNGramScorer, lines: list[str], name: str) -> dict:
             f"lm_{name}_oov_rate": outside / max(len(words), 1)}
 
 
-def copy_word_list(source: str, sp, out: Path) -> list[str]:
+def copy_word_list(source: str, sp, out: Path) -> tuple[list[str], dict]:
     """The words of ``source`` in the tokenizer's case, each once, written to ``out``; entries
-    of more than one word are left out."""
-    if not Path(source).is_file():
-        raise SystemExit(f"error: --word_list {source} not found: give a file of words, one per "
-                         "line (e.g. /usr/share/dict/american-english: apt-get install wamerican)")
+    of more than one word are left out. Also the counts: entries, words kept."""
     normalize = TextNormalizer(sp)
-    words = list(dict.fromkeys(word for word in map(normalize, read_word_list(source))
+    entries = read_word_list(source)
+    words = list(dict.fromkeys(word for word in map(normalize, entries)
                                if len(word.split()) == 1))
     out.write_text("\n".join(words) + "\n")
-    return words
+    return words, {"word_list_entries": len(entries), "word_list_words": len(words)}
 
 
 def run_program(command: list, log: Path) -> None:
@@ -111,9 +109,17 @@ def train_ngram(hparams: dict, datasets: dict) -> dict:
     if hparams.get("oov_penalty") is not None and not hparams["oov_penalty"] < 0:
         raise SystemExit(f"error: --oov_penalty {hparams['oov_penalty']}: give a negative "
                          "log-score per character, or null (lexicon words only)")
-    if not hparams.get("word_list_penalty", 0.0) <= 0:
-        raise SystemExit(f"error: --word_list_penalty {hparams['word_list_penalty']}: give a "
-                         "log-score of zero or less (added to <unk>'s for each listed word)")
+    penalty = hparams.get("word_list_penalty", 0.0)
+    if not isinstance(penalty, (int, float)) or not penalty <= 0:
+        raise SystemExit(f"error: --word_list_penalty {penalty}: give a log-score of zero or "
+                         "less (added to <unk>'s for each listed word)")
+    if hparams.get("word_list") and unit != "word":
+        raise SystemExit("error: --word_list is for a word n-gram (unit: word, "
+                         "hparams/LM/word_ngram.yaml)")
+    if hparams.get("word_list") and not Path(hparams["word_list"]).is_file():
+        raise SystemExit(f"error: --word_list {hparams['word_list']} not found: give a file of "
+                         "words, one per line (e.g. /usr/share/dict/american-english: "
+                         "apt-get install wamerican)")
     if not 2 <= hparams["order"] <= MAX_ORDER:
         raise SystemExit(f"error: --order {hparams['order']}: give 2 to {MAX_ORDER} (KenLM as "
                          f"`make kenlm` builds it reads n-grams up to order {MAX_ORDER})")
@@ -140,14 +146,14 @@ def train_ngram(hparams: dict, datasets: dict) -> dict:
         figures = {f"lm_{name}_perplexity": perplexity(scorer, token_lines(datasets[name]))
                    for name in ("valid", "test")}
     else:
-        word_list = (copy_word_list(hparams["word_list"], sp, folder / WORD_LIST_FILE)
-                     if hparams.get("word_list") else None)
+        word_list, figures = None, {}
+        if hparams.get("word_list"):
+            word_list, figures = copy_word_list(hparams["word_list"], sp, folder / WORD_LIST_FILE)
         scorer = WordNGramScorer(folder / MODEL_FILE, arpa, tokenizer_pieces(sp),
-                                 word_list=word_list,
-                                 word_list_penalty=hparams.get("word_list_penalty", 0.0))
-        figures = {"lexicon_words": scorer.lexicon_words,
-                   "lexicon_words_listed": scorer.listed_words,
-                   "lexicon_words_unspellable": scorer.dropped_words}
+                                 word_list=word_list, word_list_penalty=penalty)
+        figures.update({"lexicon_words": scorer.lexicon_words,
+                        "lexicon_words_listed": scorer.listed_words,
+                        "lexicon_words_unspellable": scorer.dropped_words})
         for name in ("valid", "test"):
             figures.update(word_figures(scorer, word_lines(datasets[name], sp), name))
     counts = {}

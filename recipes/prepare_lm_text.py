@@ -52,6 +52,7 @@ MANIFESTS = ("unlabeled_train", "unlabeled_valid", "train", "dev", "test")
 
 
 def read_manifest(path: Path) -> list[dict]:
+    """The rows of a corpus manifest; a missing one names the make target that writes it."""
     if not path.is_file():
         raise SystemExit(f"{path} not found: run `make corpus-labeled` first")
     with open(path, newline="") as f:
@@ -108,6 +109,7 @@ class NearCopies:
 
 
 def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    """Every run of ``n`` words in a row."""
     return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
 
 

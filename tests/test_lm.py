@@ -339,7 +339,8 @@ def test_word_ngram_recipe_constrains_every_decoding_to_its_lexicon(runs, tmp_pa
     listed = json.loads(train(*command[:-2], "--word_list", str(tmp_path / "words.txt"),
                               "--word_list_penalty", "-2.0", "--output_folder",
                               str(tmp_path / "listed")).stdout.strip().splitlines()[-1])
-    assert listed["lexicon_words_listed"] == 2
+    assert listed["lexicon_words_listed"] == 2 and listed["word_list_words"] == len(lexicon) + 2
+    assert listed["word_list_entries"] == len(lexicon) + 3  # "new york" is two words
     assert listed["lexicon_words"] == summary["lexicon_words"] + 2
     scorer = load_language_model(tmp_path / "listed", tokenizer, "asr", 26, torch.device("cpu"))
     assert scorer.in_lexicon(fresh[0]) and scorer.listed_words == 2
@@ -348,7 +349,9 @@ def test_word_ngram_recipe_constrains_every_decoding_to_its_lexicon(runs, tmp_pa
         load_language_model(tmp_path / "listed", tokenizer, "asr", 26, torch.device("cpu"))
     for flags, message in [(["--word_list", str(tmp_path / "none.txt")],
                             "--word_list .* not found"),
-                           (["--word_list_penalty", "1.0"], "--word_list_penalty 1.0: give")]:
+                           (["--word_list_penalty", "1.0"], "--word_list_penalty 1.0: give"),
+                           (["--word_list", str(tmp_path / "words.txt"), "--unit", "token"],
+                            "--word_list is for a word n-gram")]:
         run = train(*command[:-2], *flags, "--output_folder", str(tmp_path / "bad"), check=False)
         assert run.returncode != 0 and re.search(message, run.stderr), run.stderr[-500:]
 

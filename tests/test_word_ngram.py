@@ -101,6 +101,40 @@ def test_listed_words_the_model_lacks_score_as_unk_plus_the_penalty(model_files,
         WordNGramScorer(*model_files, pieces, word_list=listed, word_list_penalty=0.5)
 
 
+@pytest.mark.parametrize("pieces", [CHARS, SUBWORDS], ids=["characters", "subwords"])
+def test_listed_words_inside_and_around_counted_ones_keep_their_own_scores(model_files, pieces):
+    """A listed word that is a prefix of a counted one (CA of CAT), or has one as its prefix
+    (THENE of THEN), and an empty entry: the trie keeps each word's penalty on its own node."""
+    scorer = WordNGramScorer(*model_files, pieces, word_list=["CA", "THENE", "", "ANTE"],
+                             word_list_penalty=-0.7, oov_penalty=-2.0)
+    assert scorer.listed_words == 3 and not scorer.in_lexicon("")
+    for sentence in ["CA CAT", "THE THENE THEN", "ANT ANTE AN", "CAN THEE CA"]:
+        tokens = encode(sentence, pieces)
+        rows = scorer([tokens[:k] for k in range(len(tokens) + 1)])
+        path = sum(float(rows[k, t]) for k, t in enumerate(tokens)) + float(rows[-1, scorer.eos])
+        words = sentence.split()
+        exact = (math.log(10) * scorer.model.score(sentence, bos=True, eos=True)
+                 - 0.7 * sum(w in ("CA", "THENE", "ANTE") for w in words)
+                 - 2.0 * sum(len(w) for w in words if w == "THEE"))
+        assert path == pytest.approx(exact, abs=1e-3)
+        assert scorer.sentence_scores([tokens])[0] == pytest.approx(exact, abs=1e-4)
+
+
+def test_the_search_spells_a_listed_word_it_could_not_spell_before(model_files):
+    letter = {piece: index + 1 for index, piece in enumerate(CHARS) if piece}  # CTC ids
+    frames = [letter[c] for c in f"{WORD_START}HEAT{WORD_START}A{WORD_START}TEA"]
+    log_probs = torch.full((len(frames), len(CHARS) + 1), -8.0)
+    log_probs[torch.arange(len(frames)), frames] = -0.05
+    best = {}
+    for name, word_list in [("listed", ["TEA", "HEAT"]), ("strict", None)]:
+        search = CTCPrefixBeam(beam_size=6, lm_weight=0.3,
+                               lm=WordNGramScorer(*model_files, CHARS, word_list=word_list))
+        search.push(log_probs.log_softmax(-1))
+        prefix = search.nbest()[0].prefix
+        best[name] = "".join(CHARS[i - 1] for i in prefix).replace(WORD_START, " ").strip()
+    assert best["listed"] == "HEAT A TEA" and best["strict"] != "HEAT A TEA"
+
+
 def test_the_lexicon_is_the_only_way_out(model_files):
     scorer = WordNGramScorer(*model_files, CHARS)
     the = encode("THE", CHARS)
@@ -136,9 +170,11 @@ def test_the_search_spells_lexicon_words_only(model_files):
 
 
 
+@pytest.mark.parametrize("word_list", [None, ["TEA", "HEAT", "ETA"]], ids=["strict", "listed"])
 @pytest.mark.parametrize("chunks", [[50], [1] * 50, [7, 13, 30]])
-def test_streamed_prefix_beam_with_the_word_model_is_the_offline_one(model_files, chunks):
-    scorer = WordNGramScorer(*model_files, CHARS)
+def test_streamed_prefix_beam_with_the_word_model_is_the_offline_one(model_files, chunks,
+                                                                     word_list):
+    scorer = WordNGramScorer(*model_files, CHARS, word_list=word_list, word_list_penalty=-0.5)
     generator = torch.Generator().manual_seed(5)
     log_probs = torch.randn(50, len(CHARS) + 1, generator=generator).mul(2).log_softmax(-1)
     offline, stream = offline_and_streamed_beams(log_probs, chunks, beam_size=5, lm=scorer,
