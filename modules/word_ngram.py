@@ -98,26 +98,27 @@ def read_word_list(path: str | Path) -> list[str]:
             if line.strip()]
 
 
-def build_lexicon(unigrams: dict[str, float], alphabet: set[str],
-                  listed: dict[str, tuple[float, float]] | None = None
+def build_lexicon(unigrams: dict[str, float], alphabet: set[str], listed: list[str] = (),
+                  listed_log_prob: float = 0.0, listed_penalty: float = 0.0
                   ) -> tuple[LexiconNode, int, int]:
     """The trie of the words spelled by ``alphabet`` only, with each node's look-ahead bound;
     how many words were left out (characters the tokenizer cannot write), and how many of them
-    were listed. ``listed``: more words, each with (look-ahead bound, penalty of its LM score)."""
+    were listed. ``listed``: more words, each with the look-ahead bound ``listed_log_prob``
+    and ``listed_penalty`` on its LM score."""
     root, dropped, dropped_listed = LexiconNode(), 0, 0
-    entries = [(word, log_prob, False) for word, log_prob in unigrams.items()]
-    entries += [(word, bound, True) for word, (bound, _) in (listed or {}).items()]
-    for word, log_prob, is_listed in entries:
+    entries = [(word, log_prob, 0.0) for word, log_prob in unigrams.items()]
+    entries += [(word, listed_log_prob, listed_penalty) for word in listed]
+    for index, (word, log_prob, penalty) in enumerate(entries):
         if not set(word) <= alphabet:
             dropped += 1
-            dropped_listed += is_listed
+            dropped_listed += index >= len(unigrams)
             continue
         node = root
         node.smear = max(node.smear, log_prob)
         for char in word:
             node = node.children.setdefault(char, LexiconNode())
             node.smear = max(node.smear, log_prob)
-        node.is_word, node.penalty = True, listed[word][1] if is_listed else 0.0
+        node.is_word, node.penalty = True, penalty
     return root, dropped, dropped_listed
 
 
@@ -181,10 +182,10 @@ class WordNGramScorer:
         if word_list and unknown is None:
             raise ValueError(f"{arpa_path} has no <unk> 1-gram, which scores listed words: "
                              "count it with KenLM's lmplz (hparams/LM/word_ngram.yaml)")
+        listed = [word for word in dict.fromkeys(word_list or []) if word and word not in unigrams]
         # a listed word's bound: its unigram score as the model gives it (<unk>'s) + the penalty
-        listed = {word: (unknown + word_list_penalty, word_list_penalty)
-                  for word in dict.fromkeys(word_list or []) if word and word not in unigrams}
-        self.lexicon, dropped, dropped_listed = build_lexicon(unigrams, alphabet, listed)
+        self.lexicon, dropped, dropped_listed = build_lexicon(
+            unigrams, alphabet, listed, (unknown or 0.0) + word_list_penalty, word_list_penalty)
         self.lexicon_words = len(unigrams) + len(listed) - dropped
         self.listed_words = len(listed) - dropped_listed
         if not self.lexicon.children:
