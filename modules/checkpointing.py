@@ -1,5 +1,5 @@
 """Checkpoints that survive a hard kill and a shared filesystem: atomic checkpoint folders, listed
-by the main process alone, and every process's random states.
+by the main process alone, every process's random states and a run's CPU time across resumes.
 
 SpeechBrain's ``Checkpointer`` writes the meta file ``CKPT.yaml`` first and the parameter files
 after it, so a process killed while saving leaves a folder that looks complete and is the
@@ -17,8 +17,10 @@ alone and picks the one every process recovers.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
+import resource
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -217,3 +219,43 @@ class RandomState:
                                "process takes rank 0's (not bit for bit)",
                                len(saved["ranks"]), world_size)
         _set_states(saved["ranks"][rank])
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU seconds of this process (every thread) and of its finished children
+    (data loader workers)."""
+    own, children = (resource.getrusage(who)
+                     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@register_checkpoint_hooks  # saved by the main process
+class CpuSeconds:
+    """A run's CPU time across the processes that trained it, as a recoverable: a checkpoint
+    stores the run's total at its save, and a resumed process adds its own time to the total of
+    the checkpoint it resumed from.
+
+    Work done after an interrupted process's last checkpoint is not counted (the resumed
+    process redoes it, and that is). The main process's time: under DDP, one rank's.
+    """
+
+    def __init__(self) -> None:
+        self.before_resume = 0.0  # the run's CPU seconds up to the checkpoint resumed from
+        self.settled = False      # a resume was loaded, or this process has saved
+
+    def total(self) -> float:
+        """The run's CPU seconds so far."""
+        return self.before_resume + process_cpu_seconds()
+
+    @mark_as_saver
+    def _save(self, path: str | Path) -> None:
+        self.settled = True
+        Path(path).write_text(json.dumps({"cpu_seconds": round(self.total(), 3)}))
+
+    @mark_as_loader
+    def _load(self, path: str | Path, end_of_epoch: bool = False) -> None:
+        # Only the resume counts: a later load (the best checkpoints, for the test) restores an
+        # earlier total that this process's own time already covers.
+        if not self.settled:
+            self.before_resume = json.loads(Path(path).read_text())["cpu_seconds"]
+            self.settled = True

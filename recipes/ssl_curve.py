@@ -156,8 +156,11 @@ class Curve:
             if stored is None:
                 start_wall, start_cpu = time.time(), cpu_seconds()
                 summary = run(script, *args)
+                # A resumed run's earlier processes: their CPU time to the checkpoint resumed
+                # from (train.py keeps it in the checkpoints); their wall time is not kept.
+                earlier = summary.get("cpu_seconds_before_resume", 0.0)
                 cost = {"wall_seconds": round(time.time() - start_wall, 1),
-                        "cpu_seconds": round(cpu_seconds() - start_cpu, 1)}
+                        "cpu_seconds": round(cpu_seconds() - start_cpu + earlier, 1)}
                 stored = {**{k: v for k, v in summary.items() if k != "record"}, "cost": cost}
                 write_result(path, stored, summary["record"])
         self.costs[name] = stored["cost"]

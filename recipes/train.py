@@ -58,7 +58,7 @@ from provenance import (  # noqa: E402
     run_record,
     write_json_atomic,
 )
-from modules.checkpointing import RandomState  # noqa: E402
+from modules.checkpointing import CpuSeconds, RandomState  # noqa: E402
 
 from command_line import NOTES, load_hparams, parse_command_line, resolve_hparams  # noqa: E402
 from classify_brain import ClassifyBrain  # noqa: E402
@@ -276,6 +276,8 @@ def main(argv: list[str]) -> dict | None:
     # Masks, dropout and noise continue exactly after a resume; optional, so that checkpoints
     # written before it existed still load.
     hparams["checkpointer"].add_recoverable("random_state", RandomState(), optional_load=True)
+    cpu = CpuSeconds()  # the run's cost across resumes (optional: older checkpoints lack it)
+    hparams["checkpointer"].add_recoverable("cpu_seconds", cpu, optional_load=True)
     datasets = text_datasets(hparams) if hparams["task"] == "lm" else dataio_prepare(hparams)
     if hparams.get("pretrained_ssl"):
         load_pretrained_ssl(hparams, hparams["pretrained_ssl"])
@@ -304,7 +306,9 @@ def main(argv: list[str]) -> dict | None:
     # The training stages alone (no validation, statistics pass or test): for throughput.
     common = {key: round(sum(h.get(key, 0.0) for h in history), 1)
               for key in ("train_stage_seconds", "train_audio_seconds")}
-    common["record"] = record
+    # CPU time of the run (main process) across resumes, the part before this process apart.
+    common.update(cpu_seconds=round(cpu.total(), 1),
+                  cpu_seconds_before_resume=round(cpu.before_resume, 1), record=record)
     if brain.debug and not brain.debug_persistently:
         # SpeechBrain wrote them to a temporary folder, deleted at exit: say so, not only the
         # output folder (its logs stay).

@@ -1,6 +1,7 @@
 """Preemption: a kill -9 in the middle of an epoch loses at most one checkpoint interval, and the
 same command resumes with the same sampler, data order and random draws, ending exactly where an
-uninterrupted run ends; a kill while a checkpoint is written leaves the previous one newest."""
+uninterrupted run ends (its CPU time counting both processes); a kill while a checkpoint is
+written leaves the previous one newest."""
 import json
 import subprocess
 import sys
@@ -62,6 +63,7 @@ def test_kill_9_mid_epoch_resumes_exactly(tmp_path):
     killed_at = newest_checkpoint(save)
     epoch, step, end_of_epoch = checkpoint_position(killed_at)
     assert epoch == 1 and not end_of_epoch and 3 <= step < 8
+    killed_cpu = json.loads((killed_at / "cpu_seconds.ckpt").read_text())["cpu_seconds"]
 
     resumed = subprocess.run(ssl_command(tmp_path, "killed"), capture_output=True, text=True,
                              cwd=ROOT, timeout=600)
@@ -70,6 +72,12 @@ def test_kill_9_mid_epoch_resumes_exactly(tmp_path):
     expected, got = (json.loads((tmp_path / name / "history.json").read_text())
                      for name in ("reference", "killed"))
     assert [h["valid"] for h in got] == [h["valid"] for h in expected]  # bit for bit
+    # The run's CPU time counts the killed process to its last checkpoint, then the resumed one.
+    first, resumed_summary = (json.loads(run.stdout.strip().splitlines()[-1])
+                              for run in (reference, resumed))
+    assert first["cpu_seconds_before_resume"] == 0 < first["cpu_seconds"]
+    assert resumed_summary["cpu_seconds_before_resume"] == round(killed_cpu, 1) > 0
+    assert resumed_summary["cpu_seconds"] > resumed_summary["cpu_seconds_before_resume"]
 
 
 KILLED_WHILE_SAVING = textwrap.dedent("""
