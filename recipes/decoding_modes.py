@@ -6,8 +6,11 @@ Systems: greedy CTC, the CTC prefix beam, two-pass attention rescoring, the atte
 search, and the last three with LM fusion. On ``--dev_csv`` at ``--tune_context`` (lowest WER,
 then CER): the CTC beam and rescoring choose their ``length_bonus`` from ``--length_bonuses``,
 with and without the LM (with it, jointly with ``lm_weight`` from ``--lm_weights``); the
-attention search (length-normalized) chooses only its ``lm_weight``. The CTC weight and beam are
-the model's hparams (``ctc_weight_decode``; ``beam_size`` unless ``--beam_size``), not tuned.
+attention search (length-normalized) chooses only its ``lm_weight``. A choice on the edge of
+what was tried is tried one grid step past that edge, the other value kept (up to
+``--edge_extensions`` times, 2 by default; an LM weight stays above 0), so that no arm is
+tuned up to a wall. The CTC weight and beam are the model's hparams (``ctc_weight_decode``;
+``beam_size`` unless ``--beam_size``), not tuned.
 Then every system decodes ``--test_csv`` once at each of ``--contexts`` (the attention search,
 the costliest, at ``--attention_contexts``), the encoder streamed chunk by chunk (offline at
 ``unlimited``), with first-partial and final-result latency measured on
@@ -103,6 +106,53 @@ def decode(args, split: str, system: str, manifest: str, contexts: list[str],
     return {"results": results, "hypotheses": result["hypotheses"]}
 
 
+def tune(args, system: str, dev: str, pairs: list[tuple[float, float]]
+         ) -> tuple[dict, tuple[float, float]] | None:
+    """``system``'s dev results for ``pairs`` (LM weight, length bonus) and the chosen pair
+    (lowest WER, then CER); a choice on the grid's edge extends it one step past that edge, up to
+    ``--edge_extensions`` times. None under ``--report_only`` while a pair is not decoded."""
+    decoding, with_lm = system.split("+")[0], system.endswith("+lm")
+    for extension in range(args.edge_extensions + 1):
+        decoded = {pair: decode(args, "dev", system, dev, [args.tune_context], pair, 0)
+                   for pair in pairs}
+        if any(result is None for result in decoded.values()):
+            return None
+        results = {pair: result["results"][0] for pair, result in decoded.items()}
+        choice = min(pairs, key=lambda pair: (results[pair]["wer"], results[pair]["cer"]))
+        beyond = [pair for pair in past_edges(pairs, choice, with_lm, decoding in BONUSED)
+                  if pair not in pairs]
+        if not beyond or extension == args.edge_extensions:
+            return results, choice
+        pairs = pairs + beyond
+
+
+def past_edge(tried: list[float], chosen: float) -> float | None:
+    """One grid step past the edge of ``tried`` that ``chosen`` sits on (the step between that
+    edge and its neighbour); None when it lies inside or only one value was tried."""
+    values = sorted(set(tried))
+    if len(values) < 2 or values[0] < chosen < values[-1]:
+        return None
+    if chosen == values[-1]:
+        return round(chosen + values[-1] - values[-2], 6)
+    return round(chosen - (values[1] - values[0]), 6)
+
+
+def past_edges(pairs: list[tuple[float, float]], chosen: tuple[float, float], with_lm: bool,
+               bonused: bool) -> list[tuple[float, float]]:
+    """The (LM weight, length bonus) pairs that extend a dev grid whose choice sits on its edge:
+    one step past it in that coordinate, the other kept at the choice (an LM weight stays above
+    0; the no-LM systems tune the bonus alone)."""
+    weight, bonus = chosen
+    beyond = []
+    if with_lm:
+        past = past_edge([w for w, _ in pairs], weight)
+        beyond += [(past, bonus)] if past is not None and past > 0 else []
+    if bonused:
+        past = past_edge([b for _, b in pairs], bonus)
+        beyond += [(weight, past)] if past is not None else []
+    return beyond
+
+
 def voices(manifest: str) -> dict[str, str]:
     """Utterance id -> its voice (the base voice after ``|`` in ``voice``, else ``spk_id``)."""
     with open(manifest, newline="") as f:
@@ -179,6 +229,9 @@ def parse_arguments(argv: list[str]):
     parser.add_argument("--tune_context", default="medium")
     parser.add_argument("--lm_weights", default="0.3,0.6")
     parser.add_argument("--length_bonuses", default="0,1")
+    parser.add_argument("--edge_extensions", type=int, default=2,
+                        help="times a dev choice on the edge of the LM weight or length bonus grid "
+                             "extends it one step past that edge (0: the grid as given)")
     parser.add_argument("--attention_contexts", default=None,
                         help="contexts of the attention systems (default: --contexts)")
     parser.add_argument("--beam_size", type=int, default=None,
@@ -234,13 +287,9 @@ def main(argv: list[str]) -> dict:
         system = name(decoding, with_lm)
         pairs = [(w, b) for w in (grid if with_lm else [0.0])
                  for b in (bonuses if decoding in BONUSED else [0.0])]
-        decoded = {pair: decode(args, "dev", system, dev, [args.tune_context], pair, 0)
-                   for pair in pairs}
-        if any(result is None for result in decoded.values()):
-            continue  # --report_only, not tuned yet
-        tuning[system] = {pair: result["results"][0] for pair, result in decoded.items()}
-        chosen[system] = min(pairs, key=lambda pair: (tuning[system][pair]["wer"],
-                                                      tuning[system][pair]["cer"]))
+        tuned = tune(args, system, dev, pairs)
+        if tuned is not None:  # else --report_only, not tuned yet
+            tuning[system], chosen[system] = tuned
     contexts = args.contexts.split(",")
     attention_contexts = (args.attention_contexts or args.contexts).split(",")
     test = {name(d, lm): decode(args, "test", name(d, lm), test_csv,

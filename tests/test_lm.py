@@ -383,6 +383,11 @@ def test_decoding_modes_tunes_on_dev_decodes_test_once_and_resumes(runs, tmp_pat
                                             "ctc_prefix_beam+lm", "attention_rescoring+lm",
                                             "attention+lm"}
     assert result["chosen_on_dev"]["ctc_prefix_beam+lm"]["lm_weight"] == 0.5
+    for system, rows in result["dev_tuning"].items():  # a choice on an edge was tried past it
+        tried = sorted({row["length_bonus"] for row in rows})
+        bonus = result["chosen_on_dev"][system]["length_bonus"]
+        if system != "attention+lm":  # 0, 1 given, then up to two steps past an edge
+            assert tried[0] < bonus < tried[-1] or len(tried) == 4, (system, tried, bonus)
     assert not result["missing"] and len(result["test"]) == 7
     for path in (tmp_path / "modes" / "test").glob("*.json"):
         assert "--beam_size" in json.loads(path.read_text())["record"]["argv"]
@@ -392,3 +397,18 @@ def test_decoding_modes_tunes_on_dev_decodes_test_once_and_resumes(runs, tmp_pat
             if p.name != "decoding_modes.json"}
     run()
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+
+def test_a_dev_choice_on_the_grids_edge_extends_it_one_step():
+    """decoding_modes.py: a weight or bonus chosen on the edge of what was tried is tried one
+    grid step past it (the other coordinate kept); LM weights stay above 0."""
+    from decoding_modes import past_edge, past_edges
+    assert past_edge([0.6, 1.0, 1.5, 2.0], 2.0) == 2.5
+    assert past_edge([0.6, 1.0, 1.5, 2.0], 0.6) == 0.2
+    assert past_edge([0.6, 1.0, 1.5, 2.0], 1.0) is None and past_edge([0.5], 0.5) is None
+    grid = [(w, b) for w in (0.6, 1.0) for b in (0.0, 1.0)]
+    assert past_edges(grid, (1.0, 0.0), with_lm=True, bonused=True) == [(1.4, 0.0), (1.0, -1.0)]
+    assert past_edges(grid, (0.6, 0.0), with_lm=True, bonused=False) == [(0.2, 0.0)]
+    assert past_edges([(0.2, 0.0), (0.6, 0.0)], (0.2, 0.0), with_lm=True, bonused=False) == []
+    assert past_edges([(0.0, 0.0), (0.0, 1.0)], (0.0, 1.0), with_lm=False, bonused=True) == [
+        (0.0, 2.0)]
