@@ -191,6 +191,16 @@ class AttentionBeamSearcher(S2SBeamSearcher):
     def permute_mem(self, memory, index):
         return self.decoder.reorder(memory, index.reshape(-1))
 
+    def _compute_scores_and_next_inp_tokens(self, alived_hyps, log_probs, step):
+        # A beam wider than the live continuations (the first step extends one hypothesis: at
+        # most the vocabulary) is filled with the blank and dead beams' entries. The blank is
+        # no decoder or LM token, so such a filler goes on as token 0; its score (NEVER or
+        # -inf) keeps it from winning. SpeechBrain 1.1's method, overridden for this alone.
+        scores, candidates, predecessors, tokens, alived_hyps = \
+            super()._compute_scores_and_next_inp_tokens(alived_hyps, log_probs, step)
+        tokens = tokens.masked_fill(tokens == self.n_out - 1, 0)
+        return scores, candidates, predecessors, tokens, alived_hyps
+
 
 @torch.no_grad()
 def attention_beam_search(decoder: TokenDecoder, ctc_head: torch.nn.Module,

@@ -125,3 +125,18 @@ def test_offline_or_decoderless_streaming_is_refused(model):
         UtteranceDecoder(DecodingOptions("attention"), model[0], None, BOS, EOS)
     with pytest.raises(ValueError, match="needs an attention decoder"):
         UtteranceDecoder(DecodingOptions("attention_rescoring"), None, None, BOS, EOS)
+
+
+@pytest.mark.parametrize("ctc_weight,lm_weight", [(0.0, 0.0), (0.4, 0.5)])
+def test_a_beam_wider_than_the_vocabulary_searches(model, ctc_weight, lm_weight):
+    """A beam of more hypotheses than there are tokens (here 16 > 11 search entries): the first
+    step has too few live continuations, and the filler picks (the blank, dead beams) must not
+    reach the decoder or the LM as tokens (they did: an IndexError inside torch)."""
+    decoder, ctc_head, lm = model
+    memory = torch.randn(1, 12, 16)
+    scorer = LMScorer(lm, BOS, EOS)
+    wide, narrow = (attention_beam_search(decoder, ctc_head, memory, torch.tensor([12]),
+                                          DecodingOptions("attention", beam, ctc_weight,
+                                                          lm_weight), BOS, EOS, scorer)
+                    for beam in (16, V))
+    assert all(0 <= t < V for t in wide[0]) and len(wide) == len(narrow) == 1
