@@ -87,6 +87,12 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, header: d
                     min(tried), max(tried)) and "lr" in grid_axes else ")")
             lines.append(f"| {point['encoder']} | {point['size']} | {g['arm']} | {setting} | "
                          f"{g['dev_cer']:.1f}{mark} |")
+    toplines = [p for p in points if "setting_from" in p]
+    if toplines:
+        lines += ["", "Toplines (scratch alone, no grid of their own):", ""]
+        lines += [f"- {p['encoder']} {p['size']}: "
+                  + ", ".join(f"{k} {v}" for k, v in p["arms"]["scratch"]["setting"].items())
+                  + f" (the choice of {p['setting_from']})" for p in toplines]
     if probes:
         lines += ["", "Probes (frozen encoder, CTC head on layer k; dev CER %):", "",
                   "| encoder | trained on | init | layer | dev CER |", "|---|---|---|---|---|"]

@@ -12,7 +12,8 @@ For every encoder of the grid file (``hparams/curves/*.yaml``) and every labeled
    run's ``ctc_cer`` is its dev CER (greedy, averaged best checkpoints, which are also chosen by
    dev CER; per-epoch validation may read every ``valid_every``-th dev utterance). The arm's
    setting is its lowest dev CER. Test is never read here, and ``--dev_only`` stops here (for
-   iterating on a recipe). The ``topline`` sizes (all labeled data) run the scratch arm alone.
+   iterating on a recipe). The ``topline`` sizes (all labeled data) run the scratch arm alone,
+   without a grid: at the scratch arm's choice of the encoder's largest other size.
 3. **Final runs, on test.** The chosen setting of each arm with every fine-tuning seed (x every
    SSL seed for ``ssl``; none of them a grid run, so no dev winner is reported), each decoded on
    ``test.csv`` by ``evaluate.py --streaming`` at the ``test_contexts`` with per-utterance edits.
@@ -85,6 +86,10 @@ def load_grid(path: Path) -> dict:
     if not set(grid["topline"]) <= sizes:
         raise SystemExit(f"error: {path}: topline {grid['topline']}: not sizes of the encoders "
                          f"({sorted(sizes)})")
+    for encoder, sizes in grid["encoders"].items():
+        if set(sizes) & set(grid["topline"]) and set(sizes) <= set(grid["topline"]):
+            raise SystemExit(f"error: {path}: topline: {encoder} has no other size to take "
+                             "the topline's setting from")
     if not (isinstance(grid["valid_every"], int) and grid["valid_every"] >= 1):
         raise SystemExit(f"error: {path}: valid_every must be a whole number >= 1")
     return grid
@@ -322,8 +327,10 @@ class Curve:
         grid_seed, grid_ssl = self.grid["fine_tune"]["grid_seed"], self.grid["ssl"]["seeds"][0]
         point = {"encoder": encoder, "size": size, "grid": [], "arms": {},
                  "labeled_hours": round(hours_of(self.corpus / f"{size}.csv"), 3)}
-        # The topline (all labeled data) is supervised: the scratch arm alone.
-        arms = [a for a in self.arms if a == "scratch" or size not in self.grid["topline"]]
+        # The topline (all labeled data) is a supervised reference, not an arm of the
+        # comparison: the scratch arm alone, at its choice of the largest other size.
+        topline = self.topline_setting(encoder, point) if size in self.grid["topline"] else None
+        arms = [a for a in self.arms if a == "scratch" or topline is None]
         dev: dict[str, dict[str, float]] = {arm: {} for arm in arms}
         finals: dict[tuple, dict] = {}
         wait = False
@@ -332,7 +339,8 @@ class Curve:
             complete = True
             for arm in arms:
                 first_ssl = grid_ssl if arm == "ssl" else None
-                while True:  # grid points, extended at an edge as results come in
+                points, chosen = [], topline
+                while topline is None:  # grid points, extended at an edge as results come in
                     points, chosen = self.arm_grid(dev[arm])
                     todo = [s for s in points if setting_tag(s) not in dev[arm]]
                     for setting in todo:
@@ -376,6 +384,20 @@ class Curve:
         measured = point["arms"] and all(a["runs"] for a in point["arms"].values())
         point["summary"] = self.summarize(point) if measured else []
         return point
+
+    def topline_setting(self, encoder: str, point: dict) -> dict:
+        """The scratch arm's choice at ``encoder``'s largest size that is not a topline (its dev
+        grid read back, or run if it has not been); recorded in ``point["setting_from"]``."""
+        sizes = [s for s in self.grid["encoders"][encoder] if s not in self.grid["topline"]]
+        source = max(sizes, key=lambda s: self.grid["steps"][s])
+        dev_only, arms = self.dev_only, self.arms
+        self.dev_only, self.arms = True, ("scratch",)
+        try:
+            chosen = self.size_point(encoder, source)["arms"]["scratch"]["setting"]
+        finally:
+            self.dev_only, self.arms = dev_only, arms
+        point["setting_from"] = f"{encoder} {source}, scratch arm"
+        return chosen
 
     def summarize(self, point: dict) -> list[dict]:
         """Per test context: each arm's CER/WER mean with a t-interval over its runs (the same

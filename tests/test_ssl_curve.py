@@ -76,12 +76,16 @@ def test_tiny_curve_tunes_on_dev_tests_on_test_and_reports_intervals(tiny_curve)
     report = json.loads((out / "curve.json").read_text())
     assert [p["size"] for p in report["points"]] == ["train_small", "train_mid", "train"]
     *curve_points, topline = report["points"]
-    # The topline: scratch alone, its own grid and seeds, intervals but no SSL difference.
-    assert list(topline["arms"]) == ["scratch"] and len(topline["grid"]) == 2
+    # The topline: scratch alone, no grid of its own (the scratch choice of the largest other
+    # size), its seeds, intervals but no SSL difference.
+    assert list(topline["arms"]) == ["scratch"] and topline["grid"] == []
+    assert topline["setting_from"] == "conformer train_mid, scratch arm"
+    assert topline["arms"]["scratch"]["setting"] == curve_points[1]["arms"]["scratch"]["setting"]
     assert [r["seed"] for r in topline["arms"]["scratch"]["runs"]] == [1, 2]
     assert all(row["scratch_cer"]["n"] == 2 and "ssl_minus_scratch" not in row
                for row in topline["summary"])
     assert "| conformer | train (" in (out / "curve.md").read_text()
+    assert "- conformer train: lr" in (out / "curve.md").read_text()
     for point in curve_points:
         for arm in ("ssl", "scratch"):
             final = point["arms"][arm]
@@ -198,6 +202,7 @@ def test_effective_rank_counts_the_directions_variance_spans():
 
 @pytest.mark.parametrize("change, message", [
     ({"topline": ["train_2h"]}, "topline"),
+    ({"encoders": {"conformer": ["train"]}}, "no other size"),
     ({"valid_every": 0}, "valid_every"),
     ({"valid_evry": 2}, "unknown keys"),
 ])
