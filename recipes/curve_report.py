@@ -50,8 +50,9 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, header: d
                               f"{relative_text(d)} | {p_text(d['sign_flip_p'])}")
             else:
                 difference = "- | - | - | -"
+            untuned = " (topline: setting not tuned at this size)" if "setting_from" in point else ""
             lines.append(
-                f"| {point['encoder']} | {point['size']} ({point['labeled_hours']:.2f} h) | "
+                f"| {point['encoder']} | {point['size']} ({point['labeled_hours']:.2f} h){untuned} | "
                 f"{row['context']} {row['pair']} | {ssl} | {per_seed or '-'} | "
                 f"{interval_text(row['scratch_cer'])} | {difference} |")
             for arm in point["arms"]:
@@ -162,6 +163,8 @@ def plot(points: list[dict], path: Path) -> None:
         for encoder in dict.fromkeys(p["encoder"] for p in points):
             mine = sorted((p for p in points if p["encoder"] == encoder),
                           key=lambda p: p["labeled_hours"])
+            toplines = [p for p in mine if "setting_from" in p]
+            mine = [p for p in mine if "setting_from" not in p]
             for arm, style in (("ssl", "o-"), ("scratch", "s--")):
                 measured = [p for p in mine if f"{arm}_cer" in p["summary"][index]]
                 if not measured:
@@ -171,6 +174,11 @@ def plot(points: list[dict], path: Path) -> None:
                               [v["mean"] for v in values],
                               yerr=[v["half_width"] or 0 for v in values], fmt=style, capsize=4,
                               label=f"{encoder}, {'from SSL' if arm == 'ssl' else 'from scratch'}")
+            for p in toplines:  # a reference point, not tuned at its size: no line to it
+                value = p["summary"][index]["scratch_cer"]
+                axis.errorbar([p["labeled_hours"]], [value["mean"]],
+                              yerr=[value["half_width"] or 0], fmt="k^", capsize=4,
+                              label=f"{encoder}, topline (from scratch, {p['setting_from']} setting)")
         row = points[0]["summary"][index]
         axis.set_title(f"test, streaming {row['context']} {row['pair']}")
         axis.set_xscale("log")

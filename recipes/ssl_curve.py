@@ -329,7 +329,12 @@ class Curve:
                  "labeled_hours": round(hours_of(self.corpus / f"{size}.csv"), 3)}
         # The topline (all labeled data) is a supervised reference, not an arm of the
         # comparison: the scratch arm alone, at its choice of the largest other size.
-        topline = self.topline_setting(encoder, point) if size in self.grid["topline"] else None
+        topline = None
+        if size in self.grid["topline"]:
+            if "scratch" not in self.arms:
+                point.update(summary=[])  # nothing of the topline's arm asked for
+                return point
+            topline = self.topline_setting(encoder, point)
         arms = [a for a in self.arms if a == "scratch" or topline is None]
         dev: dict[str, dict[str, float]] = {arm: {} for arm in arms}
         finals: dict[tuple, dict] = {}
@@ -389,14 +394,14 @@ class Curve:
         """The scratch arm's choice at ``encoder``'s largest size that is not a topline (its dev
         grid read back, or run if it has not been); recorded in ``point["setting_from"]``."""
         sizes = [s for s in self.grid["encoders"][encoder] if s not in self.grid["topline"]]
-        source = max(sizes, key=lambda s: self.grid["steps"][s])
+        source = max(sizes, key=lambda s: hours_of(self.corpus / f"{s}.csv"))
         dev_only, arms = self.dev_only, self.arms
         self.dev_only, self.arms = True, ("scratch",)
         try:
             chosen = self.size_point(encoder, source)["arms"]["scratch"]["setting"]
         finally:
             self.dev_only, self.arms = dev_only, arms
-        point["setting_from"] = f"{encoder} {source}, scratch arm"
+        point["setting_from"] = f"{encoder} {source}, scratch arm"  # what the report says
         return chosen
 
     def summarize(self, point: dict) -> list[dict]:
@@ -672,6 +677,8 @@ def cost_summary(costs: dict[str, dict], grid: dict) -> dict:
             kind = "test decodes"
         elif parts[1] in ("ssl", "probes"):
             kind = f"{parts[0]} {parts[1]}"
+        elif parts[1] in grid.get("topline", []):
+            kind = "topline runs"
         else:
             stage = "grid" if parts[-1] == f"seed{grid_seed}" else "final"
             kind = f"{parts[2].split('_')[0]} arm, {stage} runs"

@@ -149,6 +149,17 @@ def test_rerun_reads_back_and_a_stale_result_is_refused(tiny_curve):
                for arm in p["arms"].values() for run in arm["runs"])
     assert "held back" in (out / "curve.md").read_text()
     assert len((out / "test_decodes.jsonl").read_text().splitlines()) == 10  # no new decode
+    # The topline alone takes its setting from the largest other size's scratch grid (read
+    # back); without the scratch arm it has nothing to run.
+    for flags, arms in ((["--sizes", "train"], ["scratch"]), (["--arms", "ssl"], [])):
+        run = subprocess.run([sys.executable, str(ROOT / "recipes" / "ssl_curve.py"),
+                              str(tmp_path / "grid.yaml"), *flags],
+                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "recipes/train.py" not in run.stdout
+        topline = json.loads((out / "curve.json").read_text())["points"][-1]
+        assert topline["size"] == "train" and list(topline["arms"]) == arms
+        assert ("setting_from" in topline) == bool(arms)
     stale = next(out.rglob("train_small/scratch/*/seed2/result.json"))
     stored = json.loads(stale.read_text())
     stored["record"]["command"][-1] = "somewhere/else"
@@ -242,8 +253,11 @@ def test_cost_summary_splits_by_kind_of_run():
              "conformer/train_10min/ssl_ssl1/lr0.002_x/seed1": {"cpu_seconds": 900,
                                                                 "wall_seconds": 1000},
              "conformer/train_10min/ssl_ssl1/lr0.002_x/seed1 (test)": {"cpu_seconds": 360,
-                                                                       "wall_seconds": 400}}
-    cost = cost_summary(costs, {"fine_tune": {"grid_seed": 0}})
+                                                                       "wall_seconds": 400},
+             "conformer/train/scratch/lr0.002_x/seed1": {"cpu_seconds": 720,
+                                                         "wall_seconds": 800}}
+    cost = cost_summary(costs, {"fine_tune": {"grid_seed": 0}, "topline": ["train"]})
     assert cost["cpu_hours_by_kind"] == {"conformer ssl": 1.0, "scratch arm, grid runs": 0.5,
-                                         "ssl arm, final runs": 0.25, "test decodes": 0.1}
-    assert cost["runs"] == 3 and cost["test_decodes"] == 1 and cost["cpu_hours"] == 1.85
+                                         "ssl arm, final runs": 0.25, "test decodes": 0.1,
+                                         "topline runs": 0.2}
+    assert cost["runs"] == 4 and cost["test_decodes"] == 1 and cost["cpu_hours"] == 2.05
