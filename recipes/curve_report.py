@@ -1,10 +1,119 @@
-"""The SSL curve's outputs (``recipes/ssl_curve.py``): ``curve.md`` tables, ``curve.csv``,
-``curve.json`` and the ``curve.png`` plot, with the issue's goal verdict per labeled size."""
+"""The SSL curve's statistics and outputs (``recipes/ssl_curve.py``): per-size test summaries
+(t-intervals, paired bootstraps, sign-flip tests), the cost by kind of run, and ``curve.md``
+tables, ``curve.csv``, ``curve.json`` and the ``curve.png`` plot, with the issue's goal verdict
+per labeled size."""
 from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
+
+from stats import (paired_cluster_bootstrap, paired_sign_flip, per_utterance_errors,
+                   runs_and_voices_bootstrap, t_interval)
+
+
+def summarize(point: dict, grid: dict, folder: Path) -> list[dict]:
+    """Per test context: each arm's CER/WER mean with a t-interval over its runs (the same
+    estimand for both arms: the spread of one fine-tuning run; the SSL arm's per-SSL-seed
+    means beside it), and, when both arms ran, SSL minus scratch: the paired voice
+    bootstrap and the exact sign-flip test over voices (edits averaged over each arm's runs),
+    a bootstrap over runs and voices together (``runs_and_voices_bootstrap``: the SSL
+    seeds, the fine-tuning seeds and the test voices) and the difference per SSL seed.
+    ``folder``: the curve's output folder (the runs' ``test_utterances.jsonl``)."""
+    voice_of = voices(Path(grid["corpus"]) / "test.csv")
+    rows = []
+    for index, context in enumerate(grid["test_contexts"]):
+        row, edits = {"context": context}, {}
+        for arm, data in point["arms"].items():
+            measured = [r["test"]["contexts"][index] for r in data["runs"]]
+            row["pair"] = measured[0]["pair"]
+            for metric in ("cer", "wer"):
+                row[f"{arm}_{metric}"] = t_interval([m[metric] for m in measured])
+            groups: dict = {}
+            for r in data["runs"]:
+                groups.setdefault(r["ssl_seed"], []).append(utterance_edits(
+                    folder / r["name"] / "test_utterances.jsonl", row["pair"]))
+            edits[arm] = groups
+            if arm == "ssl":
+                row["ssl_cer_per_ssl_seed"] = {
+                    str(seed): statistics.fmean(
+                        r["test"]["contexts"][index]["cer"] for r in data["runs"]
+                        if r["ssl_seed"] == seed) for seed in groups}
+        if len(edits) == 2:
+            resamples = grid["bootstrap_resamples"]
+            ssl_all = per_utterance_errors([r for g in edits["ssl"].values() for r in g])
+            scratch_all = per_utterance_errors(edits["scratch"][None])
+            row["ssl_minus_scratch"] = {
+                **paired_cluster_bootstrap(ssl_all, scratch_all, voice_of,
+                                           resamples=resamples),
+                "sign_flip_p": paired_sign_flip(ssl_all, scratch_all, voice_of)["p_value"]}
+            row["ssl_minus_scratch_runs_and_voices"] = runs_and_voices_bootstrap(
+                list(edits["ssl"].values()), [edits["scratch"][None]], voice_of,
+                resamples=resamples)
+            row["ssl_minus_scratch_per_ssl_seed"] = {
+                str(seed): pooled_rate(per_utterance_errors(group)) - pooled_rate(scratch_all)
+                for seed, group in edits["ssl"].items()}
+        rows.append(row)
+    return rows
+
+
+def pooled_rate(errors: dict[str, tuple[float, int]]) -> float:
+    """Error rate (%) of ``{id: (edits, reference length)}``: total edits over total length."""
+    return 100 * sum(e for e, _ in errors.values()) / sum(n for _, n in errors.values())
+
+
+def voices(manifest: Path) -> dict[str, str]:
+    """Utterance id -> its base voice (the bootstrap's cluster: speakers that are settings of
+    one timbre are not independent); the speaker id where the manifest has no ``voice``."""
+    with open(manifest) as f:
+        return {row["ID"]: row["voice"].split("|")[-1] if row.get("voice") else row["spk_id"]
+                for row in csv.DictReader(f)}
+
+
+def utterance_edits(path: Path, pair: list[int]) -> dict[str, tuple[int, int]]:
+    """``{id: (character edits, reference characters)}`` of one test decode at one context."""
+    edits = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if record["context"] == pair:
+                edits[record["id"]] = (record["char_edits"], record["chars"])
+    return edits
+
+
+def held_back(point: dict) -> dict:
+    """``point`` without a test figure: no summary, and its final runs without their test
+    decodes (dev CER and seeds kept)."""
+    arms = {arm: {**data, "runs": [{k: v for k, v in run.items() if k != "test"}
+                                   for run in data["runs"]]}
+            for arm, data in point["arms"].items()}
+    return {**point, "summary": [], "arms": arms}
+
+
+def cost_summary(costs: dict[str, dict], grid: dict) -> dict:
+    """CPU-hours by kind of run (SSL, each arm's grid and final runs, test decodes, probes),
+    their sum, and the serial wall-clock hours (the runs' own, summed: processes side by side
+    take less)."""
+    grid_seed = grid["fine_tune"]["grid_seed"]
+    kinds: dict[str, float] = {}
+    for name, cost in costs.items():
+        parts = name.split("/")
+        if name.endswith("(test)"):
+            kind = "test decodes"
+        elif parts[1] in ("ssl", "probes"):
+            kind = f"{parts[0]} {parts[1]}"
+        elif parts[1] in grid.get("topline", []):
+            kind = "topline runs"
+        else:
+            stage = "grid" if parts[-1] == f"seed{grid_seed}" else "final"
+            kind = f"{parts[2].split('_')[0]} arm, {stage} runs"
+        kinds[kind] = kinds.get(kind, 0.0) + cost["cpu_seconds"] / 3600
+    return {"cpu_hours": round(sum(kinds.values()), 3),
+            "serial_wall_hours": round(sum(c["wall_seconds"] for c in costs.values()) / 3600, 3),
+            "runs": sum(not name.endswith("(test)") for name in costs),
+            "test_decodes": sum(name.endswith("(test)") for name in costs),
+            "cpu_hours_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items())}}
 
 
 def interval_text(interval: dict) -> str:

@@ -45,19 +45,17 @@ import json
 import math
 import os
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from curve_report import write_outputs
+from curve_report import cost_summary, held_back, summarize, write_outputs
 from demo import ROOT, SSL_SIZES, run
+from layer_ranks import layer_ranks
 from provenance import (check_result, current_code_commit, machine_description,
                         ssl_checkpoint_fields, write_json_atomic, write_result)
-from stats import (paired_cluster_bootstrap, paired_sign_flip, per_utterance_errors,
-                   runs_and_voices_bootstrap, t_interval)
 
 GRID_KEYS = {"corpus", "output_folder", "encoders", "ssl", "steps", "validations", "fine_tune",
              "arms", "test_contexts", "probe_layers", "bootstrap_resamples"}
@@ -387,7 +385,7 @@ class Curve:
             # nothing moved: block on what the others hold
             wait = sum(map(len, dev.values())) + len(finals) == before
         measured = point["arms"] and all(a["runs"] for a in point["arms"].values())
-        point["summary"] = self.summarize(point) if measured else []
+        point["summary"] = summarize(point, self.grid, self.folder) if measured else []
         return point
 
     def topline_setting(self, encoder: str, point: dict) -> dict:
@@ -403,49 +401,6 @@ class Curve:
             self.dev_only, self.arms = dev_only, arms
         point["setting_from"] = f"{encoder} {source}, scratch arm"  # what the report says
         return chosen
-
-    def summarize(self, point: dict) -> list[dict]:
-        """Per test context: each arm's CER/WER mean with a t-interval over its runs (the same
-        estimand for both arms: the spread of one fine-tuning run; the SSL arm's per-SSL-seed
-        means beside it), and, when both arms ran, SSL minus scratch: the paired voice
-        bootstrap and the exact sign-flip test over voices (edits averaged over each arm's runs),
-        a bootstrap over runs and voices together (``runs_and_voices_bootstrap``: the SSL
-        seeds, the fine-tuning seeds and the test voices) and the difference per SSL seed."""
-        voice_of = voices(self.corpus / "test.csv")
-        rows = []
-        for index, context in enumerate(self.grid["test_contexts"]):
-            row, edits = {"context": context}, {}
-            for arm, data in point["arms"].items():
-                measured = [r["test"]["contexts"][index] for r in data["runs"]]
-                row["pair"] = measured[0]["pair"]
-                for metric in ("cer", "wer"):
-                    row[f"{arm}_{metric}"] = t_interval([m[metric] for m in measured])
-                groups: dict = {}
-                for r in data["runs"]:
-                    groups.setdefault(r["ssl_seed"], []).append(utterance_edits(
-                        self.folder / r["name"] / "test_utterances.jsonl", row["pair"]))
-                edits[arm] = groups
-                if arm == "ssl":
-                    row["ssl_cer_per_ssl_seed"] = {
-                        str(seed): statistics.fmean(
-                            r["test"]["contexts"][index]["cer"] for r in data["runs"]
-                            if r["ssl_seed"] == seed) for seed in groups}
-            if len(edits) == 2:
-                resamples = self.grid["bootstrap_resamples"]
-                ssl_all = per_utterance_errors([r for g in edits["ssl"].values() for r in g])
-                scratch_all = per_utterance_errors(edits["scratch"][None])
-                row["ssl_minus_scratch"] = {
-                    **paired_cluster_bootstrap(ssl_all, scratch_all, voice_of,
-                                               resamples=resamples),
-                    "sign_flip_p": paired_sign_flip(ssl_all, scratch_all, voice_of)["p_value"]}
-                row["ssl_minus_scratch_runs_and_voices"] = runs_and_voices_bootstrap(
-                    list(edits["ssl"].values()), [edits["scratch"][None]], voice_of,
-                    resamples=resamples)
-                row["ssl_minus_scratch_per_ssl_seed"] = {
-                    str(seed): pooled_rate(per_utterance_errors(group)) - pooled_rate(scratch_all)
-                    for seed, group in edits["ssl"].items()}
-            rows.append(row)
-        return rows
 
     def probes(self, encoder: str) -> list[dict]:
         """Frozen-encoder CTC probes on the smallest size (dev CER): SSL vs random encoder."""
@@ -490,11 +445,6 @@ def locked(path: Path, wait: bool):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def pooled_rate(errors: dict[str, tuple[float, int]]) -> float:
-    """Error rate (%) of ``{id: (edits, reference length)}``: total edits over total length."""
-    return 100 * sum(e for e, _ in errors.values()) / sum(n for _, n in errors.values())
-
-
 def setting_tag(setting: dict) -> str:
     return "_".join(f"{key}{value}" for key, value in setting.items())
 
@@ -521,72 +471,6 @@ def overrides(values: dict) -> list[str]:
 def hours_of(manifest: Path) -> float:
     with open(manifest) as f:
         return sum(float(row["duration"]) for row in csv.DictReader(f)) / 3600
-
-
-def voices(manifest: Path) -> dict[str, str]:
-    """Utterance id -> its base voice (the bootstrap's cluster: speakers that are settings of
-    one timbre are not independent); the speaker id where the manifest has no ``voice``."""
-    with open(manifest) as f:
-        return {row["ID"]: row["voice"].split("|")[-1] if row.get("voice") else row["spk_id"]
-                for row in csv.DictReader(f)}
-
-
-def utterance_edits(path: Path, pair: list[int]) -> dict[str, tuple[int, int]]:
-    """``{id: (character edits, reference characters)}`` of one test decode at one context."""
-    edits = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            if record["context"] == pair:
-                edits[record["id"]] = (record["char_edits"], record["chars"])
-    return edits
-
-
-def effective_rank(x) -> float:
-    """exp(entropy) of the normalized singular values of centered (N, D) ``x``: how many
-    directions its variance really spans (D at most)."""
-    import torch
-
-    singular = torch.linalg.svdvals(x - x.mean(0))
-    p = singular / singular.sum()
-    return float(torch.exp(-(p * p.clamp(min=1e-12).log()).sum()))
-
-
-def layer_ranks(ssl_folder: Path, manifest: Path, label: str, utterances: int = 200,
-                context=(32, 3)) -> dict:
-    """Effective rank of each layer's output over ``utterances`` of ``manifest``: the SSL
-    encoder (best checkpoint) and the same architecture at random initialization."""
-    import torch
-    from hyperpyyaml import load_hyperpyyaml
-    from speechbrain.utils.checkpoints import Checkpointer
-    from speechbrain.utils.data_utils import batch_pad_right
-
-    from dataio import load_audio
-
-    def load():
-        with open(ssl_folder / "hyperparams.yaml") as f:
-            return load_hyperpyyaml(f)
-
-    random_init, trained = load(), load()
-    checkpoint = Checkpointer(ssl_folder / "save").find_checkpoint(min_key="loss")
-    trained["encoder"].load_state_dict(torch.load(checkpoint.path / "encoder.ckpt"))
-    trained["normalize"]._load(checkpoint.path / "normalize.ckpt")
-    with open(manifest) as f:
-        rows = list(csv.DictReader(f))[:utterances]
-    audio = [load_audio(row["wav"].replace("$data_root", str(manifest.parent))) for row in rows]
-    wavs, wav_lens = batch_pad_right(audio)
-    ranks = {}
-    with torch.no_grad():
-        feats = trained["normalize"].eval()(trained["compute_features"](wavs))
-        frames = torch.round(wav_lens * feats.shape[1] / trained["subsampling_factor"]).long()
-        for name, encoder in ((label, trained["encoder"]), ("random init", random_init["encoder"])):
-            encoder.eval()
-            ranks[name] = []
-            for layer in range(1, len(encoder.layers) + 1):
-                out = encoder(feats, wav_lens, context, num_layers=layer)
-                valid = torch.cat([out[b, :n] for b, n in enumerate(frames)])
-                ranks[name].append(round(effective_rank(valid), 1))
-    return ranks
 
 
 def main() -> None:
@@ -654,40 +538,6 @@ def main() -> None:
     print(json.dumps({"table_md": str(folder / "curve.md"), "plot": str(folder / "curve.png"),
                       "cpu_hours": header["cost"]["cpu_hours"], "points": len(points),
                       "test_held_back": header["test_held_back"]}))
-
-
-def held_back(point: dict) -> dict:
-    """``point`` without a test figure: no summary, and its final runs without their test
-    decodes (dev CER and seeds kept)."""
-    arms = {arm: {**data, "runs": [{k: v for k, v in run.items() if k != "test"}
-                                   for run in data["runs"]]}
-            for arm, data in point["arms"].items()}
-    return {**point, "summary": [], "arms": arms}
-
-
-def cost_summary(costs: dict[str, dict], grid: dict) -> dict:
-    """CPU-hours by kind of run (SSL, each arm's grid and final runs, test decodes, probes),
-    their sum, and the serial wall-clock hours (the runs' own, summed: processes side by side
-    take less)."""
-    grid_seed = grid["fine_tune"]["grid_seed"]
-    kinds: dict[str, float] = {}
-    for name, cost in costs.items():
-        parts = name.split("/")
-        if name.endswith("(test)"):
-            kind = "test decodes"
-        elif parts[1] in ("ssl", "probes"):
-            kind = f"{parts[0]} {parts[1]}"
-        elif parts[1] in grid.get("topline", []):
-            kind = "topline runs"
-        else:
-            stage = "grid" if parts[-1] == f"seed{grid_seed}" else "final"
-            kind = f"{parts[2].split('_')[0]} arm, {stage} runs"
-        kinds[kind] = kinds.get(kind, 0.0) + cost["cpu_seconds"] / 3600
-    return {"cpu_hours": round(sum(kinds.values()), 3),
-            "serial_wall_hours": round(sum(c["wall_seconds"] for c in costs.values()) / 3600, 3),
-            "runs": sum(not name.endswith("(test)") for name in costs),
-            "test_decodes": sum(name.endswith("(test)") for name in costs),
-            "cpu_hours_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items())}}
 
 
 if __name__ == "__main__":

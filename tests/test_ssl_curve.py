@@ -12,7 +12,9 @@ import torch
 import yaml
 
 from conftest import ROOT
-from ssl_curve import Curve, cost_summary, effective_rank, load_grid, repeated_manifest, setting_tag
+from curve_report import cost_summary
+from layer_ranks import effective_rank
+from ssl_curve import Curve, load_grid, repeated_manifest, setting_tag
 from stats import paired_cluster_bootstrap, per_utterance_errors, t_interval
 
 SHIPPED = ROOT / "data" / "espeak_corpus"
