@@ -82,6 +82,23 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_hashes(argv: list[str], base: str | Path | None = None) -> dict[str, str | None]:
+    """``{"--<name>_csv": sha256}`` of every manifest named on a command line (``--x_csv path``
+    or ``--x_csv=path``; relative paths from ``base``, default the working directory; None for
+    a file that is not there): what data a run read, so that a result made from other
+    manifests (a corpus made again by other synthesizer versions, say) is not read back."""
+    hashes = {}
+    for index, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if not (name.startswith("--") and name.endswith("_csv")):
+            continue
+        if not value and index + 1 < len(argv):
+            value = argv[index + 1]
+        path = Path(base or Path.cwd()) / value
+        hashes[name] = sha256_file(path) if path.is_file() else None
+    return hashes
+
+
 def resolved_hparams_text(hparams_file: str | Path, overrides: str | dict) -> str:
     """The hparams file with the overrides applied and references resolved: what SpeechBrain
     saves as ``<output_folder>/hyperparams.yaml``, without its dated header lines."""
@@ -144,7 +161,8 @@ def run_record(argv: list[str], hparams_file: str, overrides: str | dict,
     -------
     ``commit`` (HEAD), ``code_commit`` (last commit touching modules/ recipes/ hparams/),
     ``dirty`` (uncommitted changes there), ``command`` (list), ``hparams_sha256`` (of the
-    resolved hparams text), ``ssl_checkpoint`` and ``ssl_checkpoint_sha256`` (of its
+    resolved hparams text), ``manifest_sha256`` (of each ``--*_csv`` of the command line:
+    :func:`manifest_hashes`), ``ssl_checkpoint`` and ``ssl_checkpoint_sha256`` (of its
     ``encoder.ckpt``; None without SSL), ``cwd`` (the directory it ran in, against which the
     relative paths of its hparams are resolved). Git fields are None without git.
     """
@@ -152,6 +170,7 @@ def run_record(argv: list[str], hparams_file: str, overrides: str | dict,
     return {"commit": current_commit(), "code_commit": current_code_commit(),
             "dirty": code_dirty(), "command": script_command(script, argv),
             "hparams_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "manifest_sha256": manifest_hashes(argv),
             **ssl_checkpoint_fields(pretrained_ssl), "cwd": os.getcwd()}
 
 

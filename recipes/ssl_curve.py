@@ -55,7 +55,7 @@ from curve_report import cost_summary, held_back, summarize, write_outputs
 from demo import ROOT, SSL_SIZES, run
 from layer_ranks import layer_ranks
 from provenance import (check_result, current_code_commit, machine_description,
-                        ssl_checkpoint_fields, write_json_atomic, write_result)
+                        manifest_hashes, ssl_checkpoint_fields, write_json_atomic, write_result)
 
 GRID_KEYS = {"corpus", "output_folder", "encoders", "ssl", "steps", "validations", "fine_tune",
              "arms", "test_contexts", "probe_layers", "bootstrap_resamples"}
@@ -147,11 +147,12 @@ class Curve:
     def _run(self, name: str, script: str, args: list[str], ssl_sha256: str | None,
              wait: bool = True) -> dict | None:
         """``recipes/<script> args`` once: a stored result with the same record (command, code
-        commit, SSL checkpoint) is read back; one with another record is refused. None when
+        commit, SSL checkpoint, manifests' hashes) is read back; one with another record is refused. None when
         another process holds the run and ``wait`` is False."""
         path = self.folder / name / "result.json"
         expected = {"command": [f"recipes/{script}", *args], "code_commit": self.code_commit,
-                    "ssl_checkpoint_sha256": ssl_sha256}
+                    "ssl_checkpoint_sha256": ssl_sha256,
+                    "manifest_sha256": manifest_hashes(args, ROOT)}
         with locked(path.parent / ".lock", wait) as owned:
             if not owned:
                 return None

@@ -11,7 +11,8 @@ from speechbrain.utils.checkpoints import Checkpointer
 
 import provenance
 from conftest import ROOT
-from provenance import check_result, hparams_data, hparams_differences, run_record, write_result
+from provenance import (check_result, hparams_data, hparams_differences, manifest_hashes,
+                        run_record, write_result)
 
 HPARAMS = str(ROOT / "hparams" / "CTC" / "conformer_small.yaml")
 SHA1 = re.compile(r"[0-9a-f]{40}")
@@ -43,6 +44,20 @@ def test_run_record_fields(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{64}", record["hparams_sha256"])
     assert other["hparams_sha256"] != record["hparams_sha256"]  # the resolved hparams differ
     assert other["ssl_checkpoint"] is None and other["ssl_checkpoint_sha256"] is None
+    assert record["manifest_sha256"] == {}  # no manifest on its command line
+
+
+def test_the_record_hashes_the_manifests_of_the_command(tmp_path):
+    (tmp_path / "train.csv").write_text("ID,duration,wav\na,1.0,a.wav\n")
+    argv = [HPARAMS, "--train_csv", str(tmp_path / "train.csv"),
+            f"--valid_csv={tmp_path / 'absent.csv'}", "--lr_head", "0.001"]
+    record = run_record(argv, HPARAMS, {"output_folder": str(tmp_path / "o")}, None)
+    digest = hashlib.sha256((tmp_path / "train.csv").read_bytes()).hexdigest()
+    assert record["manifest_sha256"] == {"--train_csv": digest, "--valid_csv": None}
+    # relative paths from the given folder; an edited manifest has another hash
+    assert manifest_hashes(["--train_csv", "train.csv"], tmp_path) == {"--train_csv": digest}
+    (tmp_path / "train.csv").write_text("ID,duration,wav\nb,1.0,b.wav\n")
+    assert manifest_hashes(["--train_csv", "train.csv"], tmp_path)["--train_csv"] != digest
 
 
 @pytest.mark.parametrize("how", ["not a repository", "no git binary"])

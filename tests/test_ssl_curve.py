@@ -163,12 +163,16 @@ def test_rerun_reads_back_and_a_stale_result_is_refused(tiny_curve):
         assert topline["size"] == "train" and list(topline["arms"]) == arms
         assert ("setting_from" in topline) == bool(arms)
     stale = next(out.rglob("train_small/scratch/*/seed2/result.json"))
-    stored = json.loads(stale.read_text())
-    stored["record"]["command"][-1] = "somewhere/else"
-    stale.write_text(json.dumps(stored))
-    refused = curve(tmp_path, grid)
-    assert refused.returncode != 0
-    assert str(stale) in refused.stderr + refused.stdout and "command" in refused.stderr
+    original = stale.read_text()
+    for field, change in (("command", lambda r: r["command"].__setitem__(-1, "elsewhere")),
+                          ("manifest_sha256", lambda r: r["manifest_sha256"].__setitem__(
+                              "--train_csv", "0" * 64))):  # made from another manifest
+        stored = json.loads(original)
+        change(stored["record"])
+        stale.write_text(json.dumps(stored))
+        refused = curve(tmp_path, grid)
+        assert refused.returncode != 0
+        assert str(stale) in refused.stderr + refused.stdout and field in refused.stderr
 
 
 def test_ssl_only_trains_the_ssl_runs_and_reports_their_cost(tiny_curve):
