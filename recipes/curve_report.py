@@ -159,9 +159,10 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, header: d
                               f"{relative_text(d)} | {p_text(d['sign_flip_p'])}")
             else:
                 difference = "- | - | - | -"
-            untuned = " (topline: setting not tuned at this size)" if "setting_from" in point else ""
+            untuned = " (topline: setting not tuned at this size)" * ("setting_from" in point)
             lines.append(
-                f"| {point['encoder']} | {point['size']} ({point['labeled_hours']:.2f} h){untuned} | "
+                f"| {point['encoder']} | {point['size']} ({point['labeled_hours']:.2f} h)"
+                f"{untuned} | "
                 f"{row['context']} {row['pair']} | {ssl} | {per_seed or '-'} | "
                 f"{interval_text(row['scratch_cer'])} | {difference} |")
             for arm in point["arms"]:
@@ -287,7 +288,7 @@ def plot(points: list[dict], path: Path) -> None:
                 value = p["summary"][index]["scratch_cer"]
                 axis.errorbar([p["labeled_hours"]], [value["mean"]],
                               yerr=[value["half_width"] or 0], fmt="k^", capsize=4,
-                              label=f"{encoder}, topline (from scratch, {p['setting_from']} setting)")
+                              label=f"{encoder}, topline (scratch, {p['setting_from']} setting)")
         row = points[0]["summary"][index]
         axis.set_title(f"test, streaming {row['context']} {row['pair']}")
         axis.set_xscale("log")

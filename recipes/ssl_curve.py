@@ -147,8 +147,8 @@ class Curve:
     def _run(self, name: str, script: str, args: list[str], ssl_sha256: str | None,
              wait: bool = True) -> dict | None:
         """``recipes/<script> args`` once: a stored result with the same record (command, code
-        commit, SSL checkpoint, manifests' hashes) is read back; one with another record is refused. None when
-        another process holds the run and ``wait`` is False."""
+        commit, SSL checkpoint, manifests' hashes) is read back; one with another record is
+        refused. None when another process holds the run and ``wait`` is False."""
         path = self.folder / name / "result.json"
         expected = {"command": [f"recipes/{script}", *args], "code_commit": self.code_commit,
                     "ssl_checkpoint_sha256": ssl_sha256,

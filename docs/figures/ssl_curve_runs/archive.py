@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Keeps the finished runs of the SSL curve in progress in this folder, or puts them back.
 
-    python docs/figures/ssl_curve_runs/archive.py save    --results <checkout>/results/ssl_curve/benchmark
-    python docs/figures/ssl_curve_runs/archive.py restore --results <checkout>/results/ssl_curve/benchmark
+    python docs/figures/ssl_curve_runs/archive.py save --results <curve output folder>
+    python docs/figures/ssl_curve_runs/archive.py restore --results <curve output folder>
+
+(the curve output folder: ``<checkout>/results/ssl_curve/benchmark``).
 
 Per run: ``result.json`` and the run's log, hparams and record; a final run only once its test
 decode is done (``test.json``, ``test_utterances.jsonl``: no checkpoint of it is kept); an SSL
@@ -21,7 +23,7 @@ sys.path.insert(0, str(ARCHIVE.parents[2] / "recipes"))
 from provenance import best_ssl_checkpoint  # noqa: E402
 
 RUN_FILES = ["result.json", "test.json", "test_utterances.jsonl", "run/train_log.txt",
-             "run/hyperparams.yaml", "run/env.log", "run/run_record.json"]
+             "run/hyperparams.yaml", "run/run_record.json"]
 TOP_FILES = ["test_decodes.jsonl", "curve.json", "curve.md", "curve.csv", "curve.png"]
 
 
