@@ -353,6 +353,7 @@ class Curve:
                                                 first_ssl, wait=wait)
                         if result is not None:
                             dev[arm][setting_tag(setting)] = result["ctc_cer"]
+                            wait = False  # a wait has paid off: skip held runs again
                     if not todo or all(setting_tag(s) not in dev[arm] for s in todo):
                         break  # chosen, or waiting on runs another process holds
                 point["grid"] = [g for g in point["grid"] if g["arm"] != arm] + [
@@ -378,12 +379,14 @@ class Curve:
                             continue
                         finals[key] = {"name": name, "seed": seed, "ssl_seed": ssl_seed,
                                        "dev_cer": result["ctc_cer"], "test": test}
+                        wait = False
                 point["arms"][arm]["runs"] = [
                     finals[(arm, s_, seed)] for s_ in (ssl_seeds if arm == "ssl" else [None])
                     for seed in seeds if (arm, s_, seed) in finals]
             if complete:
                 break
-            # nothing moved: block on what the others hold
+            # nothing moved: block on the first run another process holds (then, as soon as
+            # one arrives, skip held runs again: two processes do not queue behind each other)
             wait = sum(map(len, dev.values())) + len(finals) == before
         measured = point["arms"] and all(a["runs"] for a in point["arms"].values())
         point["summary"] = summarize(point, self.grid, self.folder) if measured else []

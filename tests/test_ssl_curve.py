@@ -252,6 +252,37 @@ def test_a_choice_at_an_lr_edge_extends_the_grid(tmp_path):
     assert chosen is None and points[-1] == {"lr": 0.004, "spec_augment_prob": 1.0}
 
 
+def test_a_process_that_waited_skips_held_runs_again(tmp_path, monkeypatch):
+    """Two copies side by side: a copy with nothing free blocks on the first run the other
+    holds, and once that arrives goes on without blocking, rather than queue behind each."""
+    grid = load_grid(ROOT / "hparams" / "curves" / "benchmark.yaml")
+    grid["corpus"] = str(tmp_path)
+    grid["fine_tune"].update(grid={"lr": [0.001], "spec_augment_prob": [0.0]}, edge_extensions=0)
+    (tmp_path / "train_10min.csv").write_text("ID,duration,wav\na,600.0,a.wav\n")
+    held = {1, 2}  # final runs the other copy trains; each is done once waited for
+    calls = []
+
+    class Fake(Curve):
+        def fine_tune(self, name, encoder, size, arm, setting, seed, ssl_seed, extra=None,
+                      wait=True):
+            calls.append((seed, wait))
+            if seed in held and not wait:
+                return None
+            held.discard(seed)
+            return {"ctc_cer": 50.0, "cost": {}}
+
+        def test(self, name, trained, wait=True):
+            return {"contexts": []}
+
+    monkeypatch.setattr("ssl_curve.summarize", lambda *args: [])
+    Fake(grid, tmp_path, arms=("scratch",)).size_point("conformer", "train_10min")
+    finals = [call for call in calls if call[0] != 0]
+    assert finals[:3] == [(1, False), (2, False), (3, False)]  # 3 is free: no wait
+    assert finals[3:6] == [(1, False), (2, False), (1, True)]  # nothing free: wait on 1
+    assert finals[6] == (2, False)  # 1 arrived: 2 is skipped while held, not waited on
+    assert finals[-1] == (2, True) and not held
+
+
 def test_cost_summary_splits_by_kind_of_run():
     costs = {"conformer/ssl/seed1": {"cpu_seconds": 3600, "wall_seconds": 3700},
              "conformer/train_10min/scratch/lr0.0005_x/seed0": {"cpu_seconds": 1800,
