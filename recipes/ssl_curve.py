@@ -17,22 +17,26 @@ For every encoder of the grid file (``hparams/curves/*.yaml``) and every labeled
 3. **Final runs, on test.** The chosen setting of each arm with every fine-tuning seed (x every
    SSL seed for ``ssl``; none of them a grid run, so no dev winner is reported), each decoded on
    ``test.csv`` by ``evaluate.py --streaming`` at the ``test_contexts`` with per-utterance edits.
-4. **Statistics**: per size, arm and context, the test CER/WER mean with a 95 % t-interval
-   (over SSL-seed means when there are several SSL seeds); the SSL-minus-scratch CER difference (per-utterance edits averaged over runs) with
-   a 95 % paired bootstrap interval that resamples test voices (base voices: timbres).
+4. **Statistics** (``curve_report.py``): per size, arm and context, the test CER/WER mean with
+   a 95 % t-interval over fine-tuning runs (and, for SSL, over SSL-seed means); the
+   SSL-minus-scratch CER difference (per-utterance edits averaged over runs) with 95 % paired
+   bootstrap intervals that resample test voices (base voices: timbres), and runs with them,
+   the exact sign-flip p over voices, and the goal's verdict.
 5. **Diagnostics on dev**: frozen-encoder CTC probes (SSL vs random encoder) and the effective
    rank of every layer's output.
 
 Every run is its own folder with ``result.json`` (metrics, cost, and the record of the command,
 commit and SSL checkpoint that made it): the command resumes, and refuses a stored result whose
 record differs from the run it would start now. Writes ``<output>/curve.{md,csv,json,png}``
-after every size; the last stdout line is JSON.
+after every size; the last stdout line is JSON. ``--report_only`` trains and decodes nothing:
+it reads every finished run back (made by ``--runs_commit``, e.g. a pinned checkout's) and
+writes the report, with this checkout's report code, to ``<output>/report/``.
 
 Usage::
 
     python recipes/ssl_curve.py hparams/curves/benchmark.yaml [--output_folder ...] \\
         [--encoders conformer] [--sizes train_10min] [--arms scratch ssl] [--ssl_seeds 1] \\
-        [--dev_only] [--ssl_only]
+        [--dev_only] [--ssl_only] [--report_only [--runs_commit SHA]]
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ import yaml
 from curve_report import cost_summary, held_back, summarize, write_outputs
 from demo import ROOT, SSL_SIZES, run
 from layer_ranks import layer_ranks
-from provenance import (check_result, current_code_commit, machine_description,
+from provenance import (check_result, current_code_commit, git, machine_description,
                         manifest_hashes, ssl_checkpoint_fields, write_json_atomic, write_result)
 
 GRID_KEYS = {"corpus", "output_folder", "encoders", "ssl", "steps", "validations", "fine_tune",
@@ -134,12 +138,16 @@ class Curve:
     """Runs (or reads back) the SSL, fine-tuning and test runs of one grid file."""
 
     def __init__(self, grid: dict, folder: Path, arms: tuple[str, ...] = ("scratch", "ssl"),
-                 ssl_seeds: list[int] | None = None, dev_only: bool = False):
+                 ssl_seeds: list[int] | None = None, dev_only: bool = False,
+                 report_only: bool = False, runs_commit: str | None = None):
         self.grid, self.folder, self.arms, self.dev_only = grid, folder, arms, dev_only
         self.ssl_seeds = ssl_seeds or grid["ssl"]["seeds"]
         self.corpus = Path(grid["corpus"])
         self.ssl_train_csv = self.corpus / "unlabeled_train.csv"
-        self.code_commit = current_code_commit()
+        # report_only: read finished runs back (made by runs_commit), never run anything
+        self.report_only = report_only
+        self.code_commit = runs_commit or current_code_commit()
+        self.without_manifest_hashes: set[str] = set()  # runs read back from older records
         self.ssl_runs: dict[tuple[str, int], dict] = {}
         self.costs: dict[str, dict] = {}
 
@@ -153,6 +161,8 @@ class Curve:
         expected = {"command": [f"recipes/{script}", *args], "code_commit": self.code_commit,
                     "ssl_checkpoint_sha256": ssl_sha256,
                     "manifest_sha256": manifest_hashes(args, ROOT)}
+        if self.report_only:
+            return self._read_back(name, path, expected)
         with locked(path.parent / ".lock", wait) as owned:
             if not owned:
                 return None
@@ -170,6 +180,25 @@ class Curve:
         self.costs[name] = stored["cost"]
         return stored
 
+    def _read_back(self, name: str, path: Path, expected: dict) -> dict:
+        """``--report_only``: the stored result, checked like a run's; records older than the
+        manifest hashes (code before they were kept) are read without them, and listed."""
+        if path.is_file() and "manifest_sha256" not in json.loads(path.read_text()).get(
+                "record", {}):
+            expected = {k: v for k, v in expected.items() if k != "manifest_sha256"}
+            self.without_manifest_hashes.add(name)
+        stored = check_result(path, expected)
+        if stored is None:
+            raise SystemExit(f"error: {path} not found: --report_only reads finished runs only "
+                             "(run the curve to the end first)")
+        self.costs[name] = stored["cost"]
+        return stored
+
+    def run_folder(self, name: str) -> Path:
+        """Where run ``name`` trains (its ``--output_folder``): read from here, not from its
+        result's absolute path, so that a curve's runs read back from another checkout."""
+        return self.folder / name / "run"
+
     def ssl(self, encoder: str, seed: int, wait: bool = True) -> dict | None:
         """The SSL run of ``encoder`` with ``seed`` (trained the first time it is needed; None
         while another process trains it and ``wait`` is False)."""
@@ -180,7 +209,7 @@ class Curve:
                     "--train_csv", rel(self.ssl_train_csv),
                     "--valid_csv", rel(self.corpus / "unlabeled_valid.csv"),
                     "--seed", str(seed), *overrides(spec["overrides"]),
-                    "--output_folder", rel(self.folder / name / "run")]
+                    "--output_folder", rel(self.run_folder(name))]
             result = self._run(name, "train.py", args, None, wait)
             if result is None:
                 return None
@@ -241,10 +270,10 @@ class Curve:
             ssl = self.ssl(encoder, ssl_seed, wait)
             if ssl is None:
                 return None
-            ssl_folder = Path(ssl["output_folder"])
+            ssl_folder = self.run_folder(f"{encoder}/ssl/seed{ssl_seed}")
             ssl_sha256 = ssl_checkpoint_fields(ssl_folder)["ssl_checkpoint_sha256"]
             args += ["--pretrained_ssl", rel(ssl_folder)]
-        args += ["--output_folder", rel(self.folder / name / "run")]
+        args += ["--output_folder", rel(self.run_folder(name))]
         result = self._run(name, "train.py", args, ssl_sha256, wait)
         return None if result is None else {**result, "name": name}
 
@@ -252,11 +281,13 @@ class Curve:
         """Streaming test decode at the test contexts (``evaluate.py``): CER/WER per context,
         and every utterance's edits in ``<run>/test_utterances.jsonl`` (None while another
         process decodes it and ``wait`` is False)."""
+        if self.report_only:
+            return self._test(name, trained)
         with locked(self.folder / name / ".test.lock", wait) as owned:
             return self._test(name, trained) if owned else None
 
     def _test(self, name: str, trained: dict) -> dict:
-        run_folder = Path(trained["ctc_output_folder"])
+        run_folder = self.run_folder(name)
         utterances = self.folder / name / "test_utterances.jsonl"
         args = [rel(run_folder / "hyperparams.yaml"), "--output_folder", rel(run_folder),
                 "--test_csv", rel(self.corpus / "test.csv"), "--streaming", "--device", "cpu",
@@ -270,6 +301,9 @@ class Curve:
             if stored["command"] == command and stored["trained"] == trained["cost"]:
                 self.costs[f"{name} (test)"] = stored["cost"]
                 return stored
+        if self.report_only:
+            raise SystemExit(f"error: {path} not found or made for another run: --report_only "
+                             "reads finished test decodes only")
         # Every read of test is logged, append-only, before it happens: a decode that is
         # repeated (a changed command, a retrained run) stays on record.
         with open(self.folder / "test_decodes.jsonl", "a") as log:
@@ -427,7 +461,7 @@ class Curve:
         ranks = {}
         for seed in self.ssl_seeds:
             if (encoder, seed) in self.ssl_runs:
-                folder = Path(self.ssl_runs[(encoder, seed)]["output_folder"])
+                folder = self.run_folder(f"{encoder}/ssl/seed{seed}")
                 ranks.update(layer_ranks(folder, self.corpus / "dev.csv", f"ssl seed {seed}"))
         return ranks
 
@@ -493,7 +527,24 @@ def main() -> None:
                              "without seeing test")
     parser.add_argument("--ssl_only", action="store_true",
                         help="only the SSL pretraining runs (all SSL seeds of the encoders)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="train and decode nothing: read every finished run back and write "
+                             "the report with this checkout's code to <output_folder>/report/")
+    parser.add_argument("--runs_commit",
+                        help="with --report_only: the code commit that made the runs (e.g. a "
+                             "pinned checkout's; default: this checkout's)")
     args = parser.parse_args()
+    if args.runs_commit and not args.report_only:
+        raise SystemExit("error: --runs_commit is for --report_only (a curve that trains runs "
+                         "with this checkout's code)")
+    if args.report_only and args.ssl_only:
+        raise SystemExit("error: --report_only and --ssl_only: the SSL runs have no report")
+    if args.runs_commit:
+        full = git("rev-parse", "--verify", "--quiet", f"{args.runs_commit}^{{commit}}")
+        if not full:
+            raise SystemExit(f"error: --runs_commit {args.runs_commit}: not a commit of this "
+                             "repository")
+        args.runs_commit = full
     grid = load_grid(args.grid)
     corpus = Path(grid["corpus"])
     if not (corpus / "test.csv").is_file():
@@ -502,8 +553,10 @@ def main() -> None:
     if args.ssl_seeds and not set(args.ssl_seeds) <= set(grid["ssl"]["seeds"]):
         raise SystemExit(f"error: --ssl_seeds {args.ssl_seeds}: the grid's are "
                          f"{grid['ssl']['seeds']}")
-    curve = Curve(grid, folder, tuple(args.arms), args.ssl_seeds, args.dev_only)
-    header = {"grid": rel(args.grid), "code_commit": curve.code_commit,
+    curve = Curve(grid, folder, tuple(args.arms), args.ssl_seeds, args.dev_only,
+                  args.report_only, args.runs_commit)
+    header = {"grid": rel(args.grid), "code_commit": current_code_commit(),
+              "runs_commit": curve.code_commit,
               "command": " ".join(["python", "recipes/ssl_curve.py", *sys.argv[1:]]),
               "machine": machine_description(), "cpu_budget_hours": grid["cpu_budget_hours"]}
     # Test figures are written only once every point of the grid file is measured, so that no
@@ -516,7 +569,10 @@ def main() -> None:
         shown = points if final and whole else [held_back(p) for p in points]
         header["test_held_back"] = not (final and whole)
         header["cost"] = cost_summary(curve.costs, grid)
-        write_outputs(shown, probes, ranks, header, grid["fine_tune"]["grid"], folder / "curve")
+        header["runs_without_manifest_hashes"] = len(curve.without_manifest_hashes)
+        write_outputs(shown, probes, ranks, header, grid["fine_tune"]["grid"], stem)
+
+    stem = folder / "report" / "curve" if args.report_only else folder / "curve"
 
     for encoder, sizes in grid["encoders"].items():
         if args.encoders and encoder not in args.encoders:
@@ -539,7 +595,8 @@ def main() -> None:
             ranks[encoder] = found
         save()
     save(final=True)
-    print(json.dumps({"table_md": str(folder / "curve.md"), "plot": str(folder / "curve.png"),
+    print(json.dumps({"table_md": str(stem.with_suffix(".md")),
+                      "plot": str(stem.with_suffix(".png")),
                       "cpu_hours": header["cost"]["cpu_hours"], "points": len(points),
                       "test_held_back": header["test_held_back"]}))
 

@@ -42,7 +42,18 @@ def per_utterance_errors(runs: list[dict[str, tuple[int, int]]]) -> dict[str, tu
     for run in runs[1:]:
         if set(run) != ids:
             raise ValueError("runs were scored on different utterances")
+    check_lengths(runs)
     return {uid: (statistics.fmean(run[uid][0] for run in runs), runs[0][uid][1]) for uid in ids}
+
+
+def check_lengths(scored: list[dict[str, tuple[float, int]]]) -> None:
+    """Raises ValueError when an utterance's reference length differs between ``scored``
+    (runs or systems scored on the same utterances): they were scored against other
+    references, so their edits cannot be compared."""
+    for uid, (_, length) in scored[0].items():
+        if any(other[uid][1] != length for other in scored[1:]):
+            raise ValueError(f"utterance {uid} was scored against references of different "
+                             "lengths (another test set or text normalization)")
 
 
 def paired_cluster_bootstrap(errors_a: dict[str, tuple[float, int]],
@@ -64,6 +75,7 @@ def paired_cluster_bootstrap(errors_a: dict[str, tuple[float, int]],
     """
     if set(errors_a) != set(errors_b):
         raise ValueError("A and B were scored on different utterances")
+    check_lengths([errors_a, errors_b])
     members: dict[str, list[str]] = defaultdict(list)
     for uid in sorted(errors_a):
         members[cluster_of[uid]].append(uid)
@@ -140,8 +152,9 @@ def runs_and_voices_bootstrap(runs_a: list[list[dict[str, tuple[int, int]]]],
 
     ``runs_a``, ``runs_b``: groups of runs, each run ``{utterance id: (edits, reference
     length)}`` on the same utterances. A system with one group of one run adds no training
-    spread. Returns the observed difference (edits averaged over all runs) and its percentile
-    interval.
+    spread. Returns the observed difference (a system's rate: the mean over its groups of each
+    group's mean run, so groups weigh the same whatever their number of runs) and its
+    percentile interval.
 
     >>> a = [[{f"s{s}-{u}": (1, 10) for s in range(4) for u in range(3)}]]
     >>> b = [[{k: (2, 10) for k in a[0][0]}], [{k: (4, 10) for k in a[0][0]}]]
@@ -153,6 +166,7 @@ def runs_and_voices_bootstrap(runs_a: list[list[dict[str, tuple[int, int]]]],
     for run in (r for groups in (runs_a, runs_b) for group in groups for r in group):
         if sorted(run) != ids:
             raise ValueError("runs were scored on different utterances")
+    check_lengths([r for groups in (runs_a, runs_b) for group in groups for r in group])
     clusters = sorted({cluster_of[u] for u in ids})
     index = {c: i for i, c in enumerate(clusters)}
     chars = np.zeros(len(clusters))

@@ -131,6 +131,38 @@ def test_tiny_curve_tunes_on_dev_tests_on_test_and_reports_intervals(tiny_curve)
     assert "random init" in report["ranks"]["conformer"]
 
 
+def test_report_only_reads_every_run_back_and_trains_nothing(tiny_curve):
+    tmp_path, grid, _ = tiny_curve
+    out = tmp_path / "out"
+    script = [sys.executable, str(ROOT / "recipes" / "ssl_curve.py"), str(tmp_path / "grid.yaml")]
+    report = subprocess.run([*script, "--report_only"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "recipes/train.py" not in report.stdout
+    made = json.loads((out / "report" / "curve.json").read_text())
+    assert made["points"] == json.loads((out / "curve.json").read_text())["points"]
+    assert not made["test_held_back"] and made["runs_commit"] == made["code_commit"]
+    # Runs made by another commit are refused, a commit not in the repository is named; a run
+    # not finished is not trained.
+    first = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], capture_output=True,
+                           text=True, cwd=ROOT).stdout.split()
+    cases = [("0" * 40, "not a commit")] + [(first[0], "code_commit")] * bool(first)
+    for commit, message in cases:
+        other = subprocess.run([*script, "--report_only", "--runs_commit", commit],
+                               capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert other.returncode != 0 and message in other.stderr, other.stderr[-2000:]
+    log = (out / "test_decodes.jsonl").read_text()
+    result = next(out.rglob("train_small/scratch/*/seed2/result.json"))
+    result.rename(result.with_name("aside.json"))
+    try:
+        missing = subprocess.run([*script, "--report_only"], capture_output=True, text=True,
+                                 cwd=ROOT, timeout=600)
+    finally:
+        result.with_name("aside.json").rename(result)
+    assert missing.returncode != 0 and f"{result} not found" in missing.stderr
+    assert (out / "test_decodes.jsonl").read_text() == log  # nothing decoded
+
+
 def test_rerun_reads_back_and_a_stale_result_is_refused(tiny_curve):
     tmp_path, grid, _ = tiny_curve
     out = tmp_path / "out"
