@@ -207,10 +207,12 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, header: d
                   "seed | scratch | SSL - scratch, pp [voices] | [voices + runs] | relative "
                   "[voices] | per SSL seed, pp | sign-flip p |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows = []
+    rows, verdicts = [], []
     for point in points:
         verdict = goal_verdict(point) if point["summary"] and "ssl_minus_scratch" in \
             point["summary"][0] else None
+        if verdict:
+            verdicts.append(f"- {point['encoder']} {point['size']}: {verdict}")
         for row in point["summary"]:
             d = row.get("ssl_minus_scratch")  # none for the topline: scratch alone
             both = row.get("ssl_minus_scratch_runs_and_voices")
@@ -241,8 +243,6 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, header: d
                              "test_cer_half_width": row[f"{arm}_cer"]["half_width"],
                              "test_wer_mean": round(row[f"{arm}_wer"]["mean"], 2),
                              **difference_columns(d, both), "goal": verdict})
-    verdicts = [f"- {p['encoder']} {p['size']}: {goal_verdict(p)}" for p in points
-                if p["summary"] and "ssl_minus_scratch" in p["summary"][0]]
     if verdicts:
         lines += ["", "Goal (issue 17): SSL at least 20 % (labeled <= 15 min) or 10 % (>= 1 h) "
                   "relatively better in test CER at every reported context at once, the 95 % "
