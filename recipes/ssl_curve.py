@@ -213,7 +213,10 @@ class Curve:
             result = self._run(name, "train.py", args, None, wait)
             if result is None:
                 return None
-            self.ssl_runs[(encoder, seed)] = result
+            # its folder as this checkout names it (the result holds the absolute path where
+            # it ran, another checkout's for a curve read back from elsewhere)
+            self.ssl_runs[(encoder, seed)] = {**result,
+                                              "output_folder": str(self.run_folder(name))}
         return self.ssl_runs[(encoder, seed)]
 
     def encoder_sizes(self, encoder: str) -> list[str]:
@@ -270,7 +273,7 @@ class Curve:
             ssl = self.ssl(encoder, ssl_seed, wait)
             if ssl is None:
                 return None
-            ssl_folder = self.run_folder(f"{encoder}/ssl/seed{ssl_seed}")
+            ssl_folder = Path(ssl["output_folder"])
             ssl_sha256 = ssl_checkpoint_fields(ssl_folder)["ssl_checkpoint_sha256"]
             args += ["--pretrained_ssl", rel(ssl_folder)]
         args += ["--output_folder", rel(self.run_folder(name))]
@@ -461,7 +464,7 @@ class Curve:
         ranks = {}
         for seed in self.ssl_seeds:
             if (encoder, seed) in self.ssl_runs:
-                folder = self.run_folder(f"{encoder}/ssl/seed{seed}")
+                folder = Path(self.ssl_runs[(encoder, seed)]["output_folder"])
                 ranks.update(layer_ranks(folder, self.corpus / "dev.csv", f"ssl seed {seed}"))
         return ranks
 
