@@ -29,8 +29,9 @@ from pathlib import Path
 
 import yaml
 
+from curve_grid import load_grid, rel, run_name, write_manifest
 from provenance import ROOT, machine_description, write_json_atomic
-from ssl_curve import Curve, load_grid, rel, run_name, write_manifest
+from ssl_curve import Curve
 
 
 def parse_setting(text: str) -> dict:

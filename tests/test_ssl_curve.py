@@ -14,7 +14,8 @@ import yaml
 from conftest import ROOT
 from curve_report import cost_summary
 from layer_ranks import effective_rank
-from ssl_curve import Curve, load_grid, repeated_manifest, setting_tag
+from curve_grid import load_grid, repeated_manifest, setting_tag
+from ssl_curve import Curve
 from stats import paired_cluster_bootstrap, per_utterance_errors, t_interval
 
 SHIPPED = ROOT / "data" / "espeak_corpus"
