@@ -1,8 +1,12 @@
-"""The SSL curve's grid file (``hparams/curves/*.yaml``, checked key by key) and the names,
-paths and manifests of its runs, shared by ``ssl_curve.py`` and ``ssl_attempt.py``."""
+"""The SSL curve's grid file (``hparams/curves/*.yaml``, checked key by key), the names, paths
+and manifests of its runs, the corpus check and the runs' locks, shared by ``ssl_curve.py`` and
+``ssl_attempt.py``."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,7 +17,8 @@ from demo import ROOT, SSL_SIZES
 
 GRID_KEYS = {"corpus", "output_folder", "encoders", "ssl", "steps", "validations", "fine_tune",
              "arms", "test_contexts", "probe_layers", "bootstrap_resamples"}
-OPTIONAL_KEYS = {"topline": [], "valid_every": 1, "cpu_budget_hours": None}
+OPTIONAL_KEYS = {"topline": [], "valid_every": 1, "cpu_budget_hours": None, "goals": {},
+                 "ssl_tuned_for": []}
 
 
 def load_grid(path: Path) -> dict:
@@ -104,3 +109,36 @@ def overrides(values: dict) -> list[str]:
 def hours_of(manifest: Path) -> float:
     with open(manifest) as f:
         return sum(float(row["duration"]) for row in csv.DictReader(f)) / 3600
+
+
+def check_corpus(corpus: Path, sums: Path) -> str:
+    """Every file ``sums`` lists (``sha256sum`` lines, paths relative to ``corpus``) hashes
+    as listed; a line saying so for the report, or SystemExit naming the first that does not."""
+    if not sums.is_file():
+        raise SystemExit(f"error: --corpus_sha256 {sums}: no such file")
+    lines = [line.split(maxsplit=1) for line in sums.read_text().splitlines() if line.strip()]
+    for digest, name in lines:
+        path = corpus / name.strip().lstrip("*")
+        found = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        if found != digest:
+            raise SystemExit(f"error: {path}: sha256 {found}, {sums} says {digest}: not the "
+                             "corpus the runs were made on (rebuild it with make "
+                             "corpus-labeled, at the runs' commit)")
+    return f"the {len(lines)} files of {rel(sums)} checked against {rel(corpus)}"
+
+
+@contextlib.contextmanager
+def locked(path: Path, wait: bool):
+    """An exclusive lock on ``path`` (a file, made if needed) for the ``with`` block; yields
+    whether it was taken (always, when ``wait``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -23,18 +23,24 @@ def effective_rank(x: torch.Tensor) -> float:
 
 def layer_ranks(ssl_folder: Path, manifest: Path, label: str, utterances: int = 200,
                 context=(32, 3)) -> dict:
-    """Effective rank of each layer's output over ``utterances`` of ``manifest``: the SSL
-    encoder (best checkpoint) and the same architecture at random initialization."""
+    """Effective rank of each layer's output over ``utterances`` of ``manifest`` spread evenly
+    over it (a manifest in speaker order has them all): the SSL encoder (best checkpoint) and
+    the same architecture at random initialization (torch seed 0: the same for every call)."""
     def load():
         with open(ssl_folder / "hyperparams.yaml") as f:
             return load_hyperpyyaml(f)
 
-    random_init, trained = load(), load()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        random_init = load()
+    trained = load()
     checkpoint = Checkpointer(ssl_folder / "save").find_checkpoint(min_key="loss")
     trained["encoder"].load_state_dict(torch.load(checkpoint.path / "encoder.ckpt"))
     trained["normalize"]._load(checkpoint.path / "normalize.ckpt")
     with open(manifest) as f:
-        rows = list(csv.DictReader(f))[:utterances]
+        rows = list(csv.DictReader(f))
+    count = min(utterances, len(rows))
+    rows = [rows[i * len(rows) // count] for i in range(count)]
     audio = [load_audio(row["wav"].replace("$data_root", str(manifest.parent))) for row in rows]
     wavs, wav_lens = batch_pad_right(audio)
     ranks = {}

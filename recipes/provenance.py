@@ -164,14 +164,16 @@ def run_record(argv: list[str], hparams_file: str, overrides: str | dict,
     resolved hparams text), ``manifest_sha256`` (of each ``--*_csv`` of the command line:
     :func:`manifest_hashes`), ``ssl_checkpoint`` and ``ssl_checkpoint_sha256`` (of its
     ``encoder.ckpt``; None without SSL), ``cwd`` (the directory it ran in, against which the
-    relative paths of its hparams are resolved). Git fields are None without git.
+    relative paths of its hparams are resolved), ``machine`` (:func:`machine_description`: a
+    run's CPU time means something only for its CPU). Git fields are None without git.
     """
     text = resolved_hparams_text(hparams_file, overrides)
     return {"commit": current_commit(), "code_commit": current_code_commit(),
             "dirty": code_dirty(), "command": script_command(script, argv),
             "hparams_sha256": hashlib.sha256(text.encode()).hexdigest(),
             "manifest_sha256": manifest_hashes(argv),
-            **ssl_checkpoint_fields(pretrained_ssl), "cwd": os.getcwd()}
+            **ssl_checkpoint_fields(pretrained_ssl), "cwd": os.getcwd(),
+            "machine": machine_description()}
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:

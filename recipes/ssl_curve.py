@@ -41,9 +41,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import fcntl
 import itertools
 import json
 import math
@@ -52,8 +50,8 @@ import sys
 import time
 from pathlib import Path
 
-from curve_grid import (hours_of, load_grid, overrides, plain_yaml, rel, repeated_manifest,
-                        run_name, setting_tag, write_manifest)
+from curve_grid import (check_corpus, hours_of, load_grid, locked, overrides, plain_yaml, rel,
+                        repeated_manifest, run_name, setting_tag, write_manifest)
 from curve_report import cost_summary, held_back, summarize, write_outputs
 from demo import ROOT, SSL_SIZES, run
 from layer_ranks import layer_ranks
@@ -81,6 +79,7 @@ class Curve:
         self.report_only = report_only
         self.code_commit = runs_commit or current_code_commit()
         self.without_manifest_hashes: set[str] = set()  # runs read back from older records
+        self.machines: set[str] = set()  # where the runs ran, from records that name it
         self.ssl_runs: dict[tuple[str, int], dict] = {}
         self.costs: dict[str, dict] = {}
 
@@ -110,8 +109,15 @@ class Curve:
                         "cpu_seconds": round(cpu_seconds() - start_cpu + earlier, 1)}
                 stored = {**{k: v for k, v in summary.items() if k != "record"}, "cost": cost}
                 write_result(path, stored, summary["record"])
-        self.costs[name] = stored["cost"]
+                stored["record"] = summary["record"]
+        self.account(name, stored)
         return stored
+
+    def account(self, name: str, stored: dict) -> None:
+        """A run's cost, and its machine where its record names it."""
+        self.costs[name] = stored["cost"]
+        if stored["record"].get("machine"):
+            self.machines.add(stored["record"]["machine"])
 
     def _read_back(self, name: str, path: Path, expected: dict) -> dict:
         """``--report_only``: the stored result, checked like a run's; records older than the
@@ -124,7 +130,7 @@ class Curve:
         if stored is None:
             raise SystemExit(f"error: {path} not found: --report_only reads finished runs only "
                              "(run the curve to the end first)")
-        self.costs[name] = stored["cost"]
+        self.account(name, stored)
         return stored
 
     def run_folder(self, name: str) -> Path:
@@ -167,6 +173,13 @@ class Curve:
         manifest = self.folder / "manifests" / f"{size}.csv"
         rows = repeated_manifest(source, manifest, math.ceil(steps / validations) * batch)
         return manifest, math.ceil(steps / math.ceil(rows / batch))
+
+    def optimizer_steps(self, size: str) -> int:
+        """The optimizer steps every run at ``size`` takes (at least the grid's ``steps``)."""
+        manifest, epochs = self.train_manifest(size)
+        with open(manifest) as f:
+            rows = sum(1 for _ in csv.DictReader(f))
+        return epochs * math.ceil(rows / self.grid["fine_tune"]["batch_size"])
 
     def valid_manifest(self) -> Path:
         """The per-epoch validation set: every ``valid_every``-th dev utterance (validation
@@ -295,7 +308,13 @@ class Curve:
         # grid's first SSL seed (every process and every --ssl_seeds choose on the same runs).
         grid_seed, grid_ssl = self.grid["fine_tune"]["grid_seed"], self.grid["ssl"]["seeds"][0]
         point = {"encoder": encoder, "size": size, "grid": [], "arms": {},
-                 "labeled_hours": round(hours_of(self.corpus / f"{size}.csv"), 3)}
+                 "labeled_hours": round(hours_of(self.corpus / f"{size}.csv"), 3),
+                 "steps": self.optimizer_steps(size),
+                 "goal_target": self.grid["goals"].get(size)}
+        tuned_for = self.grid["ssl_tuned_for"]
+        if tuned_for and encoder not in tuned_for:
+            point["caveat"] = (f"the SSL recipe was tuned on dev for {', '.join(tuned_for)}, "
+                               f"not for {encoder}")
         # The topline (all labeled data) is a supervised reference, not an arm of the
         # comparison: the scratch arm alone, at its choice of the largest other size.
         topline = None
@@ -402,23 +421,6 @@ class Curve:
         return ranks
 
 
-@contextlib.contextmanager
-def locked(path: Path, wait: bool):
-    """An exclusive lock on ``path`` (a file, made if needed) for the ``with`` block; yields
-    whether it was taken (always, when ``wait``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("grid", type=Path, help="hparams/curves/<name>.yaml")
@@ -441,10 +443,15 @@ def main() -> None:
     parser.add_argument("--runs_commit",
                         help="with --report_only: the code commit that made the runs (e.g. a "
                              "pinned checkout's; default: this checkout's)")
+    parser.add_argument("--corpus_sha256", type=Path,
+                        help="with --report_only: a sha256sum file of the corpus's manifests "
+                             "(e.g. docs/figures/ssl_curve_runs/corpus_sha256.txt), checked "
+                             "first; needed when run records predate manifest hashes")
     args = parser.parse_args()
-    if args.runs_commit and not args.report_only:
-        raise SystemExit("error: --runs_commit is for --report_only (a curve that trains runs "
-                         "with this checkout's code)")
+    for flag in ("runs_commit", "corpus_sha256"):
+        if getattr(args, flag) and not args.report_only:
+            raise SystemExit(f"error: --{flag} is for --report_only (a curve that trains runs "
+                             "with this checkout's code records its own)")
     if args.report_only and args.ssl_only:
         raise SystemExit("error: --report_only and --ssl_only: the SSL runs have no report")
     if args.runs_commit:
@@ -461,6 +468,7 @@ def main() -> None:
     if args.ssl_seeds and not set(args.ssl_seeds) <= set(grid["ssl"]["seeds"]):
         raise SystemExit(f"error: --ssl_seeds {args.ssl_seeds}: the grid's are "
                          f"{grid['ssl']['seeds']}")
+    corpus_check = check_corpus(corpus, args.corpus_sha256) if args.corpus_sha256 else None
     curve = Curve(grid, folder, tuple(args.arms), args.ssl_seeds, args.dev_only,
                   args.report_only, args.runs_commit)
     header = {"grid": rel(args.grid), "code_commit": current_code_commit(),
@@ -478,6 +486,11 @@ def main() -> None:
         header["test_held_back"] = not (final and whole)
         header["cost"] = cost_summary(curve.costs, grid)
         header["runs_without_manifest_hashes"] = len(curve.without_manifest_hashes)
+        if curve.without_manifest_hashes and not corpus_check:
+            raise SystemExit("error: run records without manifest hashes (older code): give "
+                             "--corpus_sha256 to check the corpus they were read against")
+        header["corpus_check"] = corpus_check
+        header["runs_machines"] = sorted(curve.machines)
         write_outputs(shown, probes, ranks, header, grid["fine_tune"]["grid"], stem)
 
     stem = folder / "report" / "curve" if args.report_only else folder / "curve"

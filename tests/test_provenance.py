@@ -35,6 +35,7 @@ def test_run_record_fields(tmp_path):
                         str(tmp_path / "ssl"))
     assert SHA1.fullmatch(record["commit"]) and SHA1.fullmatch(record["code_commit"])
     assert isinstance(record["dirty"], bool) and record["cwd"] == os.getcwd()
+    assert "logical CPUs" in record["machine"]  # CPU time is the cost on this CPU
     assert record["command"] == ["recipes/train.py", *argv]
     assert record["ssl_checkpoint"] == str(best.resolve())
     assert record["ssl_checkpoint_sha256"] == hashlib.sha256(

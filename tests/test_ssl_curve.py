@@ -67,7 +67,7 @@ def tiny_curve(tmp_path_factory):
                           "overrides": {"beam_size": 1}},
             "arms": {"ssl": {"head_only_fraction": 0.25}, "scratch": {"head_only_fraction": 0.0}},
             "test_contexts": ["very_low", "high"], "probe_layers": [],
-            "bootstrap_resamples": 200, "cpu_budget_hours": 1}
+            "bootstrap_resamples": 200, "cpu_budget_hours": 1, "goals": {"train_small": 0.2}}
     run = curve(tmp_path, grid)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return tmp_path, grid, run
@@ -117,6 +117,10 @@ def test_tiny_curve_tunes_on_dev_tests_on_test_and_reports_intervals(tiny_curve)
     assert "SSL - scratch" in (out / "curve.md").read_text()
     assert (out / "curve.png").is_file() and report["cost"]["cpu_hours"] > 0
     assert not report["test_held_back"] and "within" in (out / "curve.md").read_text()
+    # The goal is judged where the grid file names one; steps and the machine are on record.
+    assert curve_points[0]["goal_target"] == 0.2 and curve_points[1]["goal_target"] is None
+    assert "- conformer train_small: " in (out / "curve.md").read_text()
+    assert [p["steps"] for p in curve_points] == [2, 4] and report["runs_machines"]
     for point in curve_points:
         for row in point["summary"]:
             both = row["ssl_minus_scratch_runs_and_voices"]
@@ -327,7 +331,9 @@ def test_cost_summary_splits_by_kind_of_run():
              "conformer/train/scratch/lr0.002_x/seed1": {"cpu_seconds": 720,
                                                          "wall_seconds": 800}}
     cost = cost_summary(costs, {"fine_tune": {"grid_seed": 0}, "topline": ["train"]})
-    assert cost["cpu_hours_by_kind"] == {"conformer ssl": 1.0, "scratch arm, grid runs": 0.5,
-                                         "ssl arm, final runs": 0.25, "test decodes": 0.1,
-                                         "topline runs": 0.2}
+    assert cost["cpu_hours_by_kind"] == {"conformer ssl": 1.0,
+                                         "conformer scratch arm, grid runs": 0.5,
+                                         "conformer ssl arm, final runs": 0.25,
+                                         "conformer test decodes": 0.1,
+                                         "conformer topline runs": 0.2}
     assert cost["runs"] == 4 and cost["test_decodes"] == 1 and cost["cpu_hours"] == 2.05
