@@ -112,14 +112,20 @@ def hours_of(manifest: Path) -> float:
 
 
 def check_corpus(corpus: Path, sums: Path) -> str:
-    """Every file ``sums`` lists (``sha256sum`` lines, paths relative to ``corpus``) hashes
-    as listed; a line saying so for the report, or SystemExit naming the first that does not."""
+    """Every file ``sums`` lists (``sha256sum`` lines, paths relative to ``corpus``; a folder,
+    named with a trailing ``/``, by :func:`tree_sha256`) hashes as listed; a line saying so for
+    the report, or SystemExit naming the first that does not."""
     if not sums.is_file():
         raise SystemExit(f"error: --corpus_sha256 {sums}: no such file")
     lines = [line.split(maxsplit=1) for line in sums.read_text().splitlines() if line.strip()]
     for digest, name in lines:
-        path = corpus / name.strip().lstrip("*")
-        found = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        name = name.strip().lstrip("*").split(" ")[0]  # a folder's line adds how it was made
+        path = corpus / name
+        if name.endswith("/"):
+            found = tree_sha256(corpus, name) if path.is_dir() else "missing"
+        else:
+            found = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() \
+                else "missing"
         if found != digest:
             raise SystemExit(f"error: {path}: sha256 {found}, {sums} says {digest}: not the "
                              "corpus the runs were made on (rebuild it with make "
@@ -142,3 +148,13 @@ def locked(path: Path, wait: bool):
             yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def tree_sha256(corpus: Path, folder: str) -> str:
+    """sha256 of the ``sha256sum`` lines of every file under ``corpus/folder``, sorted by path:
+    ``cd corpus && find folder -type f | sort | xargs sha256sum | sha256sum``."""
+    files = sorted(str(p.relative_to(corpus)) for p in (corpus / folder).rglob("*")
+                   if p.is_file() and not p.is_symlink())
+    lines = "".join(f"{hashlib.sha256((corpus / f).read_bytes()).hexdigest()}  {f}\n"
+                    for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()

@@ -3,6 +3,7 @@ fine-tuning seeds), the checks that refuse runs decoded differently, and the goa
 import csv
 import hashlib
 import json
+import subprocess
 
 import pytest
 
@@ -167,9 +168,19 @@ def test_the_corpus_is_checked_against_its_sums(tmp_path):
     corpus.mkdir()
     (corpus / "test.csv").write_text("ID\nu\n")
     sums = tmp_path / "sums.txt"
+    (corpus / "audio" / "dev").mkdir(parents=True)
+    for name in ("b.flac", "a.flac"):
+        (corpus / "audio" / "dev" / name).write_bytes(name.encode())
     digest = hashlib.sha256((corpus / "test.csv").read_bytes()).hexdigest()
+    # a folder's line: the documented shell pipeline's hash of its files' sha256sum lines
+    tree = subprocess.run("find audio -type f | sort | xargs sha256sum | sha256sum", shell=True,
+                          cwd=corpus, capture_output=True, text=True).stdout.split()[0]
+    sums.write_text(f"{digest}  test.csv\n{tree}  audio/ (sha256 of the sorted lines)\n")
+    assert "the 2 files" in check_corpus(corpus, sums)
+    (corpus / "audio" / "dev" / "a.flac").write_bytes(b"other audio")
+    with pytest.raises(SystemExit, match="audio: sha256"):
+        check_corpus(corpus, sums)
     sums.write_text(f"{digest}  test.csv\n")
-    assert "the 1 files" in check_corpus(corpus, sums)
     (corpus / "test.csv").write_text("ID\nv\n")  # another corpus than the runs'
     with pytest.raises(SystemExit, match="test.csv: sha256 .* not the corpus"):
         check_corpus(corpus, sums)
