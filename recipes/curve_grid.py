@@ -33,7 +33,8 @@ def load_grid(path: Path) -> dict:
                          f"{sorted(missing)}")
     for encoder, sizes in grid["encoders"].items():
         if encoder not in SSL_SIZES:
-            raise SystemExit(f"error: {path}: encoders: {encoder!r} is not one of {list(SSL_SIZES)}")
+            raise SystemExit(f"error: {path}: encoders: {encoder!r} is not one of "
+                             f"{list(SSL_SIZES)}")
         for size in sizes:
             if size not in grid["steps"]:
                 raise SystemExit(f"error: {path}: size {size!r} of {encoder} has no steps")

@@ -132,8 +132,8 @@ def held_back(point: dict) -> dict:
 
 def cost_summary(costs: dict[str, dict], grid: dict) -> dict:
     """CPU-hours by encoder and kind of run (SSL, each arm's grid and final runs, topline, test
-    decodes, probes), their sum, and the serial wall-clock hours (the runs' own, summed: processes side by side
-    take less)."""
+    decodes, probes), their sum, and the serial wall-clock hours (the runs' own, summed:
+    processes side by side take less)."""
     grid_seed = grid["fine_tune"]["grid_seed"]
     kinds: dict[str, float] = {}
     for name, cost in costs.items():
