@@ -42,7 +42,8 @@ NOT_RUN = {
                     "(tests/test_lm_text.py checks what it writes)",
     "make ssl-curve": "hours of CPU on the benchmark corpus (tests/test_ssl_curve.py runs a tiny "
                       "curve)",
-    "make recognizer": "hours of CPU on the benchmark corpus",
+    "make recognizer": "hours of CPU on the benchmark corpus (tests/test_recognizer.py runs "
+                       "its command on a tiny one)",
     "make corpus-downstream": "the benchmark corpus's voices, 10 minutes of synthesis "
                               "(tests/test_synthesize_downstream.py checks the partitions)",
     "exported/ssl_benchmark": "an SSL run on the benchmark corpus (hours), then an hour of "
