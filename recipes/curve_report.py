@@ -200,6 +200,9 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, header: d
         lines += ["", "Test figures are held back until every point of the grid file is "
                   "measured (dev grids only below)."]
     else:
+        lines += ["", "Summary (test CER %, streaming, greedy; means over fine-tuning runs; the "
+                  "difference's 95 % interval over test voices, SSL seeds and runs; details "
+                  "below):", "", *summary_table(points)]
         lines += ["", "Test CER % (streaming, greedy). SSL and scratch: each arm's mean ± 95 % "
                   "t-interval over its fine-tuning runs (the SSL arm's span its SSL seeds, so "
                   "its interval is conditional on those SSL encoders; the interval over the "
@@ -295,6 +298,30 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, header: d
     stem.with_suffix(".json").write_text(json.dumps(
         {**header, "points": points, "probes": probes, "ranks": ranks}, indent=1))
     plot(points, stem.with_suffix(".png"))
+
+
+def summary_table(points: list[dict]) -> list[str]:
+    """The short table (for the README): per size and context, each arm's mean, SSL minus
+    scratch with its interval over voices and runs, relative, and the goal's verdict in a word."""
+    lines = ["| encoder | labeled | context | scratch CER (WER) | SSL-init CER (WER) | SSL - "
+             "scratch, CER pp [95 %] | relative | goal |", "|---|---|---|---|---|---|---|---|"]
+    for point in points:
+        compared = "ssl_minus_scratch" in point["summary"][0]
+        verdict = goal_verdict(point).split(" (")[0] if compared else "topline"
+        for row in point["summary"]:
+            d, both = row.get("ssl_minus_scratch"), row.get("ssl_minus_scratch_runs_and_voices")
+            ssl = arm_text(row, "ssl") if "ssl_cer" in row else "-"
+            difference = (f"{d['difference']:+.1f} [{both['low']:+.1f}, {both['high']:+.1f}] | "
+                          f"{relative_text(d).split(' [')[0]}") if d else "- | -"
+            lines.append(f"| {point['encoder']} | {hours_label(point['labeled_hours'])} | "
+                         f"{row['context']} {row['pair']} | {arm_text(row, 'scratch')} | "
+                         f"{ssl} | {difference} | {verdict} |")
+    return lines
+
+
+def arm_text(row: dict, arm: str) -> str:
+    """``48.2 (97.5)``: an arm's mean test CER and (WER)."""
+    return f"{row[f'{arm}_cer']['mean']:.1f} ({row[f'{arm}_wer']['mean']:.1f})"
 
 
 def csv_rows(point: dict, row: dict, verdict: str | None) -> list[dict]:

@@ -89,6 +89,7 @@ def test_two_ssl_seeds_are_summarized_at_both_levels_and_judged_per_seed(curve_f
     text = (folder / "curve.md").read_text()
     assert "s1 " in text and "s2 " in text and "pp" in text and "report by code commit" in text
     assert "624 steps" in text and "report made on m" in text and "Runs made on: cpu x" in text
+    assert "| conformer | 10 min | very_low [8, 0] |" in text and "| not met |" in text
     with open(folder / "curve.csv") as f:
         rows = list(csv.DictReader(f))
     assert {"sign_flip_p", "difference_runs_voices_high", "relative", "goal", "steps",
