@@ -67,8 +67,9 @@ ssl-curve: corpus-labeled
 # The reference recognizer: the curve's topline recipe (CTC from scratch on all labeled benchmark
 # data, the SSL encoder's sizes; 9 epochs = 3,321 steps; lr 0.002 without SpecAugment, the
 # scratch arm's dev choice at 1 hour), fine-tuning seed 1, validated on all of dev and tested on
-# the benchmark's test split (the curve's topline runs test on dev); resumable. Its last line is
-# JSON with ctc_hparams and ctc_output_folder, for recipes/evaluate.py.
+# the benchmark's test split (the curve's topline runs test on dev; this decode is one more read
+# of test, so make it after the curve's report); resumable. Its last line is JSON with
+# ctc_hparams and ctc_output_folder, for recipes/evaluate.py.
 recognizer: corpus-labeled
 	$(PY) recipes/train.py hparams/CTC/conformer_small.yaml --d_model 144 --nhead 4 \
 		--num_encoder_layers 6 --d_ffn 576 --kernel_size 15 --subsampling_conv_channels 64 \
