@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from demo import ROOT, SSL_SIZES
+from provenance import sha256_file
 
 GRID_KEYS = {"corpus", "output_folder", "encoders", "ssl", "steps", "validations", "fine_tune",
              "arms", "test_contexts", "probe_layers", "bootstrap_resamples"}
@@ -125,8 +126,7 @@ def check_corpus(corpus: Path, sums: Path) -> str:
         if name.endswith("/"):
             found = tree_sha256(corpus, name) if path.is_dir() else "missing"
         else:
-            found = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() \
-                else "missing"
+            found = sha256_file(path) if path.is_file() else "missing"
         if found != digest:
             raise SystemExit(f"error: {path}: sha256 {found}, {sums} says {digest}: not the "
                              "corpus the runs were made on (rebuild it with make "
@@ -156,6 +156,5 @@ def tree_sha256(corpus: Path, folder: str) -> str:
     ``cd corpus && find folder -type f | sort | xargs sha256sum | sha256sum``."""
     files = sorted(str(p.relative_to(corpus)) for p in (corpus / folder).rglob("*")
                    if p.is_file() and not p.is_symlink())
-    lines = "".join(f"{hashlib.sha256((corpus / f).read_bytes()).hexdigest()}  {f}\n"
-                    for f in files)
+    lines = "".join(f"{sha256_file(corpus / f)}  {f}\n" for f in files)
     return hashlib.sha256(lines.encode()).hexdigest()

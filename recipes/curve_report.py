@@ -196,13 +196,16 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, header: d
                 + (header.get("corpus_check") or "the corpus unchecked") + "."
                 if header.get("runs_without_manifest_hashes") else ""),
              "", *cost_lines(header["cost"], header["cpu_budget_hours"])]
+    verdicts = [goal_verdict(p) if p["summary"] and "ssl_minus_scratch" in p["summary"][0]
+                else None for p in points]  # None: held back, or the topline (no comparison)
+    verdict_lines: list[str] = []
     if header["test_held_back"]:
         lines += ["", "Test figures are held back until every point of the grid file is "
                   "measured (dev grids only below)."]
     else:
         lines += ["", "Summary (test CER %, streaming, greedy; means over fine-tuning runs; the "
                   "difference's 95 % interval over test voices, SSL seeds and runs; details "
-                  "below):", "", *summary_table(points)]
+                  "below):", "", *summary_table(points, verdicts)]
         lines += ["", "Test CER % (streaming, greedy). SSL and scratch: each arm's mean ± 95 % "
                   "t-interval over its fine-tuning runs (the SSL arm's span its SSL seeds, so "
                   "its interval is conditional on those SSL encoders; the interval over the "
@@ -216,12 +219,10 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, header: d
                   "seed | scratch | SSL - scratch, pp [voices] | [voices + runs] | relative "
                   "[voices] | per SSL seed, pp | sign-flip p |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows, verdicts = [], []
-    for point in points:
-        verdict = goal_verdict(point) if point["summary"] and "ssl_minus_scratch" in \
-            point["summary"][0] else None
+    rows = []
+    for point, verdict in zip(points, verdicts):
         if verdict:
-            verdicts.append(f"- {point['encoder']} {point['size']}: {verdict}")
+            verdict_lines.append(f"- {point['encoder']} {point['size']}: {verdict}")
         for row in point["summary"]:
             d = row.get("ssl_minus_scratch")  # none for the topline: scratch alone
             both = row.get("ssl_minus_scratch_runs_and_voices")
@@ -244,12 +245,13 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, header: d
                 f"{over_seeds} | {per_seed} | {interval_text(row['scratch_cer'])} | "
                 f"{difference} |")
             rows += csv_rows(point, row, verdict)
-    if verdicts:
+    if verdict_lines:
         lines += ["", "Goal (the grid file's `goals`, a relative target per labeled size): SSL "
                   "at least that much better in test CER at every reported context at once, "
                   "the 95 % interval over voices and runs below 0, the sign-flip p below 0.05, "
                   "and every SSL seed's own runs below scratch (a verdict about these SSL "
-                  "pretraining runs, not about SSL pretraining in general):", "", *verdicts]
+                  "pretraining runs, not about SSL pretraining in general):", "",
+                  *verdict_lines]
     lines += ["", "Grid (dev CER % on all of dev at the validation context, grid seed, the SSL "
               "arm from the first SSL seed; each arm's lowest is its setting; a chosen peak LR "
               "at the edge of the LRs tried, after the grid's extensions, is marked *):", "",
@@ -300,14 +302,14 @@ def write_outputs(points: list[dict], probes: list[dict], ranks: dict, header: d
     plot(points, stem.with_suffix(".png"))
 
 
-def summary_table(points: list[dict]) -> list[str]:
+def summary_table(points: list[dict], verdicts: list[str | None]) -> list[str]:
     """The short table (for the README): per size and context, each arm's mean, SSL minus
-    scratch with its interval over voices and runs, relative, and the goal's verdict in a word."""
+    scratch with its interval over voices and runs, relative, and the goal's verdict (one per
+    point, None for the topline) in a word."""
     lines = ["| encoder | labeled | context | scratch CER (WER) | SSL-init CER (WER) | SSL - "
              "scratch, CER pp [95 %] | relative | goal |", "|---|---|---|---|---|---|---|---|"]
-    for point in points:
-        compared = "ssl_minus_scratch" in point["summary"][0]
-        verdict = goal_verdict(point).split(" (")[0] if compared else "topline"
+    for point, verdict in zip(points, verdicts):
+        verdict = verdict.split(" (")[0] if verdict else "topline"
         for row in point["summary"]:
             d, both = row.get("ssl_minus_scratch"), row.get("ssl_minus_scratch_runs_and_voices")
             ssl = arm_text(row, "ssl") if "ssl_cer" in row else "-"
